@@ -1,0 +1,42 @@
+"""Settings base class and the token-or-fraction budget type shared by every policy.
+
+Policies are immutable settings (pydantic models, ``frozen=True``) plus pure functions; anything that
+changes during one request lives in :class:`kvpolicy.state.RequestState`, never here. That is what lets
+one policy object serve interleaved requests and threads (design-notes §5).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+#: A KV or token budget: an ``int`` is a token count (>= 1), a ``float`` a fraction of the prompt
+#: length in (0, 1]. Strict types keep ``1`` (one token) and ``1.0`` (the whole prompt) apart.
+Budget = Annotated[StrictInt, Field(ge=1)] | Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
+
+
+def resolve_budget(budget: int | float, prompt_len: int) -> int:
+    """Token count of ``budget`` for a prompt of ``prompt_len`` tokens.
+
+    Fractions round down as the reference does (``int(L * r)``, methods.md), but never below one token.
+    """
+    if isinstance(budget, float):
+        return max(1, int(prompt_len * budget))
+    return budget
+
+
+class Settings(BaseModel):
+    """Base of every policy's settings: validated, immutable, JSON round-trippable.
+
+    ``kind`` is the registry name of the component; subclasses set it as a ``ClassVar`` and it is
+    written into the JSON form so that :func:`kvpolicy.registry.policy_from_dict` can rebuild it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        """The JSON-ready form, tagged with the component kind."""
+        return {"kind": self.kind, **self.model_dump(mode="json")}

@@ -1,0 +1,24 @@
+"""Named presets: a validated set of settings that builds a :class:`~kvpolicy.interfaces.Policy`.
+
+``kvpolicy.get_policy("fastkv", tsp_rate=0.2, kv_budget=256)`` validates the overrides against the
+preset's fields (unknown or out-of-range values are errors naming them) and calls :meth:`build`.
+Every preset takes ``kv_budget`` as its cache-budget override.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from kvpolicy.config import Settings
+from kvpolicy.interfaces import Policy
+
+
+class Preset(Settings, ABC):
+    """Base of named presets. Subclasses set ``kind`` (the registry name) and ``description``."""
+
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def build(self) -> Policy:
+        """The composition these settings describe."""

@@ -1,0 +1,275 @@
+"""The registry: every policy component, preset and adapter, and who provided it.
+
+Built lazily on first use (importing kvpolicy has no side effects). Built-ins register through the
+same hooks as third-party packages; third-party packages are found through the ``kvpolicy``
+entry-point group. One failing plugin never takes the others down: it costs one warning naming the
+distribution and its error (``KVPOLICY_STRICT_PLUGINS=1`` makes that an error), and
+``KVPOLICY_DISABLE_PLUGINS=name,name`` skips plugins by entry-point or distribution name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pluggy
+from pydantic import ValidationError
+from torch import nn
+
+from kvpolicy import hookspecs
+from kvpolicy.config import Settings
+from kvpolicy.interfaces import CachePolicy, Policy, PropagationPolicy
+
+BUILTIN = "kvpolicy (built-in)"
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+
+
+class RegistryError(ValueError):
+    """A name is unknown, provided twice, or a plugin could not be loaded in strict mode."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load or register; the other plugins still work."""
+
+
+class PolicyConfigError(ValueError):
+    """Settings failed validation; the message names each bad field and value."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered thing: its name, the object, and the distribution that provided it."""
+
+    name: str
+    obj: Any
+    provider: str
+    category: str  # "preset", "propagation", "cache" or "adapter"
+
+    @property
+    def description(self) -> str:
+        doc = getattr(self.obj, "description", "") or (self.obj.__doc__ or "")
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+@dataclass
+class Registry:
+    presets: dict[str, Entry] = field(default_factory=dict)
+    components: dict[str, Entry] = field(default_factory=dict)
+    adapters: dict[str, Entry] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def entries(self) -> list[Entry]:
+        return [*self.presets.values(), *self.components.values(), *self.adapters.values()]
+
+    def add(self, table: dict[str, Entry], entry: Entry) -> None:
+        if not entry.name:
+            raise RegistryError(f"{entry.provider} registered a {entry.category} with an empty name: {entry.obj!r}")
+        other = table.get(entry.name)
+        if other is not None and other.obj is not entry.obj:
+            raise RegistryError(
+                f"{entry.category} name {entry.name!r} is provided twice: by {other.provider} "
+                f"({_qualname(other.obj)}) and by {entry.provider} ({_qualname(entry.obj)})"
+            )
+        table[entry.name] = entry
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def get_registry(refresh: bool = False) -> Registry:
+    """The process-wide registry, built on first call (or again with ``refresh=True``)."""
+    global _registry
+    with _lock:
+        if _registry is None or refresh:
+            _registry = _build()
+        return _registry
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _disabled() -> set[str]:
+    raw = os.environ.get("KVPOLICY_DISABLE_PLUGINS", "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _problem(registry: Registry, message: str) -> None:
+    if os.environ.get("KVPOLICY_STRICT_PLUGINS", "") not in ("", "0"):
+        raise RegistryError(message + " (KVPOLICY_STRICT_PLUGINS is set)")
+    registry.problems.append(message)
+    warnings.warn(message, PluginWarning, stacklevel=3)
+
+
+def _build() -> Registry:
+    import kvpolicy.adapters
+    import kvpolicy.policies
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    providers: dict[str, str] = {}
+    for module in (kvpolicy.policies, kvpolicy.adapters):
+        name = pm.register(module, name=f"builtin:{module.__name__}")
+        providers[str(name)] = BUILTIN
+
+    registry = Registry()
+    disabled = _disabled()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist
+        dist_label = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown distribution"
+        dist_name = dist.metadata["Name"] if dist is not None else ""
+        if ep.name in disabled or dist_name in disabled:
+            continue
+        try:
+            plugin = ep.load()
+            plugin_name = pm.register(plugin, name=f"{dist_name or '?'}:{ep.name}")
+        except Exception as exc:
+            _problem(
+                registry, f"kvpolicy plugin {ep.name!r} from {dist_label} failed to load: {type(exc).__name__}: {exc}"
+            )
+            continue
+        if plugin_name is not None:
+            providers[str(plugin_name)] = dist_label
+
+    tables = {"preset": registry.presets, "adapter": registry.adapters}
+    hooks = (
+        ("kvpolicy_register_components", None),
+        ("kvpolicy_register_presets", "preset"),
+        ("kvpolicy_register_adapters", "adapter"),
+    )
+    for hook_name, category in hooks:
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            provider = providers.get(impl.plugin_name, impl.plugin_name)
+            try:
+                provided = list(impl.function())
+            except Exception as exc:
+                _problem(registry, f"kvpolicy plugin {provider} failed in {hook_name}: {type(exc).__name__}: {exc}")
+                continue
+            for obj in provided:
+                entry = _entry_for(obj, provider, category)
+                if entry is None:
+                    _problem(registry, f"kvpolicy plugin {provider} registered an unsupported object: {obj!r}")
+                    continue
+                registry.add(tables.get(entry.category, registry.components), entry)
+    return registry
+
+
+def _entry_for(obj: Any, provider: str, category: str | None) -> Entry | None:
+    from kvpolicy.adapters.base import DecoderAdapter
+    from kvpolicy.presets import Preset
+
+    if not isinstance(obj, type):
+        return None
+    if category is None:
+        if issubclass(obj, PropagationPolicy):
+            return Entry(obj.kind, obj, provider, "propagation")
+        if issubclass(obj, CachePolicy):
+            return Entry(obj.kind, obj, provider, "cache")
+        return None
+    if category == "preset" and issubclass(obj, Preset):
+        return Entry(obj.kind, obj, provider, "preset")
+    if category == "adapter" and issubclass(obj, DecoderAdapter):
+        return Entry(obj.name, obj, provider, "adapter")
+    return None
+
+
+# -- lookups ------------------------------------------------------------------------------------
+def _unknown(what: str, name: str, known: Iterable[str]) -> RegistryError:
+    return RegistryError(f"unknown {what} {name!r}; known: {', '.join(sorted(known)) or '(none)'}")
+
+
+def validate_settings(cls: type[Settings], values: dict[str, Any], label: str | None = None) -> Any:
+    """Build ``cls(**values)``, turning pydantic's error into one naming each bad field and value."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise PolicyConfigError(_explain(label or cls.kind or cls.__name__, exc)) from None
+
+
+def _explain(label: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("constrained-", "function-")))
+        loc = loc.split(".")[0] if loc else ""
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown setting {loc!r}")
+        elif loc:
+            parts.append(f"{loc}={err.get('input')!r}: {err['msg']}")
+        else:
+            parts.append(err["msg"].removeprefix("Value error, "))
+    unique = list(dict.fromkeys(parts))
+    return f"invalid settings for {label}: " + "; ".join(unique)
+
+
+def preset_class(name: str) -> type:
+    registry = get_registry()
+    if name not in registry.presets:
+        raise _unknown("policy", name, registry.presets)
+    return registry.presets[name].obj
+
+
+def get_policy(name: str, **overrides: Any) -> Policy:
+    """The named preset with validated ``overrides``, e.g. ``get_policy("fastkv", kv_budget=256)``."""
+    preset = validate_settings(preset_class(name), overrides, label=name)
+    policy = preset.build()
+    return Policy(propagation=policy.propagation, cache=policy.cache, name=name)
+
+
+def component_from_dict(data: dict[str, Any]) -> Settings:
+    """Rebuild one propagation or cache policy from its ``to_dict()`` form."""
+    registry = get_registry()
+    values = dict(data)
+    kind = values.pop("kind", None)
+    if kind not in registry.components:
+        raise _unknown("policy component", str(kind), registry.components)
+    return validate_settings(registry.components[kind].obj, values)
+
+
+def policy_from_dict(data: dict[str, Any]) -> Policy:
+    """Rebuild a :class:`Policy` from :meth:`Policy.to_dict` output (or a preset reference).
+
+    Accepts ``{"propagation": {...}, "cache": {...}}`` or ``{"policy": "fastkv", ...overrides}``.
+    """
+    if "policy" in data:
+        values = dict(data)
+        return get_policy(values.pop("policy"), **values)
+    for key in ("propagation", "cache"):
+        if key not in data:
+            raise PolicyConfigError(f"policy config needs a {key!r} entry (or a 'policy' preset name)")
+    prop = component_from_dict(data["propagation"])
+    cache = component_from_dict(data["cache"])
+    return Policy(propagation=prop, cache=cache, name=data.get("name"))  # type: ignore[arg-type]
+
+
+def load_policy_config(path: str | Path) -> Policy:
+    """Read a policy config JSON file (see :func:`policy_from_dict`)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise PolicyConfigError(f"policy config file not found: {p}") from None
+    except json.JSONDecodeError as exc:
+        raise PolicyConfigError(f"policy config {p} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyConfigError(f"policy config {p} must hold a JSON object, got {type(data).__name__}")
+    return policy_from_dict(data)
+
+
+def get_adapter(model: nn.Module) -> Any:
+    """An adapter instance for ``model``; an unsupported class gets an error listing supported ones."""
+    registry = get_registry()
+    for entry in registry.adapters.values():
+        if entry.obj.supports(model):
+            return entry.obj(model)
+    supported = sorted({arch for e in registry.adapters.values() for arch in e.obj.architectures})
+    raise RegistryError(
+        f"unsupported model class {type(model).__name__}; supported architectures: {', '.join(supported)}"
+    )
