@@ -12,7 +12,6 @@ in :meth:`DecoderAdapter.project_qkv`); the loop itself is written once, here.
 from __future__ import annotations
 
 import sys
-from abc import ABC
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -32,7 +31,7 @@ class AdapterError(RuntimeError):
     """A policy failed inside the adapter; the message names the policy and the layer."""
 
 
-class DecoderAdapter(ABC):
+class DecoderAdapter:
     """Drives a ``*ForCausalLM`` of the Llama shape (``model.model.layers[i].self_attn/mlp/...``).
 
     Subclasses set :attr:`name` and :attr:`architectures` (the ``config.architectures`` /
@@ -120,7 +119,9 @@ class DecoderAdapter(ABC):
         """
         policy.check_model(self.num_layers)
         b, length = input_ids.shape
-        state = RequestState(prompt_len=length, num_layers=self.num_layers, cache=KVPolicyCache(self.num_layers))
+        state = RequestState(
+            prompt_len=length, num_layers=self.num_layers, cache=KVPolicyCache(self.num_layers)
+        )
         ids = input_ids
         positions = torch.arange(length, device=input_ids.device).expand(b, length)
         propagate = True
@@ -195,7 +196,9 @@ class DecoderAdapter(ABC):
 
     # -- decode ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode_step(self, token_ids: torch.Tensor, policy: Policy, state: RequestState, step: int) -> torch.Tensor:
+    def decode_step(
+        self, token_ids: torch.Tensor, policy: Policy, state: RequestState, step: int
+    ) -> torch.Tensor:
         """Feed one token per sequence ``(B, 1)``; returns next-token logits ``(B, V)``."""
         cache = state.cache
         position = cache.layers[0].next_position

@@ -100,7 +100,7 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- transformers' CacheLayerMixin -----------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
+        b, h, _, _d = key_states.shape
         self.store(
             key_states[:, :, :0],
             value_states[:, :, :0],

@@ -109,9 +109,13 @@ def _as_input_ids(model: nn.Module, input_ids: Any) -> torch.Tensor:
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be integer token ids of shape (L,) or (1, L), got {tuple(ids.shape)}")
+        raise ValueError(
+            f"input_ids must be integer token ids of shape (L,) or (1, L), got {tuple(ids.shape)}"
+        )
     if ids.shape[0] != 1:
-        raise ValueError(f"batched input is not supported yet: got batch size {ids.shape[0]}; pass one prompt")
+        raise ValueError(
+            f"batched input is not supported yet: got batch size {ids.shape[0]}; pass one prompt"
+        )
     if ids.shape[1] == 0:
         raise ValueError("empty prompt: it has 0 tokens")
     vocab = model.get_input_embeddings().num_embeddings
@@ -150,7 +154,9 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None
+) -> torch.Tensor:
     probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)

@@ -131,7 +131,7 @@ class PropagationPolicy(Settings, ABC):
     Implement :meth:`propagate`; return ``None`` to keep every token.
     """
 
-    def check_model(self, num_layers: int) -> None:  # noqa: B027 - optional hook
+    def check_model(self, num_layers: int) -> None:
         """Raise ``ValueError`` naming the bad setting if it cannot apply to a model of this depth."""
 
     @abstractmethod
@@ -147,7 +147,7 @@ class CachePolicy(Settings, ABC):
     same count ``C`` for every head so the cache stays rectangular; ``None`` keeps everything.
     """
 
-    def check_model(self, num_layers: int) -> None:  # noqa: B027 - optional hook
+    def check_model(self, num_layers: int) -> None:
         """Raise ``ValueError`` naming the bad setting if it cannot apply to a model of this depth."""
 
     @abstractmethod

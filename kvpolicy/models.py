@@ -77,9 +77,18 @@ def embedded_model_dir() -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
         raise ModelLoadError(f"could not read GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
+    # transformers refuses to save a model loaded from GGUF; its dequantized weights go into a plain
+    # model of the same config, which saves as ordinary safetensors.
+    config = model.config
+    for attr in ("quantization_config", "gguf_file"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        model.save_pretrained(tmp)
+        plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         staged = Path(tmp) / "ready"
         staged.mkdir()
@@ -113,9 +122,9 @@ def load_model(
 
     if isinstance(dtype, str):
         try:
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype) or getattr(
-                torch, dtype
-            )
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                dtype
+            ) or getattr(torch, dtype)
         except AttributeError:
             raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
     path = embedded_model_dir() if name_or_path is None else name_or_path

@@ -70,7 +70,9 @@ class Registry:
 
     def add(self, table: dict[str, Entry], entry: Entry) -> None:
         if not entry.name:
-            raise RegistryError(f"{entry.provider} registered a {entry.category} with an empty name: {entry.obj!r}")
+            raise RegistryError(
+                f"{entry.provider} registered a {entry.category} with an empty name: {entry.obj!r}"
+            )
         other = table.get(entry.name)
         if other is not None and other.obj is not entry.obj:
             raise RegistryError(
@@ -124,7 +126,9 @@ def _build() -> Registry:
     disabled = _disabled()
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist
-        dist_label = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown distribution"
+        dist_label = (
+            f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown distribution"
+        )
         dist_name = dist.metadata["Name"] if dist is not None else ""
         if ep.name in disabled or dist_name in disabled:
             continue
@@ -133,7 +137,8 @@ def _build() -> Registry:
             plugin_name = pm.register(plugin, name=f"{dist_name or '?'}:{ep.name}")
         except Exception as exc:
             _problem(
-                registry, f"kvpolicy plugin {ep.name!r} from {dist_label} failed to load: {type(exc).__name__}: {exc}"
+                registry,
+                f"kvpolicy plugin {ep.name!r} from {dist_label} failed to load: {type(exc).__name__}: {exc}",
             )
             continue
         if plugin_name is not None:
@@ -151,12 +156,16 @@ def _build() -> Registry:
             try:
                 provided = list(impl.function())
             except Exception as exc:
-                _problem(registry, f"kvpolicy plugin {provider} failed in {hook_name}: {type(exc).__name__}: {exc}")
+                _problem(
+                    registry, f"kvpolicy plugin {provider} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                )
                 continue
             for obj in provided:
                 entry = _entry_for(obj, provider, category)
                 if entry is None:
-                    _problem(registry, f"kvpolicy plugin {provider} registered an unsupported object: {obj!r}")
+                    _problem(
+                        registry, f"kvpolicy plugin {provider} registered an unsupported object: {obj!r}"
+                    )
                     continue
                 registry.add(tables.get(entry.category, registry.components), entry)
     return registry
@@ -219,7 +228,10 @@ def preset_class(name: str) -> type:
 def get_policy(name: str, **overrides: Any) -> Policy:
     """The named preset with validated ``overrides``, e.g. ``get_policy("fastkv", kv_budget=256)``."""
     preset = validate_settings(preset_class(name), overrides, label=name)
-    policy = preset.build()
+    try:
+        policy = preset.build()  # the components' own validators (e.g. window vs budget) run here
+    except ValidationError as exc:
+        raise PolicyConfigError(_explain(name, exc)) from None
     return Policy(propagation=policy.propagation, cache=policy.cache, name=name)
 
 

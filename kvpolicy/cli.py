@@ -1,0 +1,204 @@
+"""The ``kvpolicy`` command: ``list``, ``generate`` and ``demo``.
+
+Preset settings are command-line options derived from the preset's fields, so a third-party preset
+gets its options for free: ``--tsp-rate 0.2`` sets ``tsp_rate``, values parse as JSON (``256`` is a
+token count, ``0.3`` a fraction, ``null`` unsets) and are validated by the preset itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.adapters.base import AdapterError
+from kvpolicy.models import ModelLoadError
+from kvpolicy.registry import RegistryError, get_policy, get_registry, load_policy_config
+
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RegistryError, ModelLoadError, AdapterError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpolicy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_list = sub.add_parser("list", help="registered policies, components and adapters, with their providers")
+    p_list.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p_gen = sub.add_parser(
+        "generate",
+        help="generate a continuation under a policy",
+        description="Generate under a policy. Preset settings are options too: e.g. --tsp-rate 0.2 --kv-budget 256.",
+    )
+    p_gen.add_argument("--policy", default="fullkv", help="preset name (see `kvpolicy list`)")
+    p_gen.add_argument("--policy-config", type=Path, help="JSON policy config (overrides --policy)")
+    src = p_gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", type=Path, help="file holding the prompt (UTF-8 text)")
+    _model_args(p_gen)
+    p_gen.add_argument("--max-new-tokens", type=int, default=64)
+    p_gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p_gen.add_argument("--temperature", type=float, default=1.0)
+    p_gen.add_argument("--top-p", type=float, default=1.0)
+    p_gen.add_argument("--seed", type=int)
+    p_gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    p_gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
+
+    p_demo = sub.add_parser(
+        "demo", help="needle-in-a-haystack: full KV vs SnapKV vs FastKV on the embedded model"
+    )
+    _model_args(p_demo)
+    p_demo.add_argument("--length", type=int, default=2000, help="prompt length in tokens (default 2000)")
+    p_demo.add_argument("--depths", type=int, default=5, help="needle depths from 0 to 100%% (default 5)")
+    p_demo.add_argument(
+        "--haystack-dir", type=Path, help="folder of .txt files (default: the Paul Graham essays)"
+    )
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model id or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    p.add_argument("--device", help="e.g. cpu or cuda")
+
+
+def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
+    """``["--kv-budget", "256", "--tsp-rate", "0.2"]`` -> ``{"kv_budget": 256, "tsp_rate": 0.2}``."""
+    out: dict[str, Any] = {}
+    items = list(extra)
+    i = 0
+    while i < len(items):
+        flag = items[i]
+        if not flag.startswith("--") or len(flag) < 3:
+            raise ValueError(f"unexpected argument {flag!r}; policy settings look like --kv-budget 256")
+        name, eq, value = flag[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                raise ValueError(f"option {flag} needs a value")
+            value = items[i + 1]
+            i += 1
+        try:
+            parsed: Any = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out[name.replace("-", "_")] = parsed
+        i += 1
+    return out
+
+
+def read_prompt_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prompt file not found: {path}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"prompt file {path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}"
+        ) from None
+    if "\x00" in text:
+        raise ValueError(f"prompt file {path} contains NUL bytes; it looks binary, not text")
+    if not text.strip():
+        raise ValueError(f"prompt file {path} is empty")
+    return text
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from kvpolicy.models import load_model
+
+    return load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    rows = [
+        {"name": e.name, "category": e.category, "provider": e.provider, "description": e.description}
+        for e in registry.entries()
+    ]
+    if args.json:
+        print(json.dumps({"entries": rows, "problems": registry.problems}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kvpolicy registry")
+    for col in ("name", "category", "provider", "description"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], row["category"], row["provider"], row["description"])
+    Console().print(table)
+    for problem in registry.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from kvpolicy.generation import generate
+
+    if args.policy_config is not None:
+        if extra:
+            raise ValueError(f"--policy-config takes no policy options; got {' '.join(extra)}")
+        policy = load_policy_config(args.policy_config)
+    else:
+        policy = get_policy(args.policy, **parse_overrides(extra))
+    prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
+    model, tokenizer = _load(args)
+    out = generate(
+        model,
+        tokenizer,
+        prompt,
+        policy=policy,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=False if args.no_chat else None,
+    )
+    s = out.stats
+    if args.json:
+        record = {"text": out.text, "policy": policy.to_dict(), "stats": {**vars(s)}}
+        print(json.dumps(record, indent=2))
+        return 0
+    print(out.text)
+    print(
+        f"\n[{policy.describe()}] prompt {s.prompt_tokens} tok, prefill {s.prefill_seconds:.3f}s, "
+        f"decode {1000 * s.decode_seconds_per_token:.1f} ms/tok, KV {s.kv_bytes / 2**20:.2f} MiB, "
+        f"tokens per layer {min(s.tokens_per_layer)}..{max(s.tokens_per_layer)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvpolicy.demo import run_demo
+
+    model, tokenizer = _load(args)
+    return run_demo(
+        model, tokenizer, length=args.length, n_depths=args.depths, haystack_dir=args.haystack_dir
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "generate":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command == "generate":
+            return cmd_generate(args, extra)
+        return cmd_demo(args)
+    except _USER_ERRORS as exc:
+        print(f"kvpolicy: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Needle-in-a-haystack prompts and scoring, as the FastKV/SnapKV evaluations define them.
+
+Haystack: the Paul Graham essays concatenated in sorted file order (``../shared/data/
+paul_graham_essays/`` beside the checkout, or any folder of ``.txt`` files). The needle goes in at a
+depth given as a fraction of the context and is moved back to the previous sentence end. Score:
+recall of the needle's words in the answer (methods.md, "Evaluation harness").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+QUESTION = "What is the best thing to do in San Francisco?"
+# The question comes last so that the observation window (the last queries) holds it, as in the
+# reference evaluation; SnapKV-style scores come from exactly those queries.
+_TEMPLATE = (
+    "<document>\n{context}\n</document>\n\nBased on the document above, answer in one sentence: {question}"
+)
+HAYSTACK_ENV = "KVPOLICY_HAYSTACK_DIR"
+_SHARED = Path("shared") / "data" / "paul_graham_essays"
+
+
+def find_haystack_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The haystack folder: ``explicit``, ``$KVPOLICY_HAYSTACK_DIR``, or ``shared/data/paul_graham_essays``
+    in or beside the current directory or the kvpolicy checkout."""
+    if explicit is not None or os.environ.get(HAYSTACK_ENV):
+        path = Path(explicit if explicit is not None else os.environ[HAYSTACK_ENV]).expanduser()
+        if not path.is_dir() or not any(path.glob("*.txt")):
+            raise FileNotFoundError(f"haystack folder {path} does not exist or holds no .txt files")
+        return path
+    roots = [Path.cwd(), *Path.cwd().parents, *Path(__file__).resolve().parents]
+    for root in roots:
+        for candidate in (root / _SHARED, root.parent / _SHARED):
+            if candidate.is_dir():
+                return candidate
+    raise FileNotFoundError(
+        f"no haystack found: pass a folder of .txt files (--haystack-dir) or set {HAYSTACK_ENV}; "
+        f"looked for {_SHARED} beside the current directory and the kvpolicy checkout"
+    )
+
+
+@lru_cache(maxsize=4)
+def load_haystack(folder: Path) -> str:
+    files = sorted(folder.glob("*.txt"))
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
+
+
+def insert_needle(context: str, needle: str, depth: float) -> str:
+    """Insert ``needle`` at ``depth`` (0..1) of ``context``, moved back to the previous sentence end."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    cut = int(len(context) * depth)
+    if depth >= 1.0:
+        return f"{context.rstrip()} {needle}"
+    boundary = max(context.rfind(". ", 0, cut + 1), context.rfind(".\n", 0, cut + 1))
+    cut = 0 if boundary < 0 else boundary + 1
+    head, tail = context[:cut], context[cut:]
+    return f"{head} {needle}{tail}" if head else f"{needle} {tail.lstrip()}"
+
+
+@dataclass(frozen=True)
+class NeedleSample:
+    prompt: str
+    input_ids: list[int]
+    depth: float
+    target_tokens: int
+
+
+def build_sample(
+    tokenizer: Any, target_tokens: int, depth: float, haystack: str, chat: bool | None = None
+) -> NeedleSample:
+    """A prompt of about ``target_tokens`` tokens (chat template included) with the needle at ``depth``."""
+    from kvpolicy.generation import encode_prompt
+
+    overhead = len(encode_prompt(tokenizer, _TEMPLATE.format(context=NEEDLE, question=QUESTION), chat))
+    budget = target_tokens - overhead
+    if budget < 16:
+        raise ValueError(
+            f"target length {target_tokens} is too short for the needle prompt ({overhead} tokens)"
+        )
+    hay_ids = _haystack_ids(tokenizer, haystack)
+    if budget > len(hay_ids):
+        raise ValueError(f"target length {target_tokens} exceeds the haystack ({len(hay_ids)} tokens)")
+    context = tokenizer.decode(hay_ids[:budget], skip_special_tokens=True)
+    prompt = _TEMPLATE.format(context=insert_needle(context, NEEDLE, depth), question=QUESTION)
+    return NeedleSample(prompt, encode_prompt(tokenizer, prompt, chat), depth, target_tokens)
+
+
+_ids_cache: dict[tuple[int, int], list[int]] = {}
+
+
+def _haystack_ids(tokenizer: Any, haystack: str) -> list[int]:
+    key = (id(tokenizer), hash(haystack))
+    if key not in _ids_cache:
+        _ids_cache[key] = tokenizer(haystack, add_special_tokens=False)["input_ids"]
+    return _ids_cache[key]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def needle_recall(answer: str, needle: str = NEEDLE) -> float:
+    """Fraction of the needle's distinct words that appear in the answer (0..1)."""
+    want = set(_words(needle))
+    return len(want & set(_words(answer))) / len(want)
+
+
+def needle_found(answer: str) -> bool:
+    """The answer names the needle's two facts: a sandwich and Dolores Park."""
+    low = answer.lower()
+    return "sandwich" in low and "dolores" in low
+
+
+def depths(count: int) -> Iterable[float]:
+    """``count`` evenly spaced depths from 0 to 1 (the reference uses 10: 0, 11, ..., 100 %)."""
+    if count == 1:
+        return [0.5]
+    return [i / (count - 1) for i in range(count)]

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random Llama (fast unit tests) and the real embedded model (slow tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(layers: int = 4, attn: str = "sdpa", seed: int = 0, **overrides: object) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation=attn,
+        **overrides,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def prompt_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    import kvpolicy
+
+    return kvpolicy.load_model()
+
+
+@pytest.fixture(scope="session")
+def haystack() -> str:
+    from kvpolicy.eval import needle
+
+    return needle.load_haystack(needle.find_haystack_dir())
