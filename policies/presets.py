@@ -64,6 +64,8 @@ class FastKVPreset(_SnapKVSettings):
             layer=self.tsp_layer,
             rate=self.tsp_rate,
             length=self.tsp_length,
+            # A token budget is also the TSP floor: a prompt shorter than the budget is not cut.
+            min_keep=self.kv_budget if isinstance(self.kv_budget, int) else None,
             window=self.window,
             kernel=self.kernel,
             pooling=self.pooling,

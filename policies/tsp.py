@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from kvpolicy.config import Budget, resolve_budget
 from kvpolicy.interfaces import LayerView, Propagate, PropagationDecision, PropagationPolicy
 from kvpolicy.scoring import keep_top_and_window, snapkv_scores
 from kvpolicy.state import RequestState
@@ -34,6 +35,11 @@ class TSP(PropagationPolicy):
         layer: the TSP layer (0-based); ``None`` means ``N/2 - 1`` for an ``N``-layer model.
         rate: fraction of the prompt that propagates, ``T = int(L * rate)``, in (0, 1].
         length: a constant token count instead of ``rate`` (the reference's ``tsp_len``).
+        min_keep: never propagate fewer tokens than this (tokens or fraction of the prompt). The
+            ``fastkv`` preset sets it to a token KV budget: later layers cannot cache more tokens
+            than they see, and a prompt shorter than the budget is then not cut at all. The
+            reference has no floor and, with a budget above ``L * rate``, caches fewer entries
+            than asked.
         window: observation window, always propagated (so the last prompt token always survives).
         kernel: pooling kernel (odd).
         pooling: ``"max"`` or ``"avg"``.
@@ -44,6 +50,7 @@ class TSP(PropagationPolicy):
     layer: int | None = Field(None, ge=0)
     rate: float = Field(0.2, gt=0.0, le=1.0)
     length: int | None = Field(None, ge=1)
+    min_keep: Budget | None = None
     window: int = Field(8, ge=1)
     kernel: int = Field(7, ge=1)
     pooling: Literal["max", "avg"] = "max"
@@ -68,6 +75,8 @@ class TSP(PropagationPolicy):
     def tokens_kept(self, prompt_len: int) -> int:
         """How many tokens propagate past the TSP layer for a prompt of ``prompt_len`` tokens."""
         count = self.length if self.length is not None else int(prompt_len * self.rate)
+        if self.min_keep is not None:
+            count = max(count, resolve_budget(self.min_keep, prompt_len))
         return max(count, min(self.window, prompt_len))
 
     def propagate(self, view: LayerView, state: RequestState) -> PropagationDecision:

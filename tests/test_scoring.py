@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kvpolicy
 from kvpolicy.interfaces import LayerView
 from kvpolicy.policies import TSP, SnapKV
 from kvpolicy.scoring import keep_top_and_window, snapkv_scores, window_attention
@@ -135,3 +136,13 @@ def test_short_input_is_not_compressed():
     assert SnapKV(budget=64).select(_view(t=40), state) is None
     assert SnapKV(budget=8).select(_view(t=5), state) is None  # shorter than the window
     assert TSP(layer=0, length=64).propagate(_view(t=40), state) is None
+
+
+def test_tsp_floor_keeps_at_least_min_keep():
+    state = RequestState(40, 4, None)  # type: ignore[arg-type]
+    decision = TSP(layer=0, rate=0.1, min_keep=16).propagate(_view(t=40), state)
+    assert decision is not None and decision.indices.shape == (1, 16)
+    assert TSP(layer=0, rate=0.1, min_keep=64).propagate(_view(t=40), state) is None
+    # fastkv: a token KV budget is the floor, a fractional one is not.
+    assert kvpolicy.get_policy("fastkv", kv_budget=512).propagation.min_keep == 512
+    assert kvpolicy.get_policy("fastkv", kv_budget=0.5).propagation.min_keep is None
