@@ -95,6 +95,13 @@ def get_registry(refresh: bool = False) -> Registry:
         return _registry
 
 
+def reset_registry() -> None:
+    """Forget the registry; the next lookup rebuilds it (e.g. after installing a plugin)."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 

@@ -1,0 +1,97 @@
+"""The command line: errors are one clear line (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpolicy.cli import main, parse_overrides
+
+
+def test_parse_overrides_json_values():
+    assert parse_overrides(
+        ["--kv-budget", "256", "--tsp-rate=0.2", "--tsp-layer", "null", "--pooling", "avg"]
+    ) == {
+        "kv_budget": 256,
+        "tsp_rate": 0.2,
+        "tsp_layer": None,
+        "pooling": "avg",
+    }
+
+
+def test_list_shows_presets_and_providers(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "fastkv" in out and "kvpolicy (built-in)" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "fastkv", "--kv-budget", "-3"], "kv_budget=-3"),
+        (["--policy", "fastkv", "--tsp-rate", "2"], "tsp_rate=2"),
+        (["--policy", "nosuch"], "unknown policy 'nosuch'; known:"),
+        (["--policy", "fastkv", "--frobnicate", "1"], "unknown setting 'frobnicate'"),
+        (["--policy", "fastkv", "--kv-budget"], "option --kv-budget needs a value"),
+    ],
+)
+def test_generate_bad_settings(tmp_path, capsys, args, message):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello")
+    assert main(["generate", *args, "--prompt-file", str(prompt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvpolicy: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_generate_bad_prompt_files(tmp_path, capsys):
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    assert main(["generate", "--prompt-file", str(binary)]) == 2
+    assert "is not UTF-8 text: byte 0xff at offset 0" in capsys.readouterr().err
+    empty = tmp_path / "e.txt"
+    empty.write_text("  \n")
+    assert main(["generate", "--prompt-file", str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["generate", "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "prompt file not found" in capsys.readouterr().err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    assert main(["generate", "--prompt", "hi", "--model", str(tmp_path / "nope")]) == 2
+    assert "model path does not exist" in capsys.readouterr().err
+
+
+def test_corrupted_gguf(tmp_path, capsys):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+    assert main(["generate", "--prompt", "hi", "--model", str(tmp_path), "--gguf-file", "bad.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load model" in err and "Traceback" not in err
+
+
+def test_policy_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["generate", "--policy-config", str(bad), "--prompt", "hi"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_on_real_model(tmp_path, capsys, real_model):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("What is the capital of France?")
+    code = main(
+        [
+            "generate",
+            "--policy",
+            "fastkv",
+            "--tsp-rate",
+            "0.2",
+            "--kv-budget",
+            "256",
+            "--prompt-file",
+            str(prompt),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0 and "Paris" in captured.out
+    assert "prefill" in captured.err and "KV" in captured.err
