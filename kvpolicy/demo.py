@@ -17,9 +17,9 @@ from kvpolicy.interfaces import Policy
 from kvpolicy.policies import TSP, SnapKV
 
 #: (label, policy) pairs the demo compares; fractions are of the prompt length.
-DEMO_TSP_LAYER = 20
+DEMO_TSP_LAYER = 22
 DEMO_TSP_RATE = 0.3
-DEMO_KV_BUDGET = 0.4
+DEMO_KV_BUDGET = 0.5
 
 
 def demo_policies() -> list[tuple[str, Policy]]:
