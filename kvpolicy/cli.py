@@ -8,6 +8,7 @@ token count, ``0.3`` a fraction, ``null`` unsets) and are validated by the prese
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,9 @@ from typing import Any
 from kvpolicy.adapters.base import AdapterError
 from kvpolicy.models import ModelLoadError
 from kvpolicy.registry import RegistryError, get_policy, get_registry, load_policy_config
+
+#: Modules adding further subcommands (``eval``, ``bench``); each has ``add_parser(sub, model_args)``.
+_SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RegistryError, ModelLoadError, AdapterError)
 
@@ -56,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p_demo.add_argument(
         "--haystack-dir", type=Path, help="folder of .txt files (default: the Paul Graham essays)"
     )
+    for module in _SUBCOMMAND_MODULES:
+        # Each module adds its subcommand and sets `func` (called with the parsed args) as a default.
+        importlib.import_module(module).add_parser(sub, _model_args)
     return parser
 
 
@@ -108,7 +115,8 @@ def read_prompt_file(path: Path) -> str:
     return text
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from the options ``_model_args`` added."""
     from kvpolicy.models import load_model
 
     return load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
@@ -147,7 +155,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         policy = get_policy(args.policy, **parse_overrides(extra))
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
-    model, tokenizer = _load(args)
+    model, tokenizer = load_from_args(args)
     out = generate(
         model,
         tokenizer,
@@ -178,7 +186,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvpolicy.demo import run_demo
 
-    model, tokenizer = _load(args)
+    model, tokenizer = load_from_args(args)
     return run_demo(
         model, tokenizer, length=args.length, n_depths=args.depths, haystack_dir=args.haystack_dir
     )
@@ -194,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_list(args)
         if args.command == "generate":
             return cmd_generate(args, extra)
-        return cmd_demo(args)
+        if args.command == "demo":
+            return cmd_demo(args)
+        return int(args.func(args))
     except _USER_ERRORS as exc:
         print(f"kvpolicy: error: {exc}", file=sys.stderr)
         return 2

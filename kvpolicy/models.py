@@ -103,20 +103,27 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def default_attention(device: str | torch.device | None) -> str:
+    """``flash_attention_2`` if flash-attn is installed and ``device`` is CUDA, else ``sdpa``."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
     gguf_file: str | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``.
 
     With no argument, the embedded SmolLM2-135M-Instruct (fetched and converted on first use).
     Otherwise any Hugging Face model id or local directory; ``gguf_file`` names a GGUF file inside it.
-    Extra keyword arguments go to ``from_pretrained`` (e.g. ``device_map``).
+    Extra keyword arguments go to ``from_pretrained`` (e.g. ``device_map``). The attention backend
+    defaults to flash-attention 2 when it is installed and the model goes to CUDA, else PyTorch SDPA.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,6 +134,8 @@ def load_model(
             ) or getattr(torch, dtype)
         except AttributeError:
             raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+    if attn_implementation is None:
+        attn_implementation = default_attention(device)
     path = embedded_model_dir() if name_or_path is None else name_or_path
     local = Path(path)
     if name_or_path is not None and (local.is_absolute() or str(path).startswith(".")) and not local.exists():
