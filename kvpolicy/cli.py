@@ -20,7 +20,7 @@ from kvpolicy.models import ModelLoadError
 from kvpolicy.registry import RegistryError, get_policy, get_registry, load_policy_config
 
 #: Modules adding further subcommands (``eval``, ``bench``); each has ``add_parser(sub, model_args)``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ()
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("kvpolicy.bench.cli",)
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RegistryError, ModelLoadError, AdapterError)
 
@@ -195,8 +195,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "generate":
+    # Policy settings arrive as unknown options (--kv-budget 256); commands that take them say so
+    # with `accepts_policy_options` and find them in `args.policy_options`.
+    if extra and args.command != "generate" and not getattr(args, "accepts_policy_options", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.policy_options = extra
     try:
         if args.command == "list":
             return cmd_list(args)

@@ -1,0 +1,254 @@
+"""``kvpolicy bench prefill|e2e``: latency and memory per policy and length, with ratios to full KV
+measured in the same run and the cost model's bound beside them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpolicy.bench.runner import FULL, HF_BASELINE, Row, benchmark, machine_description, rows_to_json
+from kvpolicy.interfaces import Policy
+
+#: Model shapes benchmarkable without weights (nothing can be downloaded on benchmark machines).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="latency and memory of policies vs full KV, with the cost model's bound",
+        description=(
+            "Benchmark policies against full KV in one interleaved run. --policy takes NAME or "
+            "NAME:key=value,key=value and may repeat; extra --key value options apply to every policy."
+        ),
+    )
+    p.add_argument(
+        "mode", choices=["prefill", "e2e"], help="prefill only, or prefill plus --gen decode steps"
+    )
+    p.add_argument(
+        "--policy", action="append", default=[], help="preset (repeatable), e.g. fastkv:tsp_rate=0.2"
+    )
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens")
+    p.add_argument("--gen", type=int, default=256, help="decode steps in e2e mode (default 256)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--random-weights", metavar="CONFIG", help=f"a config.json path or one of {', '.join(SHAPES)}"
+    )
+    p.add_argument(
+        "--no-transformers-baseline", action="store_true", help="skip plain transformers + DynamicCache"
+    )
+    p.add_argument("--out", type=Path, help="write results as JSON here (a PNG plot goes beside it)")
+    model_args(p)
+    p.set_defaults(func=run, accepts_policy_options=True)
+
+
+def random_model(spec: str, dtype: torch.dtype, device: str | None) -> Any:
+    """A randomly initialised model of a known shape or a config.json, built directly on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec in SHAPES:
+        data = dict(SHAPES[spec])
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--random-weights {spec!r} is neither a known shape ({', '.join(SHAPES)}) nor a file"
+            )
+        data = json.loads(path.read_text())
+    model_type = data.pop("model_type", "llama")
+    config = AutoConfig.for_model(model_type, **data)
+    config._attn_implementation = "sdpa"
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def parse_policy_spec(spec: str, common: dict[str, Any]) -> tuple[str, Policy]:
+    """``"fastkv:tsp_rate=0.2,kv_budget=0.1"`` -> (label, policy); ``common`` overrides apply too."""
+    from kvpolicy.cli import parse_overrides
+    from kvpolicy.registry import get_policy
+
+    name, _, rest = spec.partition(":")
+    overrides = dict(common)
+    if rest:
+        pairs = [item.split("=", 1) for item in rest.split(",")]
+        bad = [p for p in pairs if len(p) != 2]
+        if bad:
+            raise ValueError(f"bad policy spec {spec!r}: settings look like name:key=value,key=value")
+        overrides.update(parse_overrides([f"--{k}={v}" for k, v in pairs]))
+    return spec, get_policy(name, **overrides)
+
+
+def _inputs(tokenizer: Any, model: Any, lengths: list[int]) -> dict[int, torch.Tensor]:
+    from kvpolicy.eval import needle
+
+    haystack = needle.load_haystack(needle.find_haystack_dir())
+    device = model.get_input_embeddings().weight.device
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}"
+        )
+    return {
+        length: torch.tensor([needle.build_sample(tokenizer, length, 0.5, haystack).input_ids], device=device)
+        for length in lengths
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from kvpolicy.cli import load_from_args, parse_overrides
+    from kvpolicy.models import load_model
+
+    common = parse_overrides(getattr(args, "policy_options", []))
+    specs = args.policy or ["fastkv"]
+    policies = dict(parse_policy_spec(spec, common) for spec in specs)
+    if args.repeats < 1 or args.warmup < 0 or any(n < 16 for n in args.lengths):
+        raise ValueError("--repeats must be >= 1, --warmup >= 0 and every length >= 16")
+    if args.random_weights:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+        if dtype is None:
+            raise ValueError(f"unknown --dtype {args.dtype!r}; use fp32, bf16 or fp16")
+        model = random_model(args.random_weights, dtype, args.device)
+        _, tokenizer = load_model()  # real text through the embedded tokenizer
+    else:
+        model, tokenizer = load_from_args(args)
+    gen = args.gen if args.mode == "e2e" else 0
+    inputs = _inputs(tokenizer, model, args.lengths)
+    n_variants = len(policies) + 1 + (0 if args.no_transformers_baseline else 1)
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmark", total=len(inputs) * (args.warmup + args.repeats) * n_variants)
+        rows = benchmark(
+            model,
+            inputs,
+            policies,
+            gen=gen,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            include_transformers=not args.no_transformers_baseline,
+            progress=lambda: progress.advance(task),
+        )
+    print_rows(console, rows, gen)
+    if args.out:
+        device = model.get_input_embeddings().weight.device
+        record = {
+            "mode": args.mode,
+            "model": args.random_weights or args.model or "SmolLM2-135M-Instruct (embedded)",
+            "dtype": str(next(model.parameters()).dtype),
+            "gen": gen,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "machine": machine_description(device),
+            "results": rows_to_json(rows),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2))
+        plot = plot_speedups(rows, args.out.with_suffix(".png"))
+        console.print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def print_rows(console: Any, rows: list[Row], gen: int) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title="latency vs full KV (median \\[p25-p75]; speed-up measured, share of the cost-model bound)"
+    )
+    cols = ["variant", "length", "prefill s", "prefill speed-up"]
+    if gen:
+        cols += ["decode ms/tok", "decode speed-up", "e2e s"]
+    cols += ["KV MiB", "peak MiB*"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        cells = [r.variant, str(r.length), _fmt(r.prefill_s, "{:.3f}"), _ratio(r, "prefill")]
+        if gen:
+            cells += [_fmt(r.decode_ms_per_token, "{:.1f}"), _ratio(r, "decode"), _fmt(r.e2e_s, "{:.2f}")]
+        cells += [f"{r.kv_bytes / 2**20:.1f}", "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(
+        "* peak memory: CUDA allocator peak above the model on a GPU; on a CPU, growth of the process's "
+        "peak RSS during the run (coarse: the allocator reuses freed memory)."
+    )
+
+
+def _fmt(stats: dict[str, float] | None, pattern: str) -> str:
+    if not stats:
+        return "-"
+    return (
+        f"{pattern.format(stats['median'])} [{pattern.format(stats['p25'])}-{pattern.format(stats['p75'])}]"
+    )
+
+
+def _ratio(row: Row, key: str) -> str:
+    measured = row.speedup.get(key)
+    if measured is None:
+        return "-"
+    if row.variant in (FULL, HF_BASELINE):
+        return f"{measured:.2f}x"
+    bound = row.bound.get(key)
+    share = f" ({measured / bound:.0%} of bound {bound:.2f}x)" if bound else ""
+    return f"{measured:.2f}x{share}"
+
+
+def plot_speedups(rows: list[Row], path: Path) -> Path | None:
+    """Speed-up versus context length per policy (prefill, and decode when measured)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = ["prefill"] + (["decode"] if any("decode" in r.speedup for r in rows) else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for variant in dict.fromkeys(r.variant for r in rows):
+            if variant == FULL:
+                continue
+            pts = [
+                (r.length, r.speedup.get(key)) for r in rows if r.variant == variant and r.speedup.get(key)
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=variant)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(f"{key} speed-up over full KV")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
