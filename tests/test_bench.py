@@ -143,3 +143,4 @@ def test_bench_cli_on_embedded_model(tmp_path, real_model):
     names = {r["variant"] for r in data["results"]}
     assert names == {FULL, HF_BASELINE, "fastkv:tsp_layer=20"}
     assert data["machine"]["torch"]
+    assert "| `fastkv:tsp_layer=20` | 256 |" in out.with_suffix(".md").read_text()

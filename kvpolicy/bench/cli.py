@@ -65,7 +65,9 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     p.add_argument(
         "--no-transformers-baseline", action="store_true", help="skip plain transformers + DynamicCache"
     )
-    p.add_argument("--out", type=Path, help="write results as JSON here (a PNG plot goes beside it)")
+    p.add_argument(
+        "--out", type=Path, help="write results as JSON here (a PNG plot and a Markdown table go beside it)"
+    )
     model_args(p)
     p.set_defaults(func=run, accepts_policy_options=True)
 
@@ -175,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2))
+        args.out.with_suffix(".md").write_text(markdown_table(rows, gen))
         plot = plot_speedups(rows, args.out.with_suffix(".png"))
         console.print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0
@@ -203,6 +206,34 @@ def print_rows(console: Any, rows: list[Row], gen: int) -> None:
         "* peak memory: CUDA allocator peak above the model on a GPU; on a CPU, growth of the process's "
         "peak RSS during the run (coarse: the allocator reuses freed memory)."
     )
+
+
+def markdown_table(rows: list[Row], gen: int) -> str:
+    """The results as a Markdown table (for docs/performance.md)."""
+    head = ["variant", "length", "prefill s", "prefill speed-up (bound)"]
+    if gen:
+        head += ["decode ms/token", "decode speed-up (bound)", "e2e s"]
+    head += ["KV MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r.variant}`", str(r.length), f"{r.prefill_s['median']:.3f}", _md_ratio(r, "prefill")]
+        if gen:
+            decode = r.decode_ms_per_token["median"] if r.decode_ms_per_token else float("nan")
+            e2e = r.e2e_s["median"] if r.e2e_s else float("nan")
+            cells += [f"{decode:.1f}", _md_ratio(r, "decode"), f"{e2e:.2f}"]
+        cells += [f"{r.kv_bytes / 2**20:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_ratio(row: Row, key: str) -> str:
+    measured = row.speedup.get(key)
+    if measured is None:
+        return "-"
+    bound = row.bound.get(key)
+    if row.variant in (FULL, HF_BASELINE) or not bound:
+        return f"{measured:.2f}x"
+    return f"{measured:.2f}x ({bound:.2f}x, {measured / bound:.0%})"
 
 
 def _fmt(stats: dict[str, float] | None, pattern: str) -> str:
