@@ -20,7 +20,10 @@ from kvpolicy.models import ModelLoadError
 from kvpolicy.registry import RegistryError, get_policy, get_registry, load_policy_config
 
 #: Modules adding further subcommands (``eval``, ``bench``); each has ``add_parser(sub, model_args)``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("kvpolicy.bench.cli",)
+_SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "kvpolicy.bench.cli",
+    "kvpolicy.calibrate",
+)
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RegistryError, ModelLoadError, AdapterError)
 

@@ -1,0 +1,140 @@
+"""Calibration: the stability metric on a model built so the answer is known, the recommendation
+logic on synthetic accuracy tables, and (slow) a small end-to-end run on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from kvpolicy.bench.costmodel import ModelShape
+from kvpolicy.calibrate import earliest_layer, layer_scores, recommend, stability
+
+SPECIAL, DECOY = 5, 6
+
+
+def fixed_attention_model(layers: int = 6, switch: int = 3):
+    """Layers < ``switch`` attend to the DECOY token, later ones to the SPECIAL token, by construction.
+
+    Embeddings are zero except a marker feature for each of the two tokens; every layer's output
+    projections are zero (the residual stream stays the embedding); keys read the marker feature on
+    a RoPE dimension whose rotation is negligible (huge rope_theta), queries are a constant bias.
+    """
+    model = tiny_llama(
+        layers=layers, attention_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 1e30}
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        emb = model.model.embed_tokens.weight
+        emb[SPECIAL, 0] = 10.0
+        emb[DECOY, 1] = 10.0
+        for i, layer in enumerate(model.model.layers):
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+            attn = layer.self_attn
+            d = attn.head_dim
+            attn.k_proj.weight[d - 1, 0 if i >= switch else 1] = 1.0  # last dim: negligible rotation
+            attn.k_proj.weight[2 * d - 1, 0 if i >= switch else 1] = 1.0
+            for h in range(model.config.num_attention_heads):
+                attn.q_proj.bias[h * d + d - 1] = 5.0
+        model.model.norm.weight.fill_(1.0)
+    return model
+
+
+def test_stability_known_by_construction():
+    model = fixed_attention_model()
+    ids = torch.full((78,), 7)
+    ids[20], ids[50] = SPECIAL, DECOY
+    scores = layer_scores(model, ids)
+    assert scores.shape == (6, 70)
+    top = scores.max(-1).values  # max-pooling spreads each peak over its 7 neighbours
+    assert bool((scores[:3, 50] == top[:3]).all()) and bool((scores[3:, 20] == top[3:]).all())
+    assert bool((scores[:3, 20] < top[:3]).all()) and bool((scores[3:, 50] < top[3:]).all())
+    result = stability(scores, top_frac=0.1, answer=[20])  # k = 7: the pooled neighbourhood
+    assert result["recall"] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert result["answer_recall"] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_stability_synthetic_scores():
+    g = torch.Generator().manual_seed(0)
+    stable = torch.rand(100, generator=g)
+    scores = torch.stack([torch.rand(100, generator=g) for _ in range(4)] + [stable] * 4)
+    result = stability(scores, top_frac=0.1)
+    assert result["recall"][4:] == [1.0] * 4
+    assert max(result["recall"][:4]) < 0.6
+    assert result["answer_recall"] == []
+
+
+def test_earliest_layer_binary_search():
+    seen = []
+
+    def accepts(layer):
+        seen.append(layer)
+        return layer >= 13
+
+    assert earliest_layer(accepts, 1, 28) == 13
+    assert len(seen) <= 7
+    assert earliest_layer(lambda layer: False, 1, 28) is None
+
+
+def test_recommend_on_synthetic_table():
+    shape = ModelShape(hidden=64, intermediate=256, layers=30, q_heads=4, kv_heads=2, head_dim=16, vocab=100)
+    threshold = {0.1: 24, 0.2: 21, 0.3: 20, 0.5: 15}
+
+    def evaluate(layer, rate, budget):
+        if layer is None:
+            return 100.0
+        good = layer >= threshold[rate] and budget >= 0.3
+        return 100.0 if good else 60.0
+
+    rec = recommend(evaluate, shape, 2000, rates=(0.1, 0.2, 0.3, 0.5), budgets=(0.1, 0.2, 0.3, 0.5))
+    assert rec.full_accuracy == 100.0
+    choice = rec.choice
+    assert choice is not None and choice.accuracy == 100.0
+    assert choice.tsp_layer == threshold[choice.tsp_rate]  # earliest layer for its rate
+    assert choice.kv_budget == 0.3  # smallest budget that holds
+    assert choice.prefill_speedup > 1.0 and 0 < choice.kv_fraction < 1
+    # The choice is the fastest of the per-rate earliest layers.
+    assert all(
+        p.prefill_speedup <= choice.prefill_speedup + 1e-9
+        for p in rec.points
+        if p.accuracy == 100.0 and p.kv_budget == 1.0
+    )
+
+
+def test_recommend_reports_none_when_nothing_holds():
+    shape = ModelShape(hidden=64, intermediate=256, layers=8, q_heads=4, kv_heads=2, head_dim=16, vocab=100)
+    rec = recommend(lambda layer, rate, budget: 100.0 if layer is None else 0.0, shape, 500, rates=(0.2,))
+    assert rec.choice is None and rec.points
+
+
+@pytest.mark.slow
+def test_calibrate_end_to_end_on_embedded_model(tmp_path, real_model):
+    from kvpolicy.cli import main
+
+    out = tmp_path / "cal"
+    args = [
+        "calibrate",
+        "--length",
+        "600",
+        "--samples",
+        "1",
+        "--rates",
+        "0.5",
+        "--budgets",
+        "0.5",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "calibration.json").read_text())
+    assert len(summary["stability"]["recall"]) == 30
+    assert summary["stability"]["answer_recall"], "needle tokens located in the prompt"
+    if summary["recommended"]:
+        config = json.loads((out / "policy.json").read_text())
+        import kvpolicy
+
+        assert kvpolicy.policy_from_dict(config).name == "fastkv"
