@@ -277,11 +277,16 @@ def run_calibration(
     (out / "calibration.json").write_text(json.dumps(summary, indent=2))
     if rec.choice:
         (out / "policy.json").write_text(json.dumps(choice_config(rec.choice), indent=2))
-    _plots(out, mean, rec)
+    plot_calibration(out)
     return summary
 
 
-def _plots(out: Path, mean: dict[str, list[float]], rec: Recommendation) -> None:
+def plot_calibration(out: Path) -> None:
+    """Stability and Pareto plots from ``out/calibration.json`` (no-op without matplotlib)."""
+    summary = json.loads((out / "calibration.json").read_text())
+    mean = summary["stability"]
+    points = [Point(**p) for p in summary["points"]]
+    choice = Point(**summary["recommended"]) if summary["recommended"] else None
     try:
         import matplotlib
 
@@ -301,13 +306,12 @@ def _plots(out: Path, mean: dict[str, list[float]], rec: Recommendation) -> None
     fig.savefig(out / "stability.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for p in rec.points:
+    for p in points:
         ax.scatter(p.prefill_speedup, p.accuracy, s=20, color="tab:blue")
-    if rec.choice:
-        ax.scatter(
-            rec.choice.prefill_speedup, rec.choice.accuracy, s=80, color="tab:red", label="recommended"
-        )
-    ax.axhline(rec.full_accuracy - rec.tolerance, color="grey", lw=0.8, ls="--", label="full KV - tolerance")
+    if choice:
+        ax.scatter(choice.prefill_speedup, choice.accuracy, s=80, color="tab:red", label="recommended")
+    floor = summary["full_accuracy"] - summary["tolerance"]
+    ax.axhline(floor, color="grey", lw=0.8, ls="--", label="full KV - tolerance")
     ax.set_xlabel("predicted prefill speed-up")
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)

@@ -1,8 +1,10 @@
 """``kvpolicy demo``: needle-in-a-haystack on the embedded model, full KV vs SnapKV vs FastKV.
 
 The settings are the ones measured to keep the needle on SmolLM2-135M-Instruct, not the paper's 8B
-defaults (TSP at layer 14, the ``N/2 - 1`` rule, loses the needle on this model; see the README's
-measurements). Budgets scale with the prompt, so ``--length`` keeps them meaningful.
+defaults (TSP at layer 14, the ``N/2 - 1`` rule, loses the needle on this model): FastKV uses the
+configuration ``kvpolicy calibrate`` recommended for this model (``kvpolicy/configs/``, see
+docs/calibration.md), SnapKV the smallest budget a sweep found to keep the needle at 2K tokens.
+Budgets are fractions of the prompt, so ``--length`` keeps them meaningful.
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ from typing import Any
 from kvpolicy.eval import needle
 from kvpolicy.generation import generate
 from kvpolicy.interfaces import Policy
-from kvpolicy.policies import TSP, SnapKV
+from kvpolicy.policies import SnapKV
 
-#: (label, policy) pairs the demo compares; fractions are of the prompt length.
-DEMO_TSP_LAYER = 22
-DEMO_TSP_RATE = 0.3
+#: The calibrated FastKV configuration for the embedded model (output of ``kvpolicy calibrate``).
+CALIBRATED = Path(__file__).parent / "configs" / "smollm2-135m-instruct.json"
+#: SnapKV budget, as a fraction of the prompt, measured to keep the needle at ~2K tokens.
 DEMO_KV_BUDGET = 0.5
 
 
 def demo_policies() -> list[tuple[str, Policy]]:
     from kvpolicy import compose, get_policy
+    from kvpolicy.registry import load_policy_config
 
     return [
         ("full KV", get_policy("fullkv")),
         ("SnapKV", compose(cache=SnapKV(budget=DEMO_KV_BUDGET))),
-        ("FastKV", compose(TSP(layer=DEMO_TSP_LAYER, rate=DEMO_TSP_RATE), SnapKV(budget=DEMO_KV_BUDGET))),
+        ("FastKV", load_policy_config(CALIBRATED)),
     ]
 
 
@@ -76,7 +79,8 @@ def run_demo(
     console.print(table)
     console.print(
         f"settings: SnapKV budget {DEMO_KV_BUDGET:.0%} of the prompt per layer and KV head (window 8, max-pool 7); "
-        f"FastKV TSP at layer {DEMO_TSP_LAYER} of {n_layers} with rate {DEMO_TSP_RATE} plus the same cache budget. "
+        f"FastKV as calibrated for this model ({CALIBRATED.name}): {policies[2][1].describe()} "
+        f"on a {n_layers}-layer model. "
         "'found' = the answer names the sandwich and Dolores Park; 'recall' = share of the needle's words in the "
         "answer; 'prefill tokens' = token-layers processed relative to full KV."
     )

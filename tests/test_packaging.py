@@ -1,0 +1,36 @@
+"""Packaging: every sub-package ships, and no generic top-level names are claimed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+if sys.version_info < (3, 11):
+    pytest.skip("tomllib needs Python 3.11", allow_module_level=True)
+import tomllib
+
+
+def test_every_package_directory_is_listed():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    mapping = config["package-dir"]
+    found = set()
+    for name, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([name, *rel.parts]))
+    assert found <= listed, f"packages missing from pyproject: {sorted(found - listed)}"
+    assert all(name == "kvpolicy" or name.startswith("kvpolicy.") for name in listed)
+
+
+def test_calibrated_configs_ship_and_load():
+    import kvpolicy
+    from kvpolicy.demo import CALIBRATED
+
+    assert CALIBRATED.is_file()
+    policy = kvpolicy.load_policy_config(CALIBRATED)
+    assert policy.name == "fastkv" and policy.propagation.layer == 23
