@@ -5,12 +5,13 @@ Built-in adapters register through the same ``kvpolicy_register_adapters`` hook 
 
 from kvpolicy.adapters.base import AdapterError, DecoderAdapter
 from kvpolicy.adapters.llama import LlamaAdapter
+from kvpolicy.adapters.qwen import Qwen2Adapter, Qwen3Adapter
 from kvpolicy.hookspecs import hookimpl
 
 
 @hookimpl
 def kvpolicy_register_adapters() -> list[type[DecoderAdapter]]:
-    return [LlamaAdapter]
+    return [LlamaAdapter, Qwen2Adapter, Qwen3Adapter]
 
 
-__all__ = ["AdapterError", "DecoderAdapter", "LlamaAdapter"]
+__all__ = ["AdapterError", "DecoderAdapter", "LlamaAdapter", "Qwen2Adapter", "Qwen3Adapter"]

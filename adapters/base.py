@@ -150,6 +150,7 @@ class DecoderAdapter:
         h = self.base.embed_tokens(ids)
         next_position = ids.shape[1]
         cos_sin = self.base.rotary_emb(h, positions)
+        uncached: list[int] = []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             device = layer.input_layernorm.weight.device
@@ -172,14 +173,17 @@ class DecoderAdapter:
                 value=v,
                 scaling=attn.scaling,
             )
-            keep = _call(policy.cache, "select", i, view, state)
-            kv_pos = positions[:, None, :].expand(-1, k.shape[1], -1)
-            if keep is not None:
-                idx = keep.unsqueeze(-1)
-                k = k.gather(2, idx.expand(-1, -1, -1, k.shape[-1]))
-                v = v.gather(2, idx.expand(-1, -1, -1, v.shape[-1]))
-                kv_pos = kv_pos.gather(2, keep)
-            state.cache.layers[i].store(k, v, kv_pos, next_position=next_position, reserve=reserve)
+            if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
+                uncached.append(i)  # a coming Restart discards this pass's cache (GemFilter)
+            else:
+                keep = _call(policy.cache, "select", i, view, state)
+                kv_pos = positions[:, None, :].expand(-1, k.shape[1], -1)
+                if keep is not None:
+                    idx = keep.unsqueeze(-1)
+                    k = k.gather(2, idx.expand(-1, -1, -1, k.shape[-1]))
+                    v = v.gather(2, idx.expand(-1, -1, -1, v.shape[-1]))
+                    kv_pos = kv_pos.gather(2, keep)
+                state.cache.layers[i].store(k, v, kv_pos, next_position=next_position, reserve=reserve)
 
             decision = None
             if propagate and i < self.num_layers - 1:
@@ -192,6 +196,12 @@ class DecoderAdapter:
                 h = h.gather(1, sel.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
                 positions = positions.gather(1, sel)
                 cos_sin = self.base.rotary_emb(h, positions)
+        if uncached:
+            prop = policy.propagation
+            raise AdapterError(
+                f"policy {type(prop).__name__} ({prop.kind!r}) said layers {uncached} need no cache "
+                f"(needs_cache) but did not restart, so they have none"
+            )
         return None, h[:, -1:, :]
 
     # -- decode ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from kvpolicy.registry import RegistryError, get_policy, get_registry, load_poli
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "kvpolicy.bench.cli",
     "kvpolicy.calibrate",
+    "kvpolicy.eval.cli",
 )
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RegistryError, ModelLoadError, AdapterError)
@@ -142,7 +143,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column(col)
     for row in rows:
         table.add_row(row["name"], row["category"], row["provider"], row["description"])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200  # scripts and logs: one line per entry
+    console.print(table)
     for problem in registry.problems:
         print(f"warning: {problem}", file=sys.stderr)
     return 0

@@ -134,6 +134,15 @@ class PropagationPolicy(Settings, ABC):
     def check_model(self, num_layers: int) -> None:
         """Raise ``ValueError`` naming the bad setting if it cannot apply to a model of this depth."""
 
+    def needs_cache(self, view: LayerView, state: RequestState) -> bool:
+        """Whether layer ``view.layer`` of this pass needs a KV cache (default ``True``).
+
+        Return ``False`` for layers whose cache a coming :class:`Restart` discards anyway (GemFilter's
+        filter pass): the adapter then neither asks the cache policy nor stores that layer's KV. A
+        policy that says ``False`` must restart before the pass ends. Not asked in a restarted pass.
+        """
+        return True
+
     @abstractmethod
     def propagate(self, view: LayerView, state: RequestState) -> PropagationDecision:
         """Decide after layer ``view.layer`` which tokens the next layer processes."""

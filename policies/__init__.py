@@ -1,23 +1,76 @@
 """Built-in policies. They register through the same hooks as third-party packages.
 
 Compose them freely: ``kvpolicy.compose(propagation=TSP(layer=20, rate=0.1), cache=SnapKV(budget=512))``.
+Every propagation policy (``all``, ``tsp``, ``gemfilter``, ``pyramidinfer``) composes with every cache
+policy (``full``, ``snapkv``, ``streamingllm``, ``h2o``, ``pyramidkv``, ``pyramidinfer_squeeze``).
 """
 
 from kvpolicy.hookspecs import hookimpl
+from kvpolicy.policies.baseline_presets import (
+    GemFilterPreset,
+    H2OPreset,
+    PyramidInferPreset,
+    PyramidKVPreset,
+    StreamingLLMPreset,
+)
 from kvpolicy.policies.full import AllTokens, FullCache
+from kvpolicy.policies.gemfilter import GemFilter
+from kvpolicy.policies.h2o import H2O
 from kvpolicy.policies.presets import FastKVPreset, FullKVPreset, SnapKVPreset
+from kvpolicy.policies.pyramidinfer import PyramidInfer, PyramidInferSqueeze
+from kvpolicy.policies.pyramidkv import PyramidKV
 from kvpolicy.policies.snapkv import SnapKV
+from kvpolicy.policies.streamingllm import StreamingLLM
 from kvpolicy.policies.tsp import TSP
 
 
 @hookimpl
 def kvpolicy_register_components() -> list[type]:
-    return [AllTokens, FullCache, TSP, SnapKV]
+    return [
+        AllTokens,
+        FullCache,
+        TSP,
+        SnapKV,
+        GemFilter,
+        PyramidInfer,
+        StreamingLLM,
+        H2O,
+        PyramidKV,
+        PyramidInferSqueeze,
+    ]
 
 
 @hookimpl
 def kvpolicy_register_presets() -> list[type]:
-    return [FullKVPreset, SnapKVPreset, FastKVPreset]
+    return [
+        FullKVPreset,
+        SnapKVPreset,
+        FastKVPreset,
+        StreamingLLMPreset,
+        H2OPreset,
+        PyramidKVPreset,
+        GemFilterPreset,
+        PyramidInferPreset,
+    ]
 
 
-__all__ = ["TSP", "AllTokens", "FastKVPreset", "FullCache", "FullKVPreset", "SnapKV", "SnapKVPreset"]
+__all__ = [
+    "H2O",
+    "TSP",
+    "AllTokens",
+    "FastKVPreset",
+    "FullCache",
+    "FullKVPreset",
+    "GemFilter",
+    "GemFilterPreset",
+    "H2OPreset",
+    "PyramidInfer",
+    "PyramidInferPreset",
+    "PyramidInferSqueeze",
+    "PyramidKV",
+    "PyramidKVPreset",
+    "SnapKV",
+    "SnapKVPreset",
+    "StreamingLLM",
+    "StreamingLLMPreset",
+]

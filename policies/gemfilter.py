@@ -1,0 +1,112 @@
+"""GemFilter (Shi et al. 2024, arXiv 2409.17422): an early layer picks the tokens, the model reruns on them.
+
+Layers ``0..layer`` run on the whole prompt (the filter pass, which builds no cache). At the filter
+layer, each token is scored by the last query's raw inner product with its key (after RoPE, no
+scaling, no softmax) summed over all query heads, average-pooled along the tokens (kernel 5); the
+top ``int(L · r)`` tokens, in prompt order, are then run through the *whole* model again with fresh
+contiguous positions ``0..k-1`` (a :class:`~kvpolicy.interfaces.Restart`). The composition's cache
+policy applies to that second pass: full by default, as in the reference.
+
+Defaults are the FastKV reference's (github.com/dongwonjo/FastKV, ``baseline/gemfilter``;
+``../shared/reference/methods.md``): kernel 5, retention 0.1. Its filter layer is 13 of 32 for
+Llama-3.1-8B (17 of 36 for Ministral-8B, 19 of 40 for Mistral-Nemo); without a ``layer`` this uses
+``round(13 N / 32)``, the Llama-3.1-8B depth scaled to the model (12 of 30 on SmolLM2-135M). Like
+every depth default it is a starting point: measure before trusting it on another model.
+
+Unlike the reference, the last prompt token always survives the filter: the reference takes a plain
+top-k, so a prompt whose last token scores low is answered from the wrong position. Keys are never
+repeated to the query heads: the ``n_rep`` queries of each KV group are summed first (the inner
+product is linear, so the scores are the same).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+from kvpolicy.config import Budget, resolve_budget
+from kvpolicy.interfaces import LayerView, PropagationDecision, PropagationPolicy, Restart
+from kvpolicy.scoring import pool_scores
+from kvpolicy.state import RequestState
+
+
+def gemfilter_scores(query: torch.Tensor, key: torch.Tensor, kernel: int) -> torch.Tensor:
+    """The last query's raw inner products with every key, summed over query heads, avg-pooled.
+
+    Args:
+        query: ``(B, H_q, T, d)`` after RoPE (only the last position is used).
+        key: ``(B, H_kv, T, d)`` after RoPE.
+        kernel: average-pooling kernel (odd), padding counted as zeros as ``F.avg_pool1d`` does.
+
+    Returns:
+        ``(B, T)`` float32.
+    """
+    b, h_q, _, d = query.shape
+    h_kv = key.shape[1]
+    q = query[:, :, -1, :].float().reshape(b, h_kv, h_q // h_kv, d).sum(dim=2)  # (B, H_kv, d)
+    scores = torch.einsum("bhd,bhtd->bt", q, key.float())
+    return pool_scores(scores, kernel, "avg")
+
+
+def gemfilter_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The top ``keep - 1`` tokens before the last, plus the last one, ascending: ``(B, keep)``."""
+    t = scores.shape[-1]
+    top = scores[..., : t - 1].topk(keep - 1, dim=-1).indices
+    last = torch.full((*scores.shape[:-1], 1), t - 1, dtype=top.dtype, device=top.device)
+    return torch.cat([top, last], dim=-1).sort(dim=-1).values
+
+
+def default_filter_layer(num_layers: int) -> int:
+    """The reference's Llama-3.1-8B filter depth (13 of 32) scaled to ``num_layers``."""
+    return min(num_layers - 2, max(0, round(13 * num_layers / 32)))
+
+
+class GemFilter(PropagationPolicy):
+    """Select tokens at an early layer, then rerun the whole model on them with fresh positions.
+
+    Attributes:
+        keep: tokens the filter keeps: a count (int) or a fraction of the prompt (float), the
+            reference's ``int(L · r)``. The last prompt token is always among them.
+        layer: the filter layer (0-based); ``None`` means ``round(13 N / 32)``. Must leave at least
+            one layer after it.
+        kernel: average-pooling kernel along the tokens (odd).
+    """
+
+    kind = "gemfilter"
+
+    keep: Budget = 0.1
+    layer: int | None = Field(None, ge=0)
+    kernel: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> GemFilter:
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd to keep the token axis length, got {self.kernel}")
+        return self
+
+    def resolved_layer(self, num_layers: int) -> int:
+        return default_filter_layer(num_layers) if self.layer is None else self.layer
+
+    def check_model(self, num_layers: int) -> None:
+        if num_layers < 2:
+            raise ValueError(f"GemFilter needs a layer after its filter layer; the model has {num_layers}")
+        if self.layer is not None and self.layer >= num_layers - 1:
+            raise ValueError(
+                f"GemFilter layer {self.layer} leaves no layer after it: the model has {num_layers} "
+                f"layers, so the filter layer must be in 0..{num_layers - 2}"
+            )
+
+    def filters(self, prompt_len: int) -> bool:
+        """Whether a prompt of this length is filtered (and the model rerun) at all."""
+        return resolve_budget(self.keep, prompt_len) < prompt_len
+
+    def needs_cache(self, view: LayerView, state: RequestState) -> bool:
+        # The filter pass's cache is discarded by the restart: do not build it.
+        return not self.filters(view.prompt_len)
+
+    def propagate(self, view: LayerView, state: RequestState) -> PropagationDecision:
+        if view.layer != self.resolved_layer(view.num_layers) or not self.filters(view.prompt_len):
+            return None
+        scores = gemfilter_scores(view.query, view.key, self.kernel)
+        keep = gemfilter_keep(scores, resolve_budget(self.keep, view.prompt_len))
+        return Restart(view.positions.gather(1, keep))
