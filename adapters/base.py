@@ -133,6 +133,7 @@ class DecoderAdapter:
             ids = input_ids.gather(1, restart.indices.to(input_ids.device))
             positions = torch.arange(ids.shape[1], device=ids.device).expand(b, ids.shape[1])
             state.cache = KVPolicyCache(self.num_layers)
+            state.discarded_tokens_per_layer += state.tokens_per_layer  # the filter pass still cost
             state.tokens_per_layer = []
             propagate = False
         return self._logits(h_last), state

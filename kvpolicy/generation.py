@@ -31,6 +31,7 @@ class GenerationStats:
         decode_seconds: all decode steps (excluding prefill).
         decode_steps: decode forwards run (the first new token comes from the prefill logits).
         tokens_per_layer: tokens each layer processed during prefill.
+        discarded_tokens_per_layer: tokens per layer of a pass a restart discarded (GemFilter's filter).
         kv_tokens_per_layer: KV entries kept per layer and KV head after prefill.
         kv_bytes_per_layer: bytes of keys and values each layer kept after prefill.
     """
@@ -41,6 +42,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     tokens_per_layer: list[int] = field(default_factory=list)
+    discarded_tokens_per_layer: list[int] = field(default_factory=list)
     kv_tokens_per_layer: list[int] = field(default_factory=list)
     kv_bytes_per_layer: list[int] = field(default_factory=list)
 
@@ -220,6 +222,7 @@ def generate(
         prompt_tokens=state.prompt_len,
         prefill_seconds=pre.seconds,
         tokens_per_layer=list(state.tokens_per_layer),
+        discarded_tokens_per_layer=list(state.discarded_tokens_per_layer),
         kv_tokens_per_layer=state.cache.kv_lengths,
         kv_bytes_per_layer=state.cache.kv_bytes,
     )

@@ -22,12 +22,15 @@ class RequestState:
         num_layers: decoder layers in the model.
         cache: the request's KV cache.
         tokens_per_layer: tokens each layer processed during prefill (filled by the adapter).
+        discarded_tokens_per_layer: tokens per layer of passes whose cache a ``Restart`` discarded
+            (GemFilter's filter pass): prefill compute spent that ``tokens_per_layer`` omits.
     """
 
     prompt_len: int
     num_layers: int
     cache: KVPolicyCache
     tokens_per_layer: list[int] = field(default_factory=list)
+    discarded_tokens_per_layer: list[int] = field(default_factory=list)
     _scratch: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def scratch(self, owner: object) -> dict[str, Any]:

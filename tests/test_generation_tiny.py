@@ -98,6 +98,7 @@ def test_restart_reruns_on_selected_tokens_with_fresh_positions():
     out = run(model, ids, kvpolicy.compose(RestartOnOdd()))
     assert out.token_ids == run(model, ids[:, 1::2], "fullkv").token_ids
     assert out.stats.tokens_per_layer == [50, 50, 50, 50]
+    assert out.stats.discarded_tokens_per_layer == [100, 100]  # the pass before the restart
 
 
 @pytest.mark.parametrize(

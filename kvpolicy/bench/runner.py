@@ -128,7 +128,9 @@ def run_policy(model: nn.Module, input_ids: torch.Tensor, policy: Policy, gen: i
                 token = adapter.decode_step(token, policy, state, step).argmax(dim=-1, keepdim=True)
             _sync(device)
             decode = (time.perf_counter() - t0) / gen
-    return Sample(pre.seconds, decode, mem.peak(), kv_bytes, list(state.tokens_per_layer), kv_lengths)
+    # Every layer pass counts for the cost model, a discarded filter pass (GemFilter) included.
+    passes = [*state.discarded_tokens_per_layer, *state.tokens_per_layer]
+    return Sample(pre.seconds, decode, mem.peak(), kv_bytes, passes, kv_lengths)
 
 
 @torch.no_grad()
