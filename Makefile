@@ -4,14 +4,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint
+CONTRIB := contrib/kvpolicy-keynorm
+
+.PHONY: setup demo test lint docs
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONTRIB)/pyproject.toml
 	python3 -m venv $(VENV)
 	# torch 2.13.0 first: on this project's machines it is the CPU build on local disk.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# kvpolicy with its test and docs tools, and the example third-party plugin (one resolver run,
+	# so the plugin's kvpolicy dependency is this checkout).
+	$(PY) -m pip install -q -e '.[dev,docs]' -e $(CONTRIB)
 	touch $@
 
 demo: setup
@@ -21,5 +25,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The documentation site, into site/ (every warning is an error).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The single CI entry point (.ci/run): lint, kvpolicy's tests, the contrib plugin's tests, the docs.
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(CONTRIB)/tests
+	$(MAKE) docs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterable
@@ -77,7 +78,8 @@ class Registry:
         if other is not None and other.obj is not entry.obj:
             raise RegistryError(
                 f"{entry.category} name {entry.name!r} is provided twice: by {other.provider} "
-                f"({_qualname(other.obj)}) and by {entry.provider} ({_qualname(entry.obj)})"
+                f"({_qualname(other.obj)}) and by {entry.provider} ({_qualname(entry.obj)}); uninstall one "
+                "or skip it with KVPOLICY_DISABLE_PLUGINS=<distribution name>"
             )
         table[entry.name] = entry
 
@@ -106,9 +108,14 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+def _normalize(name: str) -> str:
+    """Compare plugin names as pip does (PEP 503): ``KVPolicy_KeyNorm`` is ``kvpolicy-keynorm``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _disabled() -> set[str]:
     raw = os.environ.get("KVPOLICY_DISABLE_PLUGINS", "")
-    return {name.strip() for name in raw.split(",") if name.strip()}
+    return {_normalize(name.strip()) for name in raw.split(",") if name.strip()}
 
 
 def _problem(registry: Registry, message: str) -> None:
@@ -137,7 +144,7 @@ def _build() -> Registry:
             f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown distribution"
         )
         dist_name = dist.metadata["Name"] if dist is not None else ""
-        if ep.name in disabled or dist_name in disabled:
+        if _normalize(ep.name) in disabled or (dist_name and _normalize(dist_name) in disabled):
             continue
         try:
             plugin = ep.load()

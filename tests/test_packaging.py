@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
-if sys.version_info < (3, 11):
-    pytest.skip("tomllib needs Python 3.11", allow_module_level=True)
-import tomllib
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_package_directory_is_listed():

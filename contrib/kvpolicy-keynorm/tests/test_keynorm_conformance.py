@@ -1,0 +1,7 @@
+"""kvpolicy's conformance suite, on the cases conftest.py declares."""
+
+from kvpolicy.testing import CachePolicyConformance
+
+
+class TestKeyNormConformance(CachePolicyConformance):
+    pass
