@@ -11,7 +11,7 @@ import pytest
 pytest.register_assert_rewrite("kvpolicy.testing")  # before importing it: detailed assertion messages
 pytest_plugins = ["kvpolicy.testing", "pytester"]
 
-from kvpolicy.policies import FullCache, SnapKV  # noqa: E402
+from kvpolicy.policies import H2O, FullCache, PyramidInferSqueeze, PyramidKV, SnapKV, StreamingLLM  # noqa: E402
 from kvpolicy.testing import CachePolicyConformance, ConformanceCase  # noqa: E402
 
 
@@ -36,6 +36,18 @@ class TestBuiltinCachePolicies(CachePolicyConformance):
             id="snapkv-small-window",
             budgeted=lambda budget: SnapKV(budget=budget, window=2, kernel=3, pooling="avg"),
         ),
+        ConformanceCase(StreamingLLM, invalid=[{"budget": 0}]),
+        ConformanceCase(H2O, invalid=[{"budget": -1}]),
+        # Decode-time eviction (StreamingLLM rolling, H2O evict_during_decode) keeps the cache at a
+        # budget that a short prompt plus its generation outgrows, so "budget >= prompt keeps all"
+        # does not hold for it; tests/test_baselines.py checks those modes.
+        ConformanceCase(
+            PyramidKV,
+            invalid=[{"budget": 0}],
+            # A pyramid of budgets: each layer keeps its own share of the schedule.
+            expected_kv=lambda p, length, layer, n: min(length, p.layer_budget(layer, n, length)),
+        ),
+        ConformanceCase(PyramidInferSqueeze),
     )
 
 
