@@ -1,0 +1,129 @@
+"""Plots (matplotlib, from the ``eval`` extra): the needle heatmap (length x depth) per policy, and the
+comparison charts ``kvpolicy eval compare`` writes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.eval.report import natural_key, plot_name
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plots need matplotlib: pip install 'kvpolicy[eval]'") from exc
+    return plt
+
+
+def have_matplotlib() -> bool:
+    try:
+        _pyplot()
+    except ImportError:
+        return False
+    return True
+
+
+def needle_heatmap(grid: dict[str, dict[str, float]], path: Path, title: str) -> Path:
+    """Heatmap of needle recall: context length on x, needle depth on y (0 % at the top)."""
+    plt = _pyplot()
+    from matplotlib.colors import LinearSegmentedColormap
+
+    lengths = sorted(grid, key=natural_key)
+    depths = sorted({d for row in grid.values() for d in row}, key=natural_key)
+    data = [[grid[n].get(d, float("nan")) for n in lengths] for d in depths]
+    cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
+    fig, ax = plt.subplots(figsize=(max(4.2, 1.6 + 0.9 * len(lengths)), max(3.0, 1.0 + 0.42 * len(depths))))
+    image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for i, row in enumerate(data):
+        for j, value in enumerate(row):
+            if value == value:
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_yticks(range(len(depths)), depths)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="recall")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _lines(series: dict[str, dict[str, float]], path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, points in series.items():
+        xs = sorted(points, key=natural_key)
+        ax.plot([int(x) if x.isdigit() else x for x in xs], [points[x] for x in xs], marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(series: dict[str, dict[str, float]], path: Path, ylabel: str, title: str) -> Path:
+    plt = _pyplot()
+    groups = list(dict.fromkeys(k for points in series.values() for k in points))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(groups) * max(1, len(series) / 3)), 4.0))
+    for i, (label, points) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [points.get(g, 0.0) for g in groups], width=width, label=label)
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare_plots(benchmark: str, runs: Sequence[Any], labels: Sequence[str], out: Path) -> list[Path]:
+    """The comparison plots for one benchmark's runs (``report.RunInfo``), written under ``out``."""
+    written: list[Path] = []
+    runs_labels = [(r, lab) for r, lab in zip(runs, labels, strict=True) if r.summary.get("n")]
+    if not runs_labels:
+        return written
+    if benchmark == "needle":
+        for run, label in runs_labels:
+            written.append(needle_heatmap(run.summary["grid"], out / plot_name("needle", label), label))
+        series = {label: run.summary["by_length"] for run, label in runs_labels}
+        written.append(
+            _lines(series, out / "needle-by-length.png", "context length (tokens)", "recall", "needle recall")
+        )
+    elif benchmark == "ruler":
+        written.append(
+            _bars(
+                {lab: r.summary["by_task"] for r, lab in runs_labels},
+                out / "ruler-by-task.png",
+                "score",
+                "RULER",
+            )
+        )
+        series = {label: run.summary["by_length"] for run, label in runs_labels}
+        written.append(
+            _lines(series, out / "ruler-by-length.png", "context length (tokens)", "score", "RULER average")
+        )
+    else:
+        written.append(
+            _bars(
+                {lab: r.summary["by_task"] for r, lab in runs_labels},
+                out / "longbench-by-task.png",
+                "score",
+                "LongBench",
+            )
+        )
+    return written

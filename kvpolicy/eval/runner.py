@@ -1,0 +1,410 @@
+"""Run a benchmark under a policy: resumable, keyed by the full configuration, one record per sample.
+
+``run_eval("needle", model, tokenizer, policy="snapkv", policy_options={"kv_budget": 128},
+lengths=[1024, 2048], depths=5, out="results/eval")`` runs (or resumes, or skips) one run and returns
+an :class:`EvalResult`. See :mod:`kvpolicy.eval.store` for the folder layout and the resume rules.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.eval import report
+from kvpolicy.eval.store import RunStore, find_run_dir, now, run_key, slug
+from kvpolicy.eval.tasks import Item, Task, make_task
+from kvpolicy.interfaces import Policy
+
+EMBEDDED_LABEL = "SmolLM2-135M-Instruct (embedded)"
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` did: the run's folder and key, its records and summary.
+
+    ``status`` is ``"complete"`` (finished now), or ``"skipped"`` (it had finished before; pass
+    ``force=True`` to rerun). ``ran`` samples ran in this call; ``resumed`` were already done.
+    """
+
+    benchmark: str
+    run_dir: Path
+    key: str
+    label: str
+    status: str
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    ran: int = 0
+    resumed: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+# -- identity of what ran ---------------------------------------------------------------------------
+def resolve_policy(
+    policy: Policy | str | dict[str, Any] | None = "fullkv",
+    options: dict[str, Any] | None = None,
+    policy_config: str | Path | None = None,
+) -> tuple[Policy, str]:
+    """The policy to run and a readable label for it (``snapkv kv_budget=128``)."""
+    from kvpolicy.registry import get_policy, load_policy_config, policy_from_dict
+
+    options = dict(options or {})
+    if policy_config is not None:
+        if options:
+            raise ValueError(f"--policy-config takes no policy options; got {sorted(options)}")
+        return load_policy_config(policy_config), Path(policy_config).stem
+    if isinstance(policy, Policy):
+        if options:
+            raise ValueError("policy options apply to a preset name, not to a Policy object")
+        return policy, policy.name or "custom"
+    if isinstance(policy, dict):
+        if options:
+            raise ValueError("policy options apply to a preset name, not to a policy dict")
+        return policy_from_dict(policy), str(policy.get("name") or policy.get("policy") or "custom")
+    name = policy or "fullkv"
+    pol = get_policy(name, **options)
+    label = " ".join([name, *(f"{k}={options[k]}" for k in sorted(options))])
+    return pol, label
+
+
+def model_identity(model: Any, model_name: str | None = None) -> dict[str, Any]:
+    """Name, dtype and a hash of the architecture config: part of the run key."""
+    import hashlib
+    import json
+
+    config = model.config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "name_or_path", "_commit_hash"):
+        config.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    name = model_name or getattr(model.config, "name_or_path", "") or f"config:{digest[:12]}"
+    try:
+        from kvpolicy.models import cache_root
+
+        if Path(name).resolve() == (cache_root() / "models" / "SmolLM2-135M-Instruct").resolve():
+            name = EMBEDDED_LABEL
+    except (OSError, ValueError):
+        pass
+    param = next(model.parameters(), None)
+    return {
+        "name": str(name),
+        "dtype": str(param.dtype).removeprefix("torch.") if param is not None else None,
+        "architecture": type(model).__name__,
+        "layers": getattr(model.config, "num_hidden_layers", None),
+        "config_sha256": digest,
+        "weights_sample_sha256": _weights_sample(model),
+    }
+
+
+def _weights_sample(model: Any, per_tensor: int = 256) -> str:
+    """SHA-256 of the first ``per_tensor`` values of every parameter: tells apart checkpoints that
+    share a name and a config (cheap: a few hundred KiB for a 135M model)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            head = tensor.detach().reshape(-1)[:per_tensor].to("cpu", torch.float32).contiguous()
+            digest.update(name.encode() + b"\0" + head.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("kvpolicy", "torch", "transformers", "rouge", "rapidfuzz", "wonderwords", "matplotlib"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_state() -> dict[str, Any] | None:
+    """Commit (and whether the tree has uncommitted changes) of the kvpolicy checkout, if it is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+# -- running --------------------------------------------------------------------------------------
+def _record(item: Item, built: Any, out: Any, scores: dict[str, Any], n_layers: int | None) -> dict[str, Any]:
+    s = out.stats
+    layers = n_layers or len(s.tokens_per_layer) or 1  # full prefill: every layer, every prompt token
+    extra = {k: v for k, v in built.extra.items() if k != "all_classes"}
+    return {
+        "id": item.id,
+        **item.meta,
+        "prompt_tokens": len(built.input_ids),
+        **extra,
+        "prediction": out.text,
+        "reference": built.reference,
+        **scores,
+        "new_tokens": s.new_tokens,
+        "prefill_s": round(s.prefill_seconds, 4),
+        "decode_ms_per_token": round(1000 * s.decode_seconds_per_token, 2),
+        "kv_tokens_mean": round(statistics.fmean(s.kv_tokens_per_layer), 1)
+        if s.kv_tokens_per_layer
+        else None,
+        "prefill_token_share": round(sum(s.tokens_per_layer) / (layers * max(s.prompt_tokens, 1)), 4),
+    }
+
+
+def run_eval(
+    benchmark: str,
+    model: Any = None,
+    tokenizer: Any = None,
+    *,
+    policy: Policy | str | dict[str, Any] | None = "fullkv",
+    policy_options: dict[str, Any] | None = None,
+    policy_config: str | Path | None = None,
+    out: str | Path = "results/eval",
+    label: str | None = None,
+    model_name: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    console: Any = None,
+    command: Sequence[str] | None = None,
+    lengths: Sequence[int] | None = None,
+    depths: int | None = None,
+    samples: int | None = None,
+    tasks: Sequence[str] | None = None,
+    seed: int | None = None,
+    haystack_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    longbench_e: bool = False,
+    max_length: int | None = None,
+    max_prompt_tokens: int | None = None,
+    max_new_tokens: int | None = None,
+    strict: bool = False,
+) -> EvalResult:
+    """Run ``benchmark`` (``needle``, ``ruler`` or ``longbench``) under ``policy`` and store the results.
+
+    ``model``/``tokenizer`` default to the embedded SmolLM2-135M-Instruct. ``policy`` is a preset name
+    (with ``policy_options``), a :class:`~kvpolicy.Policy`, a ``to_dict()`` form, or use
+    ``policy_config`` (a JSON file). The run goes to ``out/<benchmark>/<label>-<key>/``; an unfinished
+    run with the same configuration resumes, a finished one is skipped unless ``force``. Benchmark
+    options: ``lengths``, ``depths``, ``samples``, ``haystack_dir`` (needle); ``lengths``, ``tasks``,
+    ``samples``, ``seed`` (RULER); ``data_dir``, ``tasks``, ``samples``, ``longbench_e``,
+    ``max_length``, ``max_prompt_tokens``, ``strict`` (LongBench); ``max_new_tokens`` caps any.
+    """
+    from rich.console import Console
+
+    if console is None:
+        console = Console(quiet=quiet)
+        if not console.is_terminal:
+            console.width = 200  # logs and pipes: do not wrap wide tables
+    pol, default_label = resolve_policy(policy, policy_options, policy_config)
+    label = label or default_label
+    task = make_task(
+        benchmark,
+        lengths=lengths,
+        depths=depths,
+        samples=samples,
+        tasks=tasks,
+        seed=seed,
+        haystack_dir=haystack_dir,
+        data_dir=data_dir,
+        longbench_e=longbench_e,
+        max_length=max_length,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        strict=strict,
+    )
+    if model is None:
+        from kvpolicy.models import load_model
+
+        model, tokenizer = load_model()
+        model_name = model_name or EMBEDDED_LABEL
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer with the model")
+    task.prepare(model, tokenizer)
+    notes = task.notes()
+    _report_notes(console, notes)
+
+    identity = model_identity(model, model_name)
+    config = {"benchmark": benchmark, "settings": task.settings(), "policy": pol.to_dict(), "model": identity}
+    key = run_key(config)
+    out = Path(out)
+    run_dir = find_run_dir(out, benchmark, key) or out / benchmark / f"{slug(label)}-{key[:12]}"
+    items = task.items()
+
+    with RunStore(run_dir) as store:
+        previous = store.read_meta() or {}
+        if previous.get("status") == "complete" and not force:
+            records, _ = store.load()
+            summary = report.summarize(benchmark, records)
+            console.print(
+                f"[bold]{label}[/bold]: {benchmark} run already complete in {run_dir} (--force reruns it)"
+            )
+            _print_summary(console, benchmark, label, summary)
+            return EvalResult(
+                benchmark, run_dir, key, label, "skipped", records, summary, 0, len(records), notes
+            )
+        if force:
+            store.reset()
+            previous = {}
+        records, torn = store.load()
+        wanted = {item.id for item in items}
+        records = [r for r in records if r["id"] in wanted]
+        done = {r["id"] for r in records}
+        resumed = len(done)
+        if resumed or torn:
+            console.print(
+                f"resuming {run_dir}: {resumed}/{len(items)} samples already done"
+                + ("; dropped a torn last line" if torn else "")
+            )
+        meta = {
+            "benchmark": benchmark,
+            "key": key,
+            "label": label,
+            "status": "running",
+            "samples_total": len(items),
+            "samples_done": resumed,
+            "config": config,
+            "policy": pol.to_dict(),
+            "policy_description": pol.describe(),
+            "model": identity,
+            "versions": library_versions(),
+            "git": git_state(),
+            "command": list(command) if command is not None else None,
+            "data_notes": notes,
+            "created_at": previous.get("created_at") or now(),
+            "updated_at": now(),
+            "history": [
+                *previous.get("history", []),
+                {"started_at": now(), "resumed_from": resumed, "torn_line_dropped": torn},
+            ],
+        }
+        store.write_meta(meta)
+        pending = [item for item in items if item.id not in done]
+        ran = 0
+        try:
+            ran = _run_items(
+                task, pending, model, tokenizer, pol, store, records, console, quiet, len(items), label
+            )
+        except BaseException:
+            meta.update(status="interrupted", samples_done=len(records), updated_at=now())
+            store.write_meta(meta)
+            console.print(
+                f"stopped after {len(records)}/{len(items)} samples; rerun the same command to resume"
+            )
+            raise
+        order = {item.id: i for i, item in enumerate(items)}
+        records.sort(key=lambda r: order[r["id"]])
+        summary = report.summarize(benchmark, records)
+        meta.update(
+            status="complete", samples_done=len(records), summary=summary, updated_at=now(), finished_at=now()
+        )
+        store.write_meta(meta)
+        if benchmark == "needle":
+            _heatmap(run_dir, summary, label, console)
+    console.print(f"results: {run_dir}")
+    _print_summary(console, benchmark, label, summary)
+    return EvalResult(benchmark, run_dir, key, label, "complete", records, summary, ran, resumed, notes)
+
+
+def _run_items(
+    task: Task,
+    pending: list[Item],
+    model: Any,
+    tokenizer: Any,
+    policy: Policy,
+    store: RunStore,
+    records: list[dict[str, Any]],
+    console: Any,
+    quiet: bool,
+    total: int,
+    label: str,
+) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from kvpolicy.generation import generate
+
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
+        bar = progress.add_task(f"{task.benchmark} {label}", total=total, completed=total - len(pending))
+        for item in pending:
+            progress.update(bar, description=f"{task.benchmark} {label}: {item.id}")
+            built = task.build(item, tokenizer)
+            out = generate(
+                model,
+                tokenizer,
+                input_ids=built.input_ids,
+                policy=policy,
+                max_new_tokens=built.max_new_tokens,
+            )
+            n_layers = getattr(model.config, "num_hidden_layers", None)
+            record = _record(item, built, out, task.score(item, built, out.text), n_layers)
+            store.append(record)
+            records.append(record)
+            progress.advance(bar)
+        progress.update(bar, description=f"{task.benchmark} {label}")
+    return len(pending)
+
+
+def _report_notes(console: Any, notes: dict[str, Any]) -> None:
+    for task, bad in notes.get("malformed_lines", {}).items():
+        console.print(
+            f"[yellow]warning[/yellow]: skipped {bad['count']} malformed line(s) in {task} "
+            f"(lines {', '.join(map(str, bad['lines']))}{', ...' if bad['count'] > len(bad['lines']) else ''}; "
+            f"first: {bad['first']}); --strict makes this an error"
+        )
+    for task, n in notes.get("skipped_longer_than_max_prompt_tokens", {}).items():
+        if n:
+            console.print(f"{task}: left out {n} record(s) longer than --max-prompt-tokens")
+
+
+def _print_summary(console: Any, benchmark: str, label: str, summary: dict[str, Any]) -> None:
+    header, rows = report.run_table(benchmark, summary)
+    scale = "recall 0-1" if benchmark == "needle" else "score 0-100"
+    console.print(report.rich_table(header, rows, f"{benchmark}: {label} ({scale})"))
+    if benchmark == "needle" and summary.get("n"):
+        console.print(
+            f"needle found (sandwich and Dolores Park named): {summary['found']:.0%} of {summary['n']}"
+        )
+
+
+def _heatmap(run_dir: Path, summary: dict[str, Any], label: str, console: Any) -> None:
+    from kvpolicy.eval import plots
+
+    if not summary.get("n") or not plots.have_matplotlib():
+        return
+    path = plots.needle_heatmap(summary["grid"], run_dir / "heatmap.png", f"needle recall: {label}")
+    console.print(f"heatmap: {path}")
+
+
+def main_command() -> list[str]:
+    return ["kvpolicy", *sys.argv[1:]]
