@@ -149,7 +149,7 @@ class DecoderAdapter:
     ) -> tuple[Restart | None, torch.Tensor]:
         """Prefill layer loop; returns a restart request (or None) and the last position's hidden state."""
         h = self.base.embed_tokens(ids)
-        next_position = ids.shape[1]
+        b, next_position = ids.shape
         cos_sin = self.base.rotary_emb(h, positions)
         uncached: list[int] = []
         for i, layer in enumerate(self.layers):
@@ -180,6 +180,7 @@ class DecoderAdapter:
                 keep = _call(policy.cache, "select", i, view, state)
                 kv_pos = positions[:, None, :].expand(-1, k.shape[1], -1)
                 if keep is not None:
+                    _check_indices(policy.cache, "select", i, keep, (b, k.shape[1]), k.shape[2])
                     idx = keep.unsqueeze(-1)
                     k = k.gather(2, idx.expand(-1, -1, -1, k.shape[-1]))
                     v = v.gather(2, idx.expand(-1, -1, -1, v.shape[-1]))
@@ -193,6 +194,7 @@ class DecoderAdapter:
             if isinstance(decision, Restart):
                 return decision, h
             if isinstance(decision, Propagate):
+                _check_indices(policy.propagation, "propagate", i, decision.indices, (b,), h.shape[1])
                 sel = decision.indices.to(h.device)
                 h = h.gather(1, sel.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
                 positions = positions.gather(1, sel)
@@ -256,6 +258,21 @@ def _call(policy: Any, method: str, layer: int, view: Any, state: RequestState) 
             f"policy {type(policy).__name__} ({policy.kind!r}) failed in {method}() at layer {layer}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _check_indices(policy: Any, method: str, layer: int, idx: Any, lead: tuple[int, ...], limit: int) -> None:
+    """Indices a policy returned must be integer, shaped ``(*lead, n)`` and inside ``[0, limit)``."""
+    problem = None
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+        problem = f"must be an integer tensor, got {type(idx).__name__} {getattr(idx, 'dtype', '')}"
+    elif idx.dim() != len(lead) + 1 or tuple(idx.shape[:-1]) != lead:
+        problem = f"must have shape ({', '.join(map(str, lead))}, n), got {tuple(idx.shape)}"
+    elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
+        problem = f"must lie in [0, {limit}), got [{int(idx.min())}, {int(idx.max())}]"
+    if problem:
+        raise AdapterError(
+            f"policy {type(policy).__name__} ({policy.kind!r}) {method}() at layer {layer}: indices {problem}"
+        )
 
 
 def _eager_attention(

@@ -118,3 +118,20 @@ def test_policy_that_raises_names_itself_and_layer(tiny_model, prompt_ids):
 def test_compose_rejects_wrong_types():
     with pytest.raises(TypeError, match="propagation must be a PropagationPolicy, got SnapKV"):
         kvpolicy.compose(propagation=SnapKV())  # type: ignore[arg-type]
+
+
+def test_policy_returning_bad_indices_names_itself(tiny_model, prompt_ids):
+    from kvpolicy.adapters import AdapterError
+    from kvpolicy.interfaces import CachePolicy
+
+    class WrongShape(CachePolicy):
+        kind = "wrong-shape"
+
+        def select(self, view, state):
+            return torch.arange(5)  # missing the (B, H_kv) dimensions
+
+    with pytest.raises(
+        AdapterError,
+        match=r"WrongShape \('wrong-shape'\) select\(\) at layer 0: indices must have shape \(1, 2, n\)",
+    ):
+        kvpolicy.generate(tiny_model, None, input_ids=prompt_ids, policy=kvpolicy.compose(cache=WrongShape()))
