@@ -23,6 +23,31 @@ def tiny_llama(layers: int = 4, attn: str = "sdpa", seed: int = 0, **overrides: 
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_llama_for(tokenizer, max_positions: int = 2048) -> LlamaForCausalLM:
+    """A tiny random Llama whose vocabulary fits ``tokenizer`` (for tests that need real text)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded model's tokenizer alone (converted on first use, then cached)."""
+    from transformers import AutoTokenizer
+
+    from kvpolicy.models import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()

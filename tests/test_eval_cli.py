@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-import torch
+from conftest import tiny_llama_for
 
 from kvpolicy.cli import main
 from kvpolicy.eval.tasks import NeedleTask
@@ -19,23 +19,13 @@ from kvpolicy.eval.tasks import NeedleTask
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama plus the real SmolLM2 tokenizer, saved where ``--model`` can load it."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from kvpolicy.models import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    )
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_llama_for(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_llama_for
 
 from kvpolicy.eval import longbench, run_eval
 from kvpolicy.eval.longbench import DataError, load_task
@@ -15,29 +15,13 @@ from kvpolicy.eval.metrics import longbench_bucket
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from kvpolicy.models import embedded_model_dir
-
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama_for(tokenizer, max_positions=1024)
 
 
 def record(task: str, i: int, context: str, question: str, answers: list[str], length: int = 1000, **extra):

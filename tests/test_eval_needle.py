@@ -6,36 +6,20 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from conftest import tiny_llama_for
 
 from kvpolicy.eval import needle, run_eval
 from kvpolicy.eval.tasks import NeedleTask
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from kvpolicy.models import embedded_model_dir
-
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama_for(tokenizer, max_positions=2048)
 
 
 def _context(tokenizer, input_ids):
