@@ -207,30 +207,178 @@ def choice_config(choice: Point) -> dict[str, Any]:
     }
 
 
-# -- running it ----------------------------------------------------------------------------------
-def needle_evaluator(
-    model: Any, tokenizer: Any, length: int, samples: int
-) -> Callable[[int | None, float, float], float]:
-    """Accuracy (0-100: needle found, sandwich and Dolores Park) of a FastKV setting on needle prompts."""
-    from kvpolicy import compose
+# -- calibration prompts ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One calibration prompt.
+
+    ``score`` maps an answer to accuracy (0-100); ``None`` means the prompt has no label and is scored
+    by agreement with full KV's own answer (token F1, x100). ``answer`` holds the prompt positions of
+    the answer-bearing tokens where the task knows them (for the stability curve).
+    """
+
+    input_ids: list[int]
+    max_new_tokens: int
+    score: Callable[[str], float] | None = None
+    answer: list[int] = field(default_factory=list)
+
+
+def token_positions(tokenizer: Any, input_ids: Sequence[int], text: str) -> list[int]:
+    """Prompt positions of ``text``'s tokens, every occurrence. Tries ``text`` with and without a
+    leading space, whole and without its first and last token (their tokenisation depends on the
+    neighbours); empty when it is not found."""
+    ids = list(input_ids)
+    found: set[int] = set()
+    for variant in (" " + text, text):
+        toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        for inner in (toks, toks[1:-1] if len(toks) > 2 else []):
+            if not inner:
+                continue
+            n = len(inner)
+            hits = [s for s in range(len(ids) - n + 1) if ids[s : s + n] == inner]
+            found.update(i for s in hits for i in range(s, s + n))
+            if hits:
+                break
+        if found:
+            break
+    return sorted(found)
+
+
+def needle_samples(tokenizer: Any, length: int, samples: int) -> list[CalibrationSample]:
+    """Needle prompts at ``samples`` depths; accuracy 100 when the answer names the needle."""
     from kvpolicy.eval import needle
+
+    haystack = needle.load_haystack(needle.find_haystack_dir())
+    out = []
+    for depth in needle.depths(samples):
+        ids = needle.build_sample(tokenizer, length, depth, haystack).input_ids
+        out.append(
+            CalibrationSample(
+                list(ids),
+                30,
+                lambda text: 100.0 * needle.needle_found(text),
+                needle_positions(tokenizer, ids),
+            )
+        )
+    return out
+
+
+#: RULER tasks SmolLM2-135M-Instruct solves with full KV at 1-2K tokens (measured, docs/calibration.md).
+DEFAULT_RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1")
+
+
+def ruler_samples(
+    tokenizer: Any, length: int, samples: int, tasks: Sequence[str] = DEFAULT_RULER_TASKS, seed: int = 42
+) -> list[CalibrationSample]:
+    """``samples`` generated RULER prompts per task; accuracy is RULER's ``string_match_all``."""
+    from kvpolicy.eval import ruler
+    from kvpolicy.eval.metrics import string_match_all
+
+    out = []
+    for task in tasks:
+        for index in range(samples):
+            sample = ruler.generate_sample(task, tokenizer, length, index, seed)
+            answer = sorted(
+                {i for ref in sample.outputs for i in token_positions(tokenizer, sample.input_ids, ref)}
+            )
+            out.append(
+                CalibrationSample(
+                    list(sample.input_ids),
+                    ruler.max_new_tokens(task),
+                    lambda text, refs=tuple(sample.outputs): string_match_all(text, refs),
+                    answer,
+                )
+            )
+    return out
+
+
+def prompt_samples(
+    tokenizer: Any, folder: Path, samples: int | None = None, max_new_tokens: int = 64
+) -> list[CalibrationSample]:
+    """Every ``*.txt`` file in ``folder`` (sorted; the first ``samples``) as a user turn of the chat
+    template; unlabelled, so accuracy is agreement with full KV's answer."""
+    from kvpolicy.cli import read_prompt_file
+    from kvpolicy.generation import encode_prompt
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--prompts {str(folder)!r} is not a folder")
+    files = sorted(folder.glob("*.txt"))[:samples]
+    if not files:
+        raise ValueError(f"--prompts {str(folder)!r} holds no .txt file")
+    out = []
+    for path in files:
+        ids = encode_prompt(tokenizer, read_prompt_file(path))
+        if len(ids) < 16:
+            raise ValueError(
+                f"prompt file {str(path)!r} has {len(ids)} tokens; calibration needs at least 16"
+            )
+        out.append(CalibrationSample(list(ids), max_new_tokens))
+    return out
+
+
+# -- running it ----------------------------------------------------------------------------------
+def evaluator(
+    model: Any, tokenizer: Any, samples: Sequence[CalibrationSample]
+) -> Callable[[int | None, float, float], float]:
+    """Mean accuracy (0-100) of a FastKV setting ``(tsp_layer, tsp_rate, kv_budget)`` on ``samples``.
+
+    Unlabelled samples are scored against full KV's greedy answer, generated once on first use.
+    """
+    from kvpolicy import compose
+    from kvpolicy.eval.metrics import qa_f1_score
     from kvpolicy.generation import generate
     from kvpolicy.policies import TSP, FullCache, SnapKV
 
-    haystack = needle.load_haystack(needle.find_haystack_dir())
-    prompts = [needle.build_sample(tokenizer, length, d, haystack).input_ids for d in needle.depths(samples)]
+    references: dict[int, str] = {}
+
+    def answer(sample: CalibrationSample, policy: Policy) -> str:
+        return generate(
+            model, tokenizer, input_ids=sample.input_ids, policy=policy, max_new_tokens=sample.max_new_tokens
+        ).text
 
     def evaluate(layer: int | None, rate: float, budget: float) -> float:
         prop = TSP(layer=layer, rate=rate) if layer is not None and rate < 1.0 else None
         cache = SnapKV(budget=budget) if budget < 1.0 else FullCache()
         policy: Policy = compose(prop, cache)
-        found = 0
-        for ids in prompts:
-            out = generate(model, tokenizer, input_ids=ids, policy=policy, max_new_tokens=30)
-            found += needle.needle_found(out.text)
-        return 100.0 * found / len(prompts)
+        total = 0.0
+        for i, sample in enumerate(samples):
+            text = answer(sample, policy)
+            if sample.score is not None:
+                total += sample.score(text)
+                continue
+            if i not in references:
+                references[i] = text if prop is None and budget >= 1.0 else answer(sample, compose())
+            total += 100.0 * qa_f1_score(text, references[i])
+        return total / len(samples)
 
     return evaluate
+
+
+def needle_evaluator(
+    model: Any, tokenizer: Any, length: int, samples: int
+) -> Callable[[int | None, float, float], float]:
+    """Accuracy (0-100: needle found, sandwich and Dolores Park) of a FastKV setting on needle prompts."""
+    return evaluator(model, tokenizer, needle_samples(tokenizer, length, samples))
+
+
+def calibration_samples(
+    tokenizer: Any,
+    task: str = "needle",
+    length: int = 1500,
+    samples: int = 5,
+    tasks: Sequence[str] | None = None,
+    prompts: Path | None = None,
+    seed: int = 42,
+) -> list[CalibrationSample]:
+    """The prompts of a calibration run: ``prompts`` (a folder of .txt files) if given, else ``task``."""
+    if prompts is not None:
+        return prompt_samples(tokenizer, prompts, samples)
+    if task == "needle":
+        return needle_samples(tokenizer, length, samples)
+    if task == "ruler":
+        return ruler_samples(tokenizer, length, samples, tuple(tasks or DEFAULT_RULER_TASKS), seed)
+    raise ValueError(f"unknown calibration task {task!r}; known: needle, ruler")
 
 
 def run_calibration(
@@ -243,30 +391,41 @@ def run_calibration(
     rates: Sequence[float] = (0.1, 0.2, 0.3, 0.5),
     budgets: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
     command: str | None = None,
+    task: str = "needle",
+    tasks: Sequence[str] | None = None,
+    prompts: Path | None = None,
+    seed: int = 42,
 ) -> dict[str, Any]:
-    """Stability curve, recommendation, plots and config into ``out``; returns the summary."""
-    from kvpolicy.eval import needle
+    """Stability curve, recommendation, plots and config into ``out``; returns the summary.
 
+    ``task`` is ``"needle"`` (``samples`` depths at ``length`` tokens) or ``"ruler"`` (``samples``
+    prompts per RULER task in ``tasks``); ``prompts``, a folder of ``.txt`` files, replaces both and
+    is scored by agreement with full KV.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    haystack = needle.load_haystack(needle.find_haystack_dir())
-    curves = []
-    for depth in needle.depths(samples):
-        ids = needle.build_sample(tokenizer, length, depth, haystack).input_ids
-        curves.append(stability(layer_scores(model, ids), answer=needle_positions(tokenizer, ids)))
+    prepared = calibration_samples(tokenizer, task, length, samples, tasks, prompts, seed)
+    curves = [stability(layer_scores(model, s.input_ids), answer=s.answer) for s in prepared]
     n = len(curves[0]["recall"])
-    mean = {
-        key: [sum(c[key][i] for c in curves) / len(curves) for i in range(n)] if curves[0][key] else []
-        for key in ("recall", "answer_recall")
+    mean: dict[str, list[float]] = {
+        "recall": [sum(c["recall"][i] for c in curves) / len(curves) for i in range(n)]
     }
-    shape = ModelShape.from_config(model.config)
-    rec = recommend(
-        needle_evaluator(model, tokenizer, length, samples), shape, length, rates, budgets, tolerance
+    with_answer = [c for c in curves if c["answer_recall"]]
+    mean["answer_recall"] = (
+        [sum(c["answer_recall"][i] for c in with_answer) / len(with_answer) for i in range(n)]
+        if with_answer
+        else []
     )
+    mean_length = round(sum(len(s.input_ids) for s in prepared) / len(prepared))
+    shape = ModelShape.from_config(model.config)
+    rec = recommend(evaluator(model, tokenizer, prepared), shape, mean_length, rates, budgets, tolerance)
     summary: dict[str, Any] = {
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        "task": "needle",
-        "length": length,
-        "samples": samples,
+        "task": "prompts" if prompts is not None else task,
+        "tasks": list(tasks or DEFAULT_RULER_TASKS) if prompts is None and task == "ruler" else None,
+        "prompts": str(prompts) if prompts is not None else None,
+        "length": mean_length,
+        "samples": len(prepared),
+        "accuracy": "agreement with full KV (token F1)" if prompts is not None else "task score",
         "stability": mean,
         "full_accuracy": rec.full_accuracy,
         "tolerance": rec.tolerance,
@@ -322,9 +481,27 @@ def plot_calibration(out: Path) -> None:
 
 def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("calibrate", help="choose TSP layer, TSP rate and KV budget for a model, measured")
-    p.add_argument("--task", choices=["needle"], default="needle")
+    p.add_argument(
+        "--task", choices=["needle", "ruler"], default="needle", help="calibration prompts (default needle)"
+    )
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        help="folder of .txt prompts instead of --task; scored by agreement with full KV's answer",
+    )
+    p.add_argument(
+        "--ruler-tasks",
+        nargs="+",
+        help=f"RULER tasks for --task ruler (default: {' '.join(DEFAULT_RULER_TASKS)})",
+    )
+    p.add_argument("--seed", type=int, default=42, help="RULER generator seed (default 42)")
     p.add_argument("--length", type=int, default=1500, help="prompt length in tokens (default 1500)")
-    p.add_argument("--samples", type=int, default=5, help="prompts (needle depths) per setting (default 5)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=5,
+        help="prompts per setting: needle depths, prompts per RULER task, or prompt files (default 5)",
+    )
     p.add_argument(
         "--tolerance", type=float, default=1.0, help="accuracy points below full KV allowed (default 1)"
     )
@@ -355,6 +532,10 @@ def _run(args: argparse.Namespace) -> int:
         args.rates,
         args.budgets,
         command,
+        task=args.task,
+        tasks=args.ruler_tasks,
+        prompts=args.prompts,
+        seed=args.seed,
     )
     choice = summary["recommended"]
     if choice is None:

@@ -138,3 +138,78 @@ def test_calibrate_end_to_end_on_embedded_model(tmp_path, real_model):
         import kvpolicy
 
         assert kvpolicy.policy_from_dict(config).name == "fastkv"
+
+
+def test_ruler_calibration_finds_answer_tokens_and_recommends(tmp_path, embedded_tokenizer):
+    """--task ruler end to end on a tiny model: every niah prompt's value is located in the prompt,
+    the recommendation machinery runs and writes a loadable config."""
+    from conftest import tiny_llama_for
+
+    from kvpolicy.calibrate import ruler_samples, run_calibration
+
+    samples = ruler_samples(embedded_tokenizer, 400, 2, ["niah_single_1", "niah_multikey_1"])
+    assert len(samples) == 4
+    for s in samples:
+        answer_text = embedded_tokenizer.decode([s.input_ids[i] for i in s.answer])
+        assert any(ch.isdigit() for ch in answer_text), answer_text
+        assert s.score is not None and s.score("nothing") == 0.0
+    model = tiny_llama_for(embedded_tokenizer)
+    summary = run_calibration(
+        model,
+        embedded_tokenizer,
+        tmp_path,
+        length=400,
+        samples=1,
+        rates=(0.5,),
+        budgets=(0.5,),
+        task="ruler",
+        tasks=["niah_single_1"],
+    )
+    assert summary["task"] == "ruler" and summary["tasks"] == ["niah_single_1"]
+    assert len(summary["stability"]["recall"]) == 4 and summary["stability"]["answer_recall"]
+    assert summary["full_accuracy"] == 0.0  # a random model finds no needle: every setting is "within"
+    assert summary["recommended"]["tsp_layer"] == 1
+    import kvpolicy
+
+    assert kvpolicy.policy_from_dict(json.loads((tmp_path / "policy.json").read_text())).name == "fastkv"
+
+
+def test_prompt_folder_calibration_scores_agreement_with_full_kv(tmp_path, embedded_tokenizer, haystack):
+    """--prompts DIR: unlabelled prompts are scored against full KV's own answer, so full KV scores
+    100 and a setting that changes the answer scores less."""
+    from conftest import tiny_llama_for
+
+    from kvpolicy.calibrate import evaluator, prompt_samples
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.txt").write_text(haystack[i * 3000 : i * 3000 + 1500] + "\nSummarise the text.")
+    (folder / "notes.md").write_text("not a prompt")
+    samples = prompt_samples(embedded_tokenizer, folder, samples=2, max_new_tokens=8)
+    assert len(samples) == 2 and all(s.score is None and not s.answer for s in samples)
+    evaluate = evaluator(tiny_llama_for(embedded_tokenizer), embedded_tokenizer, samples)
+    assert evaluate(None, 1.0, 1.0) == 100.0
+    assert 0.0 <= evaluate(1, 0.05, 0.05) <= 100.0
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing", "is not a folder"),
+        (lambda d: d, "holds no .txt file"),
+    ],
+)
+def test_prompt_folder_errors_name_the_folder(tmp_path, embedded_tokenizer, make, message):
+    from kvpolicy.calibrate import prompt_samples
+
+    with pytest.raises(ValueError, match=message):
+        prompt_samples(embedded_tokenizer, make(tmp_path))
+
+
+def test_calibrate_cli_rejects_unknown_task(capsys):
+    from kvpolicy.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--task", "longbench", "--out", "x"])
+    assert "invalid choice: 'longbench'" in capsys.readouterr().err
