@@ -92,6 +92,11 @@ def _bench_parser(esub: Any, name: str, help_: str) -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="rerun even if this configuration already finished")
     q.add_argument("--max-new-tokens", type=int, help="cap on new tokens (default: the benchmark's own)")
     q.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    q.add_argument(
+        "--shard",
+        help="run shard i of n (0-based, e.g. 0/4) in its own folder; 'env' reads RANK/WORLD_SIZE or a "
+        "Slurm array; compare merges the shards",
+    )
     q.set_defaults(func=run_benchmark, accepts_policy_options=True)
     return q
 
@@ -99,12 +104,16 @@ def _bench_parser(esub: Any, name: str, help_: str) -> argparse.ArgumentParser:
 def run_benchmark(args: argparse.Namespace) -> int:
     from kvpolicy.cli import load_from_args, parse_overrides
     from kvpolicy.eval.runner import EMBEDDED_LABEL, resolve_policy, run_eval
+    from kvpolicy.eval.shard import local_device, parse_shard
 
     options = parse_overrides(getattr(args, "policy_options", []))
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    # Validate the policy before loading the model: a typo should not cost a model load.
+    # Validate the policy and the shard before loading the model: a typo should not cost a model load.
     resolve_policy(args.policy, options, args.policy_config)
+    shard = parse_shard(args.shard)
+    if shard and args.device is None:
+        args.device = local_device()  # one process per GPU under torchrun / accelerate launch
     model, tokenizer = load_from_args(args)
     name = args.model or EMBEDDED_LABEL
     if args.gguf_file:
@@ -133,6 +142,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         command=_command_line(),
         max_new_tokens=args.max_new_tokens,
+        shard=shard,
         **extra,
     )
     return 0

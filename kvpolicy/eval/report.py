@@ -189,7 +189,45 @@ def load_runs(paths: Sequence[Path]) -> list[RunInfo]:
             continue
         records, _ = read_records(run_dir / "records.jsonl")
         runs.append(RunInfo(run_dir, meta, records, summarize(meta["benchmark"], records)))
-    return runs
+    return merge_shards(runs)
+
+
+def merge_shards(runs: Sequence[RunInfo]) -> list[RunInfo]:
+    """Runs with the shards of one configuration (``--shard i/n``) merged into one run each.
+
+    The merged run is complete only when all ``n`` shards are there and complete; its records are the
+    shards' records (each sample once), its summary recomputed from them.
+    """
+    merged: list[RunInfo] = []
+    groups: dict[str, list[RunInfo]] = {}
+    for run in runs:
+        shard = run.meta.get("shard")
+        if shard:
+            if shard["whole_key"] not in groups:
+                groups[shard["whole_key"]] = []
+                merged.append(run)  # placeholder, replaced below (keeps the order of first sight)
+            groups[shard["whole_key"]].append(run)
+        else:
+            merged.append(run)
+    for whole_key, parts in groups.items():
+        count = int(parts[0].meta["shard"]["count"])
+        indices = {int(p.meta["shard"]["index"]) for p in parts}
+        records = list({r["id"]: r for p in parts for r in p.records}.values())
+        meta = {
+            **parts[0].meta,
+            "key": whole_key,
+            "status": "complete"
+            if indices == set(range(count)) and all(p.complete for p in parts)
+            else "running",
+            "samples_total": sum(p.total for p in parts) if indices == set(range(count)) else None,
+            "samples_done": len(records),
+            "shard": None,
+            "shards": {"count": count, "found": sorted(indices), "dirs": [str(p.dir) for p in parts]},
+        }
+        benchmark = str(meta.get("benchmark"))
+        run = RunInfo(parts[0].dir.parent, meta, records, summarize(benchmark, records))
+        merged[merged.index(parts[0])] = run
+    return merged
 
 
 def _labels(runs: Sequence[RunInfo]) -> list[str]:

@@ -196,6 +196,7 @@ def run_eval(
     max_prompt_tokens: int | None = None,
     max_new_tokens: int | None = None,
     strict: bool = False,
+    shard: str | tuple[int, int] | None = None,
 ) -> EvalResult:
     """Run ``benchmark`` (``needle``, ``ruler`` or ``longbench``) under ``policy`` and store the results.
 
@@ -206,13 +207,18 @@ def run_eval(
     options: ``lengths``, ``depths``, ``samples``, ``haystack_dir`` (needle); ``lengths``, ``tasks``,
     ``samples``, ``seed`` (RULER); ``data_dir``, ``tasks``, ``samples``, ``longbench_e``,
     ``max_length``, ``max_prompt_tokens``, ``strict`` (LongBench); ``max_new_tokens`` caps any.
+    ``shard="i/n"`` runs every n-th sample from i in a folder of its own (:mod:`kvpolicy.eval.shard`);
+    ``compare`` merges the shards.
     """
     from rich.console import Console
+
+    from kvpolicy.eval.shard import parse_shard
 
     if console is None:
         console = Console(quiet=quiet)
         if not console.is_terminal:
             console.width = 200  # logs and pipes: do not wrap wide tables
+    part = parse_shard(shard)
     pol, default_label = resolve_policy(policy, policy_options, policy_config)
     label = label or default_label
     task = make_task(
@@ -243,10 +249,18 @@ def run_eval(
 
     identity = model_identity(model, model_name)
     config = {"benchmark": benchmark, "settings": task.settings(), "policy": pol.to_dict(), "model": identity}
-    key = run_key(config)
+    whole_key = run_key(config)
+    key = run_key({**config, "shard": list(part)}) if part else whole_key
     out = Path(out)
-    run_dir = find_run_dir(out, benchmark, key) or out / benchmark / f"{slug(label)}-{key[:12]}"
+    folder = f"{slug(label)}-shard{part[0]}of{part[1]}-{key[:12]}" if part else f"{slug(label)}-{key[:12]}"
+    run_dir = find_run_dir(out, benchmark, key) or out / benchmark / folder
     items = task.items()
+    if part:
+        items = items[part[0] :: part[1]]
+        if not items:
+            raise ValueError(
+                f"--shard {part[0]}/{part[1]}: this benchmark has only {len(task.items())} samples"
+            )
 
     with RunStore(run_dir) as store:
         previous = store.read_meta() or {}
@@ -280,6 +294,7 @@ def run_eval(
             "status": "running",
             "samples_total": len(items),
             "samples_done": resumed,
+            "shard": {"index": part[0], "count": part[1], "whole_key": whole_key} if part else None,
             "config": config,
             "policy": pol.to_dict(),
             "policy_description": pol.describe(),
@@ -316,7 +331,7 @@ def run_eval(
             status="complete", samples_done=len(records), summary=summary, updated_at=now(), finished_at=now()
         )
         store.write_meta(meta)
-        if benchmark == "needle":
+        if benchmark == "needle" and not part:
             _heatmap(run_dir, summary, label, console)
     console.print(f"results: {run_dir}")
     _print_summary(console, benchmark, label, summary)
