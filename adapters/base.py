@@ -20,6 +20,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpolicy.cache import KVPolicyCache
+from kvpolicy.devices import module_device
 from kvpolicy.interfaces import DecodeView, LayerView, Policy, Propagate, Restart
 from kvpolicy.state import RequestState
 
@@ -104,8 +105,8 @@ class DecoderAdapter:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        h_last = h_last.to(self.base.norm.weight.device)
-        return self.model.lm_head(self.base.norm(h_last))[:, -1, :]
+        h = self.base.norm(h_last.to(module_device(self.base.norm)))
+        return self.model.lm_head(h.to(module_device(self.model.lm_head)))[:, -1, :]
 
     # -- prefill ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -154,7 +155,7 @@ class DecoderAdapter:
         uncached: list[int] = []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            device = layer.input_layernorm.weight.device
+            device = module_device(layer)
             if h.device != device:
                 h, positions = h.to(device), positions.to(device)
                 cos_sin = tuple(t.to(device) for t in cos_sin)
@@ -221,7 +222,7 @@ class DecoderAdapter:
         evict = policy.cache.evicts_during_decode
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            device = layer.input_layernorm.weight.device
+            device = module_device(layer)
             if h.device != device:
                 h = h.to(device)
                 cos_sin = tuple(t.to(device) for t in cos_sin)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvpolicy.devices import module_device
 from kvpolicy.interfaces import Policy
 from kvpolicy.registry import get_adapter, get_policy
 from kvpolicy.state import RequestState
@@ -123,7 +124,7 @@ def _as_input_ids(model: nn.Module, input_ids: Any) -> torch.Tensor:
     vocab = model.get_input_embeddings().num_embeddings
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"token ids must be in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
-    return ids.long().to(model.get_input_embeddings().weight.device)
+    return ids.long().to(module_device(model.get_input_embeddings()))
 
 
 def prefill(
