@@ -149,7 +149,10 @@ def load_model(
             path, dtype=dtype, attn_implementation=attn_implementation, **extra
         )
     except Exception as exc:
-        raise ModelLoadError(f"could not load model {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        what = f"{str(path)!r}" + (
+            f" (GGUF file {gguf_file!r}: truncated or not a GGUF file?)" if gguf_file else ""
+        )
+        raise ModelLoadError(f"could not load model {what}: {type(exc).__name__}: {exc}") from exc
     if device is not None and "device_map" not in kwargs:
         model = model.to(device)
     model.eval()

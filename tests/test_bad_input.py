@@ -135,3 +135,13 @@ def test_policy_returning_bad_indices_names_itself(tiny_model, prompt_ids):
         match=r"WrongShape \('wrong-shape'\) select\(\) at layer 0: indices must have shape \(1, 2, n\)",
     ):
         kvpolicy.generate(tiny_model, None, input_ids=prompt_ids, policy=kvpolicy.compose(cache=WrongShape()))
+
+
+@pytest.mark.parametrize("preset", ["snapkv", "h2o", "streamingllm", "pyramidkv"])
+def test_budget_larger_than_the_prompt_keeps_everything(tiny_model, prompt_ids, preset):
+    """A budget at or above the prompt length is a no-op (never an error, never a truncation)."""
+    policy = kvpolicy.get_policy(preset, kv_budget=500)
+    out = kvpolicy.generate(tiny_model, None, input_ids=prompt_ids, policy=policy, max_new_tokens=4)
+    full = kvpolicy.generate(tiny_model, None, input_ids=prompt_ids, policy="fullkv", max_new_tokens=4)
+    assert out.token_ids == full.token_ids
+    assert out.stats.kv_tokens_per_layer == [prompt_ids.shape[1]] * 4

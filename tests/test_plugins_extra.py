@@ -272,3 +272,27 @@ def test_list_json_from_a_script(site):
     data = json.loads(proc.stdout)
     assert any(e["name"] == "xfirst" and e["provider"] == "xplug-good 2.0" for e in data["entries"])
     assert "xplug-broken 1.0" in proc.stderr and "PluginWarning" in proc.stderr
+
+
+def test_installed_policy_that_raises_at_run_time_names_itself_and_the_layer(site):
+    """A third-party policy that fails inside a hook while generating: the error names the policy, its
+    hook and the layer; the model is left unchanged and gives the same tokens afterwards."""
+    source = cache_plugin("xexplode", "Explode").replace(
+        "n = min(self.budget, view.num_tokens)",
+        "n = min(self.budget, view.num_tokens)\n            if view.layer == 2:\n"
+        "                raise KeyError('lost my table')",
+    )
+    from kvpolicy.adapters import AdapterError
+
+    install(site, "xplug-explode", "xplug_explode", source)
+    get_registry(refresh=True)
+    model, ids = tiny_llama(), torch.arange(40)[None]
+    with one_thread():
+        before = kvpolicy.generate(model, None, input_ids=ids, max_new_tokens=4).token_ids
+        policy = kvpolicy.policy_from_dict({"propagation": {"kind": "all"}, "cache": {"kind": "xexplode"}})
+        with pytest.raises(
+            AdapterError,
+            match=r"policy Explode \('xexplode'\) failed in select\(\) at layer 2: KeyError: 'lost my table'",
+        ):
+            kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=4)
+        assert kvpolicy.generate(model, None, input_ids=ids, max_new_tokens=4).token_ids == before
