@@ -26,6 +26,7 @@ from kvpolicy.state import RequestState
 
 # Attention backends that apply causality themselves when given no mask.
 _MASKLESS_CAUSAL = {"sdpa", "flash_attention_2", "flash_attention_3"}
+_FLASH = {"flash_attention_2", "flash_attention_3"}
 
 
 class AdapterError(RuntimeError):
@@ -90,9 +91,21 @@ class DecoderAdapter:
 
     # -- building blocks -------------------------------------------------------------------------
     def _attend(
-        self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+        self,
+        attn: nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        mask = None
+        """Attention output ``(B, T, H_q * d)``; ``mask``, when given, is an additive ``(B, 1, T, S)``
+        mask that already holds causality (padded batches), and runs through SDPA where the model's
+        backend takes no such mask (FlashAttention)."""
+        if mask is not None:
+            fn = self._attn_fn if self._attn_impl not in _FLASH else ALL_ATTENTION_FUNCTIONS["sdpa"]
+            out = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)[0]
+            return out.reshape(*out.shape[:2], -1)
         if causal and self._attn_impl not in _MASKLESS_CAUSAL:
             t_q, t_k = q.shape[-2], k.shape[-2]
             allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)

@@ -186,10 +186,19 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool | None = None) -> list
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
+def _is_batch(prompt: Any, input_ids: Any) -> bool:
+    """A list of prompts (texts, or token-id lists/tensors), as opposed to one prompt."""
+    if isinstance(prompt, (list, tuple)):
+        return True
+    if isinstance(input_ids, (list, tuple)) and input_ids:
+        return not all(isinstance(t, int) for t in input_ids)
+    return False
+
+
 def generate(
     model: nn.Module,
     tokenizer: Any,
-    prompt: str | None = None,
+    prompt: str | Sequence[str] | None = None,
     policy: Policy | str | None = None,
     *,
     input_ids: Any = None,
@@ -199,19 +208,36 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     chat: bool | None = None,
-) -> GenerationOutput:
+    batch_size: int | None = None,
+) -> Any:
     """Generate a continuation of ``prompt`` (or ``input_ids``) under ``policy``.
 
     Greedy by default; ``do_sample=True`` samples with ``temperature`` and ``top_p`` (``seed`` makes
     it reproducible). Stops at EOS or ``max_new_tokens``. The prompt is wrapped in the tokenizer's
     chat template when it has one, unless ``chat=False``.
+
+    A *list* of prompts (texts, or token-id lists) returns a list of :class:`GenerationOutput`, one
+    per prompt in order, generated in left-padded batches of up to ``batch_size`` (default: all at
+    once; prompts are grouped by length to waste little on padding). Greedy output equals running
+    each prompt alone: policies see each sequence on its own (:mod:`kvpolicy.ragged`). In a batch,
+    ``prefill_seconds`` and ``decode_seconds`` are the batch's.
     """
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if do_sample and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if _is_batch(prompt, input_ids):
+        return _generate_batch(
+            model,
+            tokenizer,
+            prompt,
+            policy,
+            input_ids=input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            chat=chat,
+            batch_size=batch_size,
+        )
+    _check_sampling(max_new_tokens, do_sample, temperature, top_p)
     if (prompt is None) == (input_ids is None):
         raise ValueError("pass exactly one of prompt (text) or input_ids")
     pol = _resolve_policy(policy)
@@ -250,3 +276,128 @@ def generate(
     stats.new_tokens = len(out)
     text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
     return GenerationOutput(text=text, token_ids=out, stats=stats, policy=pol)
+
+
+def _check_sampling(max_new_tokens: Any, do_sample: bool, temperature: float, top_p: float) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if do_sample and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _generate_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str] | None,
+    policy: Policy | str | None,
+    *,
+    input_ids: Any,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    chat: bool | None,
+    batch_size: int | None,
+) -> list[GenerationOutput]:
+    _check_sampling(max_new_tokens, do_sample, temperature, top_p)
+    if (prompts is None) == (input_ids is None):
+        raise ValueError("pass exactly one of prompt (texts) or input_ids")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    items = list(prompts if prompts is not None else input_ids)
+    if not items:
+        raise ValueError("empty batch: pass at least one prompt")
+    pol = _resolve_policy(policy)
+    adapter = get_adapter(model)
+    encoded = []
+    for i, item in enumerate(items):
+        try:
+            raw = encode_prompt(tokenizer, item, chat) if prompts is not None else item
+            ids = _as_input_ids(model, raw)[0]
+            adapter.check_prompt_length(ids.shape[0] + max_new_tokens)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"prompt {i}: {exc}") from None
+        encoded.append(ids)
+    order = sorted(range(len(encoded)), key=lambda i: -encoded[i].shape[0])
+    size = batch_size or len(order)
+    outputs: dict[int, GenerationOutput] = {}
+    gen = None
+    if do_sample and seed is not None:
+        gen = torch.Generator(device=encoded[0].device).manual_seed(seed)
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        results = _run_batch(
+            model,
+            tokenizer,
+            adapter,
+            [encoded[i] for i in chunk],
+            pol,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_p,
+            gen,
+        )
+        outputs.update(zip(chunk, results, strict=True))
+    return [outputs[i] for i in range(len(encoded))]
+
+
+def _run_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: Any,
+    prompts: list[torch.Tensor],
+    pol: Policy,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    gen: torch.Generator | None,
+) -> list[GenerationOutput]:
+    from kvpolicy.adapters.batched import decode_step_batch, prefill_batch
+
+    device = prompts[0].device
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits, states, cache = prefill_batch(adapter, prompts, pol, reserve=max_new_tokens)
+    _sync(device)
+    prefill_seconds = time.perf_counter() - t0
+    stats = [
+        GenerationStats(
+            prompt_tokens=state.prompt_len,
+            prefill_seconds=prefill_seconds,
+            tokens_per_layer=list(state.tokens_per_layer),
+            discarded_tokens_per_layer=list(state.discarded_tokens_per_layer),
+            kv_tokens_per_layer=cache.kv_lengths(b),
+            kv_bytes_per_layer=cache.kv_bytes(b),
+        )
+        for b, state in enumerate(states)
+    ]
+    eos = _eos_ids(model, tokenizer)
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [max_new_tokens == 0] * len(prompts)
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        token = _sample(logits, temperature, top_p, gen) if do_sample else logits.argmax(dim=-1, keepdim=True)
+        for b, tok in enumerate(token[:, 0].tolist()):
+            if not done[b]:
+                outs[b].append(tok)
+                done[b] = tok in eos or len(outs[b]) == max_new_tokens
+        if all(done):
+            break
+        logits = decode_step_batch(adapter, token, pol, states, cache, step)
+        for b in range(len(prompts)):
+            stats[b].decode_steps += not done[b]
+    _sync(device)
+    decode_seconds = time.perf_counter() - t0
+    results = []
+    for b, out in enumerate(outs):
+        stats[b].decode_seconds = decode_seconds
+        stats[b].new_tokens = len(out)
+        text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
+        results.append(GenerationOutput(text=text, token_ids=out, stats=stats[b], policy=pol))
+    return results

@@ -1,0 +1,280 @@
+"""Batched prefill and decode for prompts of different lengths (left padding), for any
+:class:`~kvpolicy.adapters.base.DecoderAdapter`.
+
+The model's work (projections, attention, MLP) runs on the whole padded batch; every policy hook runs
+once per sequence on a view of that sequence's tokens only, with that sequence's own request state
+(see :mod:`kvpolicy.ragged`). So padding never enters scores, selections, budgets or positions, and a
+sequence gets the same tokens, KV entries and TSP counts as when it runs alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvpolicy.cache import KVPolicyCache
+from kvpolicy.devices import module_device
+from kvpolicy.interfaces import DecodeView, LayerView, Policy, Propagate, Restart
+from kvpolicy.ragged import RaggedCache, RaggedLayer
+from kvpolicy.state import RequestState
+
+from .base import AdapterError, _call, _check_indices
+
+if TYPE_CHECKING:
+    from .base import DecoderAdapter
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
+    """``(B, max L)`` token ids, each prompt ``(L_b,)`` right-aligned; the padding value never matters."""
+    width = max(p.shape[0] for p in prompts)
+    ids = prompts[0].new_full((len(prompts), width), pad_id)
+    for b, p in enumerate(prompts):
+        ids[b, width - p.shape[0] :] = p
+    return ids
+
+
+def _prefill_mask(
+    counts: list[int], width: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """Additive ``(B, 1, T, T)`` mask: causal, padding keys masked; a padding query sees itself only
+    (no fully masked row, so no NaN). ``None`` when nothing is padded (the plain causal path)."""
+    if all(c == width for c in counts):
+        return None
+    ar = torch.arange(width, device=device)
+    start = torch.tensor([width - c for c in counts], device=device)
+    allowed = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] >= start[:, None, None])
+    allowed = allowed | torch.eye(width, dtype=torch.bool, device=device)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def prefill_batch(
+    adapter: DecoderAdapter, prompts: list[torch.Tensor], policy: Policy, reserve: int = 0
+) -> tuple[torch.Tensor, list[RequestState], RaggedCache]:
+    """Run prompts ``[(L_b,)]`` as one left-padded batch; returns logits ``(B, V)``, one request
+    state per prompt and the batch's cache."""
+    policy.check_model(adapter.num_layers)
+    lengths = [int(p.shape[0]) for p in prompts]
+    states = [_new_state(adapter, n) for n in lengths]
+    ids, counts, propagate = left_pad(prompts), list(lengths), True
+    while True:
+        restart, h_last, cache = _run_layers(adapter, ids, counts, policy, states, reserve, propagate)
+        if restart is None:
+            return adapter._logits(h_last), states, cache
+        # Restart (GemFilter): each sequence reruns on the tokens it selected (or, where it did not
+        # filter, on its whole prompt, with a fresh state), fresh positions 0..k-1, no propagation.
+        chosen = []
+        for b, decision in enumerate(restart):
+            if decision is None:
+                chosen.append(prompts[b])
+                states[b] = _new_state(adapter, lengths[b])
+            else:
+                chosen.append(prompts[b][decision.indices[0].to(prompts[b].device)])
+                states[b].discarded_tokens_per_layer += states[b].tokens_per_layer
+                states[b].tokens_per_layer = []
+        ids, counts, propagate = left_pad(chosen), [int(c.shape[0]) for c in chosen], False
+
+
+def _new_state(adapter: DecoderAdapter, length: int) -> RequestState:
+    # The per-sequence state's own cache stays empty: the batch's keys live in the RaggedCache.
+    return RequestState(prompt_len=length, num_layers=adapter.num_layers, cache=KVPolicyCache(0))
+
+
+def _positions(counts: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """``(B, T)``: 0..n_b-1 over each sequence's tokens, 0 on padding."""
+    ar = torch.arange(width, device=device)
+    start = torch.tensor([width - c for c in counts], device=device)
+    return (ar[None, :] - start[:, None]).clamp_min(0)
+
+
+def _run_layers(
+    adapter: DecoderAdapter,
+    ids: torch.Tensor,
+    counts: list[int],
+    policy: Policy,
+    states: list[RequestState],
+    reserve: int,
+    propagate: bool,
+) -> tuple[list[Restart | None] | None, torch.Tensor, RaggedCache]:
+    width = ids.shape[1]
+    h = adapter.base.embed_tokens(ids)
+    positions = _positions(counts, width, ids.device)
+    cos_sin = adapter.base.rotary_emb(h, positions)
+    cache = RaggedCache(adapter.num_layers, list(counts))  # next position: this pass's length
+    uncached: list[int] = []
+    for i, layer in enumerate(adapter.layers):
+        attn = layer.self_attn
+        device = module_device(layer)
+        if h.device != device:
+            h, positions = h.to(device), positions.to(device)
+            cos_sin = tuple(t.to(device) for t in cos_sin)
+        x = layer.input_layernorm(h)
+        q, k, v = adapter.project_qkv(attn, x, *cos_sin)
+        mask = _prefill_mask(counts, width, q.dtype, q.device)
+        h = h + attn.o_proj(adapter._attend(attn, q, k, v, causal=True, mask=mask))
+        h = adapter._mlp_block(layer, h)
+
+        parts, decisions = [], []
+        for b, state in enumerate(states):
+            lo = width - counts[b]
+            state.tokens_per_layer.append(counts[b])
+            view = LayerView(
+                layer=i,
+                num_layers=adapter.num_layers,
+                prompt_len=state.prompt_len,
+                positions=positions[b : b + 1, lo:],
+                query=q[b : b + 1, :, lo:],
+                key=k[b : b + 1, :, lo:],
+                value=v[b : b + 1, :, lo:],
+                scaling=attn.scaling,
+            )
+            if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
+                parts.append(None)
+            else:
+                parts.append(_select(policy, i, view, state))
+            decision = None
+            if propagate and i < adapter.num_layers - 1:
+                decision = _call(policy.propagation, "propagate", i, view, state)
+            decisions.append(decision)
+        if any(isinstance(d, Restart) for d in decisions):
+            return [d if isinstance(d, Restart) else None for d in decisions], h, cache
+        if any(p is None for p in parts):
+            uncached.append(i)  # a coming Restart discards this pass's cache (GemFilter)
+        else:
+            cache.layers[i].store(parts, reserve=reserve)  # type: ignore[arg-type]
+        del q, k, v
+        if any(isinstance(d, Propagate) for d in decisions):
+            h, positions, counts, width = _repack(h, positions, counts, width, decisions, policy, i)
+            cos_sin = adapter.base.rotary_emb(h, positions)
+    if uncached:
+        prop = policy.propagation
+        raise AdapterError(
+            f"policy {type(prop).__name__} ({prop.kind!r}) said layers {uncached} need no cache "
+            f"(needs_cache) but did not restart, so they have none"
+        )
+    return None, h[:, -1:, :], cache
+
+
+def _select(
+    policy: Policy, layer: int, view: LayerView, state: RequestState
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence's kept ``(key, value, positions)`` at ``layer``."""
+    k, v = view.key, view.value
+    keep = _call(policy.cache, "select", layer, view, state)
+    kv_pos = view.positions[:, None, :].expand(-1, k.shape[1], -1)
+    if keep is None:
+        return k, v, kv_pos
+    _check_indices(policy.cache, "select", layer, keep, (1, k.shape[1]), k.shape[2])
+    idx = keep.unsqueeze(-1)
+    return (
+        k.gather(2, idx.expand(-1, -1, -1, k.shape[-1])),
+        v.gather(2, idx.expand(-1, -1, -1, v.shape[-1])),
+        kv_pos.gather(2, keep),
+    )
+
+
+def _repack(
+    h: torch.Tensor,
+    positions: torch.Tensor,
+    counts: list[int],
+    width: int,
+    decisions: list[Propagate | Restart | None],
+    policy: Policy,
+    layer: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+    """The tokens each sequence propagates, left-padded again to the longest."""
+    keep = []
+    for b, decision in enumerate(decisions):
+        lo = width - counts[b]
+        if isinstance(decision, Propagate):
+            _check_indices(policy.propagation, "propagate", layer, decision.indices, (1,), counts[b])
+            keep.append(decision.indices[0].to(h.device) + lo)
+        else:
+            keep.append(torch.arange(lo, width, device=h.device))
+    new_counts = [int(kk.shape[0]) for kk in keep]
+    new_width = max(new_counts)
+    index = torch.zeros((len(keep), new_width), dtype=torch.long, device=h.device)
+    for b, kk in enumerate(keep):
+        index[b, new_width - kk.shape[0] :] = kk
+    h = h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    return h, positions.gather(1, index.to(positions.device)), new_counts, new_width
+
+
+@torch.no_grad()
+def decode_step_batch(
+    adapter: DecoderAdapter,
+    token_ids: torch.Tensor,
+    policy: Policy,
+    states: list[RequestState],
+    cache: RaggedCache,
+    step: int,
+) -> torch.Tensor:
+    """Feed one token per sequence ``(B, 1)``; returns next-token logits ``(B, V)``."""
+    positions = torch.tensor(cache.next_positions, device=token_ids.device)[:, None]
+    h = adapter.base.embed_tokens(token_ids)
+    cos_sin = adapter.base.rotary_emb(h, positions)
+    evict = policy.cache.evicts_during_decode
+    for i, layer in enumerate(adapter.layers):
+        attn = layer.self_attn
+        device = module_device(layer)
+        if h.device != device:
+            h = h.to(device)
+            cos_sin = tuple(t.to(device) for t in cos_sin)
+        x = layer.input_layernorm(h)
+        q, k, v = adapter.project_qkv(attn, x, *cos_sin)
+        lc = cache.layers[i]
+        lc.append(k, v, positions[:, 0])
+        padded = any(c != lc.length for c in lc.counts)
+        mask = lc.attention_mask(q.dtype) if padded else None
+        h = h + attn.o_proj(adapter._attend(attn, q, lc.keys, lc.values, causal=False, mask=mask))
+        h = adapter._mlp_block(layer, h)
+        if evict:
+            _evict(policy, i, step, q, lc, states, attn.scaling, adapter.num_layers)
+    cache.next_positions = [p + 1 for p in cache.next_positions]
+    return adapter._logits(h)
+
+
+def _evict(
+    policy: Policy,
+    layer: int,
+    step: int,
+    q: torch.Tensor,
+    lc: RaggedLayer,
+    states: list[RequestState],
+    scaling: float,
+    num_layers: int,
+) -> None:
+    """Decode-time eviction, per sequence; rebuilds the layer if any sequence dropped entries."""
+    parts, changed = [], False
+    for b, state in enumerate(states):
+        k, v, pos = lc.sequence(b)
+        view = DecodeView(
+            layer=layer,
+            num_layers=num_layers,
+            prompt_len=state.prompt_len,
+            step=step,
+            query=q[b : b + 1],
+            key=k,
+            value=v,
+            positions=pos,
+            scaling=scaling,
+        )
+        keep = _call(policy.cache, "on_decode", layer, view, state)
+        if keep is None:
+            parts.append((k, v, pos))
+            continue
+        _check_indices(policy.cache, "on_decode", layer, keep, (1, k.shape[1]), k.shape[2])
+        keep = keep.to(k.device)
+        idx = keep.unsqueeze(-1)
+        parts.append(
+            (
+                k.gather(2, idx.expand(-1, -1, -1, k.shape[-1])),
+                v.gather(2, idx.expand(-1, -1, -1, v.shape[-1])),
+                pos.gather(2, keep),
+            )
+        )
+        changed = True
+    if changed:
+        spare = lc.keys_buf.shape[2] - lc.length
+        lc.store(parts, reserve=spare)
