@@ -131,3 +131,27 @@ def test_real_model_batch_of_four_equals_alone(real_model, haystack, preset):
     for a, b in zip(alone, batch, strict=True):
         assert b.token_ids == a.token_ids
         assert b.stats.kv_tokens_per_layer == a.stats.kv_tokens_per_layer
+
+
+def test_eval_batch_size_gives_the_same_records(embedded_tokenizer, tmp_path):
+    """``kvpolicy eval --batch-size``: the same predictions and scores as one sample at a time, under
+    the same run key (batching is not part of what was measured); RULER mixes answer lengths."""
+    from conftest import tiny_llama_for
+
+    from kvpolicy.eval import run_eval
+
+    model = tiny_llama_for(embedded_tokenizer)
+    kw = dict(policy="snapkv", policy_options={"kv_budget": 64}, quiet=True, max_new_tokens=None)
+    for bench, extra in (
+        ("needle", {"lengths": [200, 300], "depths": 3, "max_new_tokens": 4}),
+        ("ruler", {"lengths": [700], "tasks": ["niah_single_1", "vt"], "samples": 2}),
+    ):
+        one = run_eval(bench, model, embedded_tokenizer, out=tmp_path / "one", **{**kw, **extra})
+        many = run_eval(
+            bench, model, embedded_tokenizer, out=tmp_path / "many", batch_size=3, **{**kw, **extra}
+        )
+        assert many.key == one.key
+        strip = lambda rs: [(r["id"], r["prediction"], r["score"]) for r in rs]  # noqa: E731
+        assert strip(many.records) == strip(one.records)
+    with pytest.raises(ValueError, match="--batch-size must be an int >= 1, got 0"):
+        run_eval("needle", model, embedded_tokenizer, out=tmp_path, batch_size=0, **{**kw, "lengths": [200]})

@@ -72,6 +72,21 @@ def test_benchmark_interleaves_and_reports_ratios():
     assert by_name[HF_BASELINE].kv_bytes == by_name[FULL].kv_bytes  # same entries, other cache
 
 
+def test_benchmark_batches_report_the_batch():
+    """``--batch-size``: a (B, L) batch runs through the batched path; KV bytes are the batch's, the same
+    as the transformers baseline holds for full KV."""
+    import torch
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(0)).expand(3, -1)
+    policy = kvpolicy.get_policy("snapkv", kv_budget=32)
+    rows = benchmark(model, {120: ids}, {"snapkv": policy}, gen=3, repeats=1, warmup=0)
+    by_name = {r.variant: r for r in rows}
+    assert by_name[HF_BASELINE].kv_bytes == by_name[FULL].kv_bytes
+    assert by_name["snapkv"].kv_bytes * 120 == by_name[FULL].kv_bytes * 32
+    assert by_name["snapkv"].kv_tokens_per_layer == [32] * 4
+
+
 def test_random_weights_shape_file(tmp_path):
     cfg = {
         "model_type": "llama",

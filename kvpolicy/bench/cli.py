@@ -58,6 +58,9 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens")
     p.add_argument("--gen", type=int, default=256, help="decode steps in e2e mode (default 256)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="prompts per batch (the prompt repeated; default 1)"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
         "--random-weights", metavar="CONFIG", help=f"a config.json path or one of {', '.join(SHAPES)}"
@@ -109,7 +112,7 @@ def parse_policy_spec(spec: str, common: dict[str, Any]) -> tuple[str, Policy]:
     return spec, get_policy(name, **overrides)
 
 
-def _inputs(tokenizer: Any, model: Any, lengths: list[int]) -> dict[int, torch.Tensor]:
+def _inputs(tokenizer: Any, model: Any, lengths: list[int], batch_size: int = 1) -> dict[int, torch.Tensor]:
     from kvpolicy.eval import needle
 
     haystack = needle.load_haystack(needle.find_haystack_dir())
@@ -118,8 +121,11 @@ def _inputs(tokenizer: Any, model: Any, lengths: list[int]) -> dict[int, torch.T
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}"
         )
+    # A batch repeats the prompt: same length, so the transformers baseline needs no padding either.
     return {
-        length: torch.tensor([needle.build_sample(tokenizer, length, 0.5, haystack).input_ids], device=device)
+        length: torch.tensor(
+            [needle.build_sample(tokenizer, length, 0.5, haystack).input_ids] * batch_size, device=device
+        )
         for length in lengths
     }
 
@@ -136,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     policies = dict(parse_policy_spec(spec, common) for spec in specs)
     if args.repeats < 1 or args.warmup < 0 or any(n < 16 for n in args.lengths):
         raise ValueError("--repeats must be >= 1, --warmup >= 0 and every length >= 16")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.random_weights:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
         if dtype is None:
@@ -145,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_from_args(args)
     gen = args.gen if args.mode == "e2e" else 0
-    inputs = _inputs(tokenizer, model, args.lengths)
+    inputs = _inputs(tokenizer, model, args.lengths, args.batch_size)
     n_variants = len(policies) + 1 + (0 if args.no_transformers_baseline else 1)
     console = Console()
     if not console.is_terminal:
@@ -170,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             "model": args.random_weights or args.model or "SmolLM2-135M-Instruct (embedded)",
             "dtype": str(next(model.parameters()).dtype),
             "gen": gen,
+            "batch_size": args.batch_size,
             "repeats": args.repeats,
             "warmup": args.warmup,
             "machine": machine_description(device),

@@ -111,8 +111,11 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 @torch.no_grad()
 def run_policy(model: nn.Module, input_ids: torch.Tensor, policy: Policy, gen: int) -> Sample:
-    """Prefill under ``policy`` and ``gen`` greedy decode steps, timed separately."""
+    """Prefill under ``policy`` and ``gen`` greedy decode steps, timed separately. A batch
+    ``(B, L)`` runs through the batched path (:mod:`kvpolicy.adapters.batched`)."""
     device = input_ids.device
+    if input_ids.shape[0] > 1:
+        return _run_policy_batch(model, input_ids, policy, gen)
     with _PeakMemory(device) as mem:
         pre = prefill(model, input_ids, policy, reserve=gen)
         state = pre.state
@@ -131,6 +134,34 @@ def run_policy(model: nn.Module, input_ids: torch.Tensor, policy: Policy, gen: i
     # Every layer pass counts for the cost model, a discarded filter pass (GemFilter) included.
     passes = [*state.discarded_tokens_per_layer, *state.tokens_per_layer]
     return Sample(pre.seconds, decode, mem.peak(), kv_bytes, passes, kv_lengths)
+
+
+def _run_policy_batch(model: nn.Module, input_ids: torch.Tensor, policy: Policy, gen: int) -> Sample:
+    from kvpolicy.adapters.batched import decode_step_batch, prefill_batch
+
+    device = input_ids.device
+    adapter = get_adapter(model)
+    with _PeakMemory(device) as mem:
+        _sync(device)
+        t0 = time.perf_counter()
+        logits, states, cache = prefill_batch(adapter, list(input_ids), policy, reserve=gen)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        kv_bytes = sum(sum(cache.kv_bytes(b)) for b in range(len(states)))
+        kv_lengths = cache.kv_lengths(0)
+        decode = None
+        if gen:
+            token = logits.argmax(dim=-1, keepdim=True)
+            t0 = time.perf_counter()
+            for step in range(gen):
+                token = decode_step_batch(adapter, token, policy, states, cache, step).argmax(
+                    dim=-1, keepdim=True
+                )
+            _sync(device)
+            decode = (time.perf_counter() - t0) / gen
+    state = states[0]
+    passes = [*state.discarded_tokens_per_layer, *state.tokens_per_layer]
+    return Sample(prefill_s, decode, mem.peak(), kv_bytes, passes, kv_lengths)
 
 
 @torch.no_grad()

@@ -197,6 +197,7 @@ def run_eval(
     max_new_tokens: int | None = None,
     strict: bool = False,
     shard: str | tuple[int, int] | None = None,
+    batch_size: int = 1,
 ) -> EvalResult:
     """Run ``benchmark`` (``needle``, ``ruler`` or ``longbench``) under ``policy`` and store the results.
 
@@ -208,7 +209,9 @@ def run_eval(
     ``samples``, ``seed`` (RULER); ``data_dir``, ``tasks``, ``samples``, ``longbench_e``,
     ``max_length``, ``max_prompt_tokens``, ``strict`` (LongBench); ``max_new_tokens`` caps any.
     ``shard="i/n"`` runs every n-th sample from i in a folder of its own (:mod:`kvpolicy.eval.shard`);
-    ``compare`` merges the shards.
+    ``compare`` merges the shards. ``batch_size`` generates that many samples at once (left-padded;
+    the same answers as one at a time, and not part of the run key); per-sample timings are then the
+    batch's.
     """
     from rich.console import Console
 
@@ -219,6 +222,8 @@ def run_eval(
         if not console.is_terminal:
             console.width = 200  # logs and pipes: do not wrap wide tables
     part = parse_shard(shard)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an int >= 1, got {batch_size!r}")
     pol, default_label = resolve_policy(policy, policy_options, policy_config)
     label = label or default_label
     task = make_task(
@@ -302,6 +307,7 @@ def run_eval(
             "versions": library_versions(),
             "git": git_state(),
             "command": list(command) if command is not None else None,
+            "batch_size": batch_size,
             "data_notes": notes,
             "created_at": previous.get("created_at") or now(),
             "updated_at": now(),
@@ -315,7 +321,18 @@ def run_eval(
         ran = 0
         try:
             ran = _run_items(
-                task, pending, model, tokenizer, pol, store, records, console, quiet, len(items), label
+                task,
+                pending,
+                model,
+                tokenizer,
+                pol,
+                store,
+                records,
+                console,
+                quiet,
+                len(items),
+                label,
+                batch_size,
             )
         except BaseException:
             meta.update(status="interrupted", samples_done=len(records), updated_at=now())
@@ -350,6 +367,7 @@ def _run_items(
     quiet: bool,
     total: int,
     label: str,
+    batch_size: int = 1,
 ) -> int:
     from rich.progress import (
         BarColumn,
@@ -371,21 +389,39 @@ def _run_items(
     ]
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         bar = progress.add_task(f"{task.benchmark} {label}", total=total, completed=total - len(pending))
-        for item in pending:
-            progress.update(bar, description=f"{task.benchmark} {label}: {item.id}")
-            built = task.build(item, tokenizer)
-            out = generate(
-                model,
-                tokenizer,
-                input_ids=built.input_ids,
-                policy=policy,
-                max_new_tokens=built.max_new_tokens,
-            )
-            n_layers = getattr(model.config, "num_hidden_layers", None)
-            record = _record(item, built, out, task.score(item, built, out.text), n_layers)
-            store.append(record)
-            records.append(record)
-            progress.advance(bar)
+        n_layers = getattr(model.config, "num_hidden_layers", None)
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            progress.update(bar, description=f"{task.benchmark} {label}: {chunk[0].id}")
+            built = [task.build(item, tokenizer) for item in chunk]
+            # One batch per answer length (benchmarks mix them, e.g. RULER's tasks).
+            for new_tokens in dict.fromkeys(b.max_new_tokens for b in built):
+                group = [
+                    (item, b) for item, b in zip(chunk, built, strict=True) if b.max_new_tokens == new_tokens
+                ]
+                if len(group) == 1:
+                    outs = [
+                        generate(
+                            model,
+                            tokenizer,
+                            input_ids=group[0][1].input_ids,
+                            policy=policy,
+                            max_new_tokens=new_tokens,
+                        )
+                    ]
+                else:
+                    outs = generate(
+                        model,
+                        tokenizer,
+                        input_ids=[b.input_ids for _, b in group],
+                        policy=policy,
+                        max_new_tokens=new_tokens,
+                    )
+                for (item, b), out in zip(group, outs, strict=True):
+                    record = _record(item, b, out, task.score(item, b, out.text), n_layers)
+                    store.append(record)
+                    records.append(record)
+                    progress.advance(bar)
         progress.update(bar, description=f"{task.benchmark} {label}")
     return len(pending)
 
