@@ -114,6 +114,22 @@ class DecoderAdapter:
         out = self._attn_fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)[0]
         return out.reshape(*out.shape[:2], -1)
 
+    def _enter_layer(
+        self,
+        layer: nn.Module,
+        h: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, ...],
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        """Move the residual stream (and rotary tables, positions) to ``layer``'s device, then return
+        them with the layer's queries, keys and values (``project_qkv`` of its input norm)."""
+        device = module_device(layer)
+        if h.device != device:
+            h = h.to(device)
+            cos_sin = tuple(t.to(device) for t in cos_sin)
+            positions = positions.to(device) if positions is not None else None
+        return h, cos_sin, positions, self.project_qkv(layer.self_attn, layer.input_layernorm(h), *cos_sin)
+
     def _mlp_block(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -168,12 +184,7 @@ class DecoderAdapter:
         uncached: list[int] = []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            device = module_device(layer)
-            if h.device != device:
-                h, positions = h.to(device), positions.to(device)
-                cos_sin = tuple(t.to(device) for t in cos_sin)
-            x = layer.input_layernorm(h)
-            q, k, v = self.project_qkv(attn, x, *cos_sin)
+            h, cos_sin, positions, (q, k, v) = self._enter_layer(layer, h, cos_sin, positions)
             h = h + attn.o_proj(self._attend(attn, q, k, v, causal=True))
             h = self._mlp_block(layer, h)
             state.tokens_per_layer.append(h.shape[1])
@@ -213,12 +224,7 @@ class DecoderAdapter:
                 h = h.gather(1, sel.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
                 positions = positions.gather(1, sel)
                 cos_sin = self.base.rotary_emb(h, positions)
-        if uncached:
-            prop = policy.propagation
-            raise AdapterError(
-                f"policy {type(prop).__name__} ({prop.kind!r}) said layers {uncached} need no cache "
-                f"(needs_cache) but did not restart, so they have none"
-            )
+        _check_cached(policy, uncached)
         return None, h[:, -1:, :]
 
     # -- decode ----------------------------------------------------------------------------------
@@ -228,23 +234,14 @@ class DecoderAdapter:
     ) -> torch.Tensor:
         """Feed one token per sequence ``(B, 1)``; returns next-token logits ``(B, V)``."""
         cache = state.cache
-        position = cache.layers[0].next_position
-        positions = torch.full_like(token_ids, position)
-        h = self.base.embed_tokens(token_ids)
-        cos_sin = self.base.rotary_emb(h, positions)
         evict = policy.cache.evicts_during_decode
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            device = module_device(layer)
-            if h.device != device:
-                h = h.to(device)
-                cos_sin = tuple(t.to(device) for t in cos_sin)
-            x = layer.input_layernorm(h)
-            q, k, v = self.project_qkv(attn, x, *cos_sin)
+
+        def attend(
+            i: int, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        ) -> torch.Tensor:
             lc = cache.layers[i]
             keys, values = lc.update(k, v)
-            h = h + attn.o_proj(self._attend(attn, q, keys, values, causal=False))
-            h = self._mlp_block(layer, h)
+            out = self._attend(attn, q, keys, values, causal=False)
             if evict:
                 view = DecodeView(
                     layer=i,
@@ -260,7 +257,36 @@ class DecoderAdapter:
                 keep = _call(policy.cache, "on_decode", i, view, state)
                 if keep is not None:
                     lc.compact(keep.to(lc.keys.device))
+            return out
+
+        return self.decode_pass(token_ids, torch.full_like(token_ids, cache.layers[0].next_position), attend)
+
+    def decode_pass(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Callable[[int, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """One decode forward of ``token_ids`` ``(B, 1)`` at ``positions`` ``(B, 1)``: every layer's
+        attention is ``attend(layer, attn_module, q, k, v)`` (cache update and eviction included);
+        returns logits ``(B, V)``."""
+        h = self.base.embed_tokens(token_ids)
+        cos_sin = self.base.rotary_emb(h, positions)
+        for i, layer in enumerate(self.layers):
+            h, cos_sin, _, (q, k, v) = self._enter_layer(layer, h, cos_sin)
+            h = h + layer.self_attn.o_proj(attend(i, layer.self_attn, q, k, v))
+            h = self._mlp_block(layer, h)
         return self._logits(h)
+
+
+def _check_cached(policy: Policy, uncached: list[int]) -> None:
+    """Layers whose cache ``needs_cache`` declined are only allowed when a ``Restart`` follows."""
+    if uncached:
+        prop = policy.propagation
+        raise AdapterError(
+            f"policy {type(prop).__name__} ({prop.kind!r}) said layers {uncached} need no cache "
+            f"(needs_cache) but did not restart, so they have none"
+        )
 
 
 def _call(policy: Any, method: str, layer: int, view: Any, state: RequestState) -> Any:

@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvpolicy.cache import KVPolicyCache
-from kvpolicy.devices import module_device
 from kvpolicy.interfaces import DecodeView, LayerView, Policy, Propagate, Restart
 from kvpolicy.ragged import RaggedCache, RaggedLayer
 from kvpolicy.state import RequestState
 
-from .base import AdapterError, _call, _check_indices
+from .base import _call, _check_cached, _check_indices
 
 if TYPE_CHECKING:
     from .base import DecoderAdapter
@@ -105,12 +104,7 @@ def _run_layers(
     uncached: list[int] = []
     for i, layer in enumerate(adapter.layers):
         attn = layer.self_attn
-        device = module_device(layer)
-        if h.device != device:
-            h, positions = h.to(device), positions.to(device)
-            cos_sin = tuple(t.to(device) for t in cos_sin)
-        x = layer.input_layernorm(h)
-        q, k, v = adapter.project_qkv(attn, x, *cos_sin)
+        h, cos_sin, positions, (q, k, v) = adapter._enter_layer(layer, h, cos_sin, positions)
         mask = _prefill_mask(counts, width, q.dtype, q.device)
         h = h + attn.o_proj(adapter._attend(attn, q, k, v, causal=True, mask=mask))
         h = adapter._mlp_block(layer, h)
@@ -147,12 +141,7 @@ def _run_layers(
         if any(isinstance(d, Propagate) for d in decisions):
             h, positions, counts, width = _repack(h, positions, counts, width, decisions, policy, i)
             cos_sin = adapter.base.rotary_emb(h, positions)
-    if uncached:
-        prop = policy.propagation
-        raise AdapterError(
-            f"policy {type(prop).__name__} ({prop.kind!r}) said layers {uncached} need no cache "
-            f"(needs_cache) but did not restart, so they have none"
-        )
+    _check_cached(policy, uncached)
     return None, h[:, -1:, :], cache
 
 
@@ -212,27 +201,23 @@ def decode_step_batch(
 ) -> torch.Tensor:
     """Feed one token per sequence ``(B, 1)``; returns next-token logits ``(B, V)``."""
     positions = torch.tensor(cache.next_positions, device=token_ids.device)[:, None]
-    h = adapter.base.embed_tokens(token_ids)
-    cos_sin = adapter.base.rotary_emb(h, positions)
     evict = policy.cache.evicts_during_decode
-    for i, layer in enumerate(adapter.layers):
-        attn = layer.self_attn
-        device = module_device(layer)
-        if h.device != device:
-            h = h.to(device)
-            cos_sin = tuple(t.to(device) for t in cos_sin)
-        x = layer.input_layernorm(h)
-        q, k, v = adapter.project_qkv(attn, x, *cos_sin)
+
+    def attend(
+        i: int, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         lc = cache.layers[i]
         lc.append(k, v, positions[:, 0])
         padded = any(c != lc.length for c in lc.counts)
         mask = lc.attention_mask(q.dtype) if padded else None
-        h = h + attn.o_proj(adapter._attend(attn, q, lc.keys, lc.values, causal=False, mask=mask))
-        h = adapter._mlp_block(layer, h)
+        out = adapter._attend(attn, q, lc.keys, lc.values, causal=False, mask=mask)
         if evict:
             _evict(policy, i, step, q, lc, states, attn.scaling, adapter.num_layers)
+        return out
+
+    logits = adapter.decode_pass(token_ids, positions, attend)
     cache.next_positions = [p + 1 for p in cache.next_positions]
-    return adapter._logits(h)
+    return logits
 
 
 def _evict(

@@ -23,6 +23,19 @@ def tiny_llama(layers: int = 4, attn: str = "sdpa", seed: int = 0, **overrides: 
     return LlamaForCausalLM(cfg).eval()
 
 
+#: Settings that make each built-in preset compress a 7-120-token prompt on the 4-layer tiny model.
+TINY_OPTIONS: dict[str, dict[str, object]] = {
+    "fullkv": {},
+    "snapkv": {"kv_budget": 20},
+    "fastkv": {"kv_budget": 20, "tsp_layer": 1, "tsp_rate": 0.5},
+    "streamingllm": {"kv_budget": 20},
+    "h2o": {"kv_budget": 20},
+    "pyramidkv": {"kv_budget": 20},
+    "gemfilter": {"kv_budget": 20},
+    "pyramidinfer": {"kv_budget": 0.9},
+}
+
+
 def tiny_llama_for(tokenizer, max_positions: int = 2048) -> LlamaForCausalLM:
     """A tiny random Llama whose vocabulary fits ``tokenizer`` (for tests that need real text)."""
     torch.manual_seed(0)

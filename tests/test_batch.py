@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_OPTIONS, tiny_llama
 
 import kvpolicy
 from kvpolicy.registry import get_registry
 
-#: Settings that make each preset compress a 7-120-token prompt on the 4-layer tiny model.
-TINY = {
-    "fullkv": {},
-    "snapkv": {"kv_budget": 20},
-    "fastkv": {"kv_budget": 20, "tsp_layer": 1, "tsp_rate": 0.5},
-    "streamingllm": {"kv_budget": 20},
-    "h2o": {"kv_budget": 20},
-    "pyramidkv": {"kv_budget": 20},
-    "gemfilter": {"kv_budget": 20},
-    "pyramidinfer": {"kv_budget": 0.9},
-}
+TINY = TINY_OPTIONS
 
 
 def _presets() -> list[str]:

@@ -8,23 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_OPTIONS, tiny_llama
 from torch import nn
 
 import kvpolicy
 from kvpolicy.devices import module_device
 from kvpolicy.generation import generate
 
-OPTIONS = {
-    "fullkv": {},
-    "snapkv": {"kv_budget": 20},
-    "fastkv": {"kv_budget": 20, "tsp_layer": 1, "tsp_rate": 0.5},
-    "streamingllm": {"kv_budget": 20},
-    "h2o": {"kv_budget": 20},
-    "pyramidkv": {"kv_budget": 20},
-    "gemfilter": {"kv_budget": 20},
-    "pyramidinfer": {"kv_budget": 0.9},
-}
+OPTIONS = TINY_OPTIONS
 
 
 def _prompt() -> torch.Tensor:
