@@ -145,3 +145,26 @@ def test_eval_batch_size_gives_the_same_records(embedded_tokenizer, tmp_path):
         assert strip(many.records) == strip(one.records)
     with pytest.raises(ValueError, match="--batch-size must be an int >= 1, got 0"):
         run_eval("needle", model, embedded_tokenizer, out=tmp_path, batch_size=0, **{**kw, "lengths": [200]})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_batches_have_no_nan_from_padding(dtype):
+    """Padding masks use the dtype's own minimum and scores run in fp32: no NaN or inf in a padded
+    half-precision batch, for a cache policy and for TSP."""
+    from kvpolicy.adapters.batched import prefill_batch
+    from kvpolicy.registry import get_adapter
+
+    model = tiny_llama().to(dtype)
+    prompts = [torch.tensor(p) for p in _prompts()]
+    for policy in (
+        kvpolicy.get_policy("snapkv", kv_budget=20),
+        kvpolicy.get_policy("fastkv", kv_budget=20, tsp_layer=1, tsp_rate=0.5),
+    ):
+        with torch.no_grad():
+            logits, _, cache = prefill_batch(get_adapter(model), prompts, policy)
+        assert torch.isfinite(logits.float()).all()
+        assert cache.kv_lengths(3) == [7] * 4  # the 7-token prompt is shorter than the budget
+        outs = kvpolicy.generate(
+            model, None, input_ids=[p.tolist() for p in prompts], policy=policy, max_new_tokens=4
+        )
+        assert all(len(o.token_ids) == 4 for o in outs)
