@@ -117,7 +117,7 @@ def _as_input_ids(model: nn.Module, input_ids: Any) -> torch.Tensor:
         )
     if ids.shape[0] != 1:
         raise ValueError(
-            f"batched input is not supported yet: got batch size {ids.shape[0]}; pass one prompt"
+            f"prefill takes one prompt, got batch size {ids.shape[0]}; generate() takes a list of prompts"
         )
     if ids.shape[1] == 0:
         raise ValueError("empty prompt: it has 0 tokens")
@@ -190,6 +190,8 @@ def _is_batch(prompt: Any, input_ids: Any) -> bool:
     """A list of prompts (texts, or token-id lists/tensors), as opposed to one prompt."""
     if isinstance(prompt, (list, tuple)):
         return True
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and input_ids.shape[0] > 1
     if isinstance(input_ids, (list, tuple)) and input_ids:
         return not all(isinstance(t, int) for t in input_ids)
     return False
@@ -307,7 +309,7 @@ def _generate_batch(
         raise ValueError("pass exactly one of prompt (texts) or input_ids")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    items = list(prompts if prompts is not None else input_ids)
+    items = list(prompts if prompts is not None else input_ids)  # a (B, L) tensor: its rows
     if not items:
         raise ValueError("empty batch: pass at least one prompt")
     pol = _resolve_policy(policy)

@@ -168,3 +168,13 @@ def test_half_precision_batches_have_no_nan_from_padding(dtype):
             model, None, input_ids=[p.tolist() for p in prompts], policy=policy, max_new_tokens=4
         )
         assert all(len(o.token_ids) == 4 for o in outs)
+
+
+def test_a_2d_tensor_is_a_batch_of_equal_length_prompts(model):
+    ids = torch.randint(0, 128, (3, 50), generator=torch.Generator().manual_seed(5))
+    policy = kvpolicy.get_policy("snapkv", kv_budget=20)
+    batch = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=5)
+    alone = [kvpolicy.generate(model, None, input_ids=row, policy=policy, max_new_tokens=5) for row in ids]
+    assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+    with pytest.raises(ValueError, match="prefill takes one prompt, got batch size 3"):
+        kvpolicy.prefill(model, ids, policy)
