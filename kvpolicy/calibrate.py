@@ -319,11 +319,12 @@ def prompt_samples(
 
 # -- running it ----------------------------------------------------------------------------------
 def evaluator(
-    model: Any, tokenizer: Any, samples: Sequence[CalibrationSample]
+    model: Any, tokenizer: Any, samples: Sequence[CalibrationSample], batch_size: int | None = 8
 ) -> Callable[[int | None, float, float], float]:
     """Mean accuracy (0-100) of a FastKV setting ``(tsp_layer, tsp_rate, kv_budget)`` on ``samples``.
 
     Unlabelled samples are scored against full KV's greedy answer, generated once on first use.
+    Samples are generated ``batch_size`` at a time (the same answers as one by one).
     """
     from kvpolicy import compose
     from kvpolicy.eval.metrics import qa_f1_score
@@ -332,24 +333,34 @@ def evaluator(
 
     references: dict[int, str] = {}
 
-    def answer(sample: CalibrationSample, policy: Policy) -> str:
-        return generate(
-            model, tokenizer, input_ids=sample.input_ids, policy=policy, max_new_tokens=sample.max_new_tokens
-        ).text
+    def answers(policy: Policy) -> list[str]:
+        """Every sample's answer, in batches of samples that share an answer length."""
+        texts: dict[int, str] = {}
+        for new_tokens in dict.fromkeys(s.max_new_tokens for s in samples):
+            group = [i for i, s in enumerate(samples) if s.max_new_tokens == new_tokens]
+            outs = generate(
+                model,
+                tokenizer,
+                input_ids=[samples[i].input_ids for i in group],
+                policy=policy,
+                max_new_tokens=new_tokens,
+                batch_size=batch_size,
+            )
+            texts.update((i, o.text) for i, o in zip(group, outs, strict=True))
+        return [texts[i] for i in range(len(samples))]
 
     def evaluate(layer: int | None, rate: float, budget: float) -> float:
         prop = TSP(layer=layer, rate=rate) if layer is not None and rate < 1.0 else None
         cache = SnapKV(budget=budget) if budget < 1.0 else FullCache()
-        policy: Policy = compose(prop, cache)
+        texts = answers(compose(prop, cache))
+        if any(s.score is None for s in samples) and not references:
+            full = texts if prop is None and budget >= 1.0 else answers(compose())
+            references.update(enumerate(full))
         total = 0.0
-        for i, sample in enumerate(samples):
-            text = answer(sample, policy)
-            if sample.score is not None:
-                total += sample.score(text)
-                continue
-            if i not in references:
-                references[i] = text if prop is None and budget >= 1.0 else answer(sample, compose())
-            total += 100.0 * qa_f1_score(text, references[i])
+        for i, (sample, text) in enumerate(zip(samples, texts, strict=True)):
+            total += (
+                sample.score(text) if sample.score is not None else 100.0 * qa_f1_score(text, references[i])
+            )
         return total / len(samples)
 
     return evaluate
