@@ -54,7 +54,10 @@ needle() { run needle default-layer -- --lengths 512 1024 2048 3072 --depths 6; 
 # shellcheck disable=SC2086
 ruler() { run ruler calibrated -- --tasks $RULER_TASKS --lengths 1024 2048 --samples 2 --batch-size 4; }
 longbench() { run longbench calibrated -- --tasks multi_news --max-prompt-tokens 3072 --samples 3 --batch-size 3; }
-compare() { $KV eval compare "$OUT" --out docs/results; }
+compare() {
+  $KV eval compare "$OUT" --out docs/results
+  "${PY:-.venv/bin/python}" docs/results/budget_plots.py "$OUT" docs/results > docs/results/by-budget.md
+}
 
 case ${1:-all} in
   needle | ruler | longbench | compare) "$1" ;;
