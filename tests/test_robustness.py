@@ -67,9 +67,12 @@ def test_many_generations_do_not_grow_memory():
     ]
     ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(0))
 
+    batch = [ids[0, :60].tolist(), ids[0].tolist(), ids[0, :90].tolist()]
+
     def burst(n: int) -> None:
         for i in range(n):
-            kvpolicy.generate(model, None, input_ids=ids, policy=policies[i % 3], max_new_tokens=4)
+            prompt = batch if i % 5 == 4 else ids  # every fifth a left-padded batch
+            kvpolicy.generate(model, None, input_ids=prompt, policy=policies[i % 3], max_new_tokens=4)
         gc.collect()
 
     burst(20)  # warm up allocator and caches
