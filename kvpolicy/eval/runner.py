@@ -165,7 +165,12 @@ def _record(item: Item, built: Any, out: Any, scores: dict[str, Any], n_layers: 
         "kv_tokens_mean": round(statistics.fmean(s.kv_tokens_per_layer), 1)
         if s.kv_tokens_per_layer
         else None,
-        "prefill_token_share": round(sum(s.tokens_per_layer) / (layers * max(s.prompt_tokens, 1)), 4),
+        # Token-layers of every prefill pass, a restart's discarded filter pass (GemFilter) included.
+        "prefill_token_share": round(
+            (sum(s.tokens_per_layer) + sum(s.discarded_tokens_per_layer))
+            / (layers * max(s.prompt_tokens, 1)),
+            4,
+        ),
     }
 
 
