@@ -33,19 +33,30 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
     return ids
 
 
-def _prefill_mask(
-    counts: list[int], width: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor | None:
-    """Additive ``(B, 1, T, T)`` mask: causal, padding keys masked; a padding query sees itself only
-    (no fully masked row, so no NaN). ``None`` when nothing is padded (the plain causal path)."""
+def _attend_ragged(
+    adapter: DecoderAdapter,
+    attn: torch.nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    counts: list[int],
+) -> torch.Tensor:
+    """Causal prefill attention ``(B, T, H_q * d)`` over each sequence's own tokens.
+
+    Per sequence rather than with a padding mask: a ``(B, 1, T, T)`` mask forces the unfused
+    attention kernel (it materialises every score) and costs more than the per-sequence calls, which
+    keep the fused causal kernels and give each sequence exactly its unbatched attention. Padding rows
+    get zeros."""
+    width = q.shape[2]
     if all(c == width for c in counts):
-        return None
-    ar = torch.arange(width, device=device)
-    start = torch.tensor([width - c for c in counts], device=device)
-    allowed = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] >= start[:, None, None])
-    allowed = allowed | torch.eye(width, dtype=torch.bool, device=device)[None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        return adapter._attend(attn, q, k, v, causal=True)
+    out = q.new_zeros((q.shape[0], width, q.shape[1] * q.shape[3]))
+    for b, c in enumerate(counts):
+        lo = width - c
+        out[b : b + 1, lo:] = adapter._attend(
+            attn, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], True
+        )
+    return out
 
 
 def prefill_batch(
@@ -105,8 +116,7 @@ def _run_layers(
     for i, layer in enumerate(adapter.layers):
         attn = layer.self_attn
         h, cos_sin, positions, (q, k, v) = adapter._enter_layer(layer, h, cos_sin, positions)
-        mask = _prefill_mask(counts, width, q.dtype, q.device)
-        h = h + attn.o_proj(adapter._attend(attn, q, k, v, causal=True, mask=mask))
+        h = h + attn.o_proj(_attend_ragged(adapter, attn, q, k, v, counts))
         h = adapter._mlp_block(layer, h)
 
         parts, decisions = [], []

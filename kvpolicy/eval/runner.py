@@ -11,7 +11,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -395,40 +395,48 @@ def _run_items(
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         bar = progress.add_task(f"{task.benchmark} {label}", total=total, completed=total - len(pending))
         n_layers = getattr(model.config, "num_hidden_layers", None)
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start : start + batch_size]
-            progress.update(bar, description=f"{task.benchmark} {label}: {chunk[0].id}")
-            built = [task.build(item, tokenizer) for item in chunk]
-            # One batch per answer length (benchmarks mix them, e.g. RULER's tasks).
-            for new_tokens in dict.fromkeys(b.max_new_tokens for b in built):
-                group = [
-                    (item, b) for item, b in zip(chunk, built, strict=True) if b.max_new_tokens == new_tokens
-                ]
-                if len(group) == 1:
-                    outs = [
-                        generate(
-                            model,
-                            tokenizer,
-                            input_ids=group[0][1].input_ids,
-                            policy=policy,
-                            max_new_tokens=new_tokens,
-                        )
-                    ]
-                else:
-                    outs = generate(
-                        model,
-                        tokenizer,
-                        input_ids=[b.input_ids for _, b in group],
-                        policy=policy,
-                        max_new_tokens=new_tokens,
-                    )
-                for (item, b), out in zip(group, outs, strict=True):
-                    record = _record(item, b, out, task.score(item, b, out.text), n_layers)
-                    store.append(record)
-                    records.append(record)
-                    progress.advance(bar)
+        for group in _batches(task, pending, tokenizer, batch_size):
+            progress.update(bar, description=f"{task.benchmark} {label}: {group[0][0].id}")
+            new_tokens = group[0][1].max_new_tokens
+            ids = [b.input_ids for _, b in group]
+            outs = generate(
+                model,
+                tokenizer,
+                input_ids=ids if len(ids) > 1 else ids[0],
+                policy=policy,
+                max_new_tokens=new_tokens,
+            )
+            for (item, b), out in zip(group, outs if len(ids) > 1 else [outs], strict=True):
+                record = _record(item, b, out, task.score(item, b, out.text), n_layers)
+                store.append(record)
+                records.append(record)
+                progress.advance(bar)
         progress.update(bar, description=f"{task.benchmark} {label}")
     return len(pending)
+
+
+def _batches(
+    task: Task, pending: list[Item], tokenizer: Any, batch_size: int
+) -> Iterator[list[tuple[Item, Any]]]:
+    """Pending samples with their built prompts, in groups to generate together: one at a time for
+    ``batch_size`` 1 (built lazily); otherwise grouped by answer length and sorted by prompt length,
+    so a batch pads little."""
+    if batch_size == 1:
+        for item in pending:
+            yield [(item, task.build(item, tokenizer))]
+        return
+    built = sorted(
+        ((item, task.build(item, tokenizer)) for item in pending),
+        key=lambda ib: (ib[1].max_new_tokens, len(ib[1].input_ids)),
+    )
+    group: list[tuple[Item, Any]] = []
+    for pair in built:
+        if group and (len(group) == batch_size or pair[1].max_new_tokens != group[0][1].max_new_tokens):
+            yield group
+            group = []
+        group.append(pair)
+    if group:
+        yield group
 
 
 def _report_notes(console: Any, notes: dict[str, Any]) -> None:
