@@ -33,16 +33,24 @@ def main(results: Path, out: Path) -> None:
     runs = load_runs([results])
     for bench, title in _NAMES.items():
         lines: dict[str, dict[int, float]] = defaultdict(dict)
-        full = None
+        found: dict[str, dict[int, str]] = defaultdict(dict)
+        full, full_found = None, ""
         for run in runs:
             if run.benchmark != bench or not run.complete:
                 continue
             match = _BUDGET.search(run.label)
             if match is None:
-                full = run.summary["score"] if run.label == "fullkv" else full
+                if run.label == "fullkv":
+                    full = run.summary["score"]
+                    if bench == "needle":
+                        full_found = f" ({round(run.summary['found'] * run.summary['n'])}/{run.summary['n']})"
                 continue
             name = _BUDGET.sub("", run.label).strip()
             lines[name][int(match[1])] = run.summary["score"]
+            if bench == "needle":
+                found[name][int(match[1])] = (
+                    f"{round(run.summary['found'] * run.summary['n'])}/{run.summary['n']}"
+                )
         if not lines:
             continue
         budgets = sorted({b for line in lines.values() for b in line})
@@ -50,12 +58,15 @@ def main(results: Path, out: Path) -> None:
         print("| policy | " + " | ".join(f"KV {b}" for b in budgets) + " |")
         print("|---|" + "---|" * len(budgets))
         if full is not None:
-            print("| fullkv | " + " | ".join(f"{full:.2f}" for _ in budgets) + " |")
+            print("| fullkv | " + " | ".join(f"{full:.2f}{full_found}" for _ in budgets) + " |")
         for name in sorted(lines):
-            print(
-                f"| {name} | " + " | ".join(f"{lines[name].get(b, float('nan')):.2f}" for b in budgets) + " |"
-            )
-        fig, ax = plt.subplots(figsize=(7, 4))
+            cells = [f"{lines[name][b]:.2f}" if b in lines[name] else "-" for b in budgets]
+            cells = [
+                f"{c} ({found[name][b]})" if b in found[name] else c
+                for c, b in zip(cells, budgets, strict=True)
+            ]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        fig, ax = plt.subplots(figsize=(9, 4))
         for name in sorted(lines):
             xs = sorted(lines[name])
             ax.plot(xs, [lines[name][x] for x in xs], marker="o", label=name)
@@ -66,7 +77,7 @@ def main(results: Path, out: Path) -> None:
         ax.set_xlabel("KV budget (entries per layer and KV head)")
         ax.set_ylabel(title)
         ax.set_title(f"{bench}: SmolLM2-135M-Instruct")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / f"{bench}-by-budget.png", dpi=110)
