@@ -178,3 +178,24 @@ def test_a_2d_tensor_is_a_batch_of_equal_length_prompts(model):
     assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
     with pytest.raises(ValueError, match="prefill takes one prompt, got batch size 3"):
         kvpolicy.prefill(model, ids, policy)
+
+
+def test_ragged_layer_grows_and_keeps_alignment():
+    from kvpolicy.ragged import RaggedLayer
+
+    layer = RaggedLayer()
+    parts = []
+    for n in (3, 1):
+        k = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 2, n, 1) + 10 * n
+        parts.append((k, k.clone(), torch.arange(n).view(1, 1, n).expand(1, 2, n)))
+    layer.store(parts, reserve=0)
+    assert layer.length == 3 and layer.counts == [3, 1]
+    for step in range(5):  # past the (zero) reserve: the buffers grow
+        new = torch.full((2, 2, 1, 1), 100.0 + step)
+        layer.append(new, new, torch.tensor([3 + step, 1 + step]))
+    assert layer.length == 8 and layer.counts == [8, 6]
+    k, _, pos = layer.sequence(1)
+    assert k[0, 0, :, 0].tolist() == [10.0, 100.0, 101.0, 102.0, 103.0, 104.0]
+    assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    mask = layer.attention_mask(torch.float32)[:, 0, 0]
+    assert (mask[1, :2] < -1e30).all() and (mask[1, 2:] == 0).all() and (mask[0] == 0).all()
