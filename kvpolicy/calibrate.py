@@ -467,7 +467,8 @@ def plot_calibration(out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(mean["recall"], marker="o", label="top-10% recall vs last-quarter layers")
     if mean["answer_recall"]:
-        ax.plot(mean["answer_recall"], marker="s", label="needle tokens in top-10%")
+        what = "needle" if summary.get("task") == "needle" else "answer"
+        ax.plot(mean["answer_recall"], marker="s", label=f"{what} tokens in top-10%")
     ax.set_xlabel("layer")
     ax.set_ylabel("recall")
     ax.set_ylim(0, 1.05)
