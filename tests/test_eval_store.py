@@ -172,15 +172,8 @@ def test_finished_runs_are_skipped_unless_forced(tiny, tokenizer, tmp_path):
 
 def test_prefill_work_counts_a_discarded_filter_pass(tiny, tokenizer, tmp_path):
     """GemFilter's filter pass (layers 0..filter layer on the whole prompt) is prefill work too."""
-    result = run_eval(
-        "needle",
-        tiny,
-        tokenizer,
-        policy="gemfilter",
-        policy_options={"kv_budget": 32, "filter_layer": 1},
-        out=tmp_path,
-        **{**NEEDLE, "depths": 1},
-    )
+    gemfilter = {"policy": "gemfilter", "policy_options": {"kv_budget": 32, "filter_layer": 1}}
+    result = run_eval("needle", tiny, tokenizer, out=tmp_path, **gemfilter, **{**NEEDLE, "depths": 1})
     (record,) = result.records
     # Filter pass: 2 of 4 layers over the whole prompt; rerun: 4 layers over 32 tokens.
     expected = (2 * record["prompt_tokens"] + 4 * 32) / (4 * record["prompt_tokens"])
