@@ -202,15 +202,10 @@ class DecoderAdapter:
             if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
                 uncached.append(i)  # a coming Restart discards this pass's cache (GemFilter)
             else:
-                keep = _call(policy.cache, "select", i, view, state)
-                kv_pos = positions[:, None, :].expand(-1, k.shape[1], -1)
-                if keep is not None:
-                    _check_indices(policy.cache, "select", i, keep, (b, k.shape[1]), k.shape[2])
-                    idx = keep.unsqueeze(-1)
-                    k = k.gather(2, idx.expand(-1, -1, -1, k.shape[-1]))
-                    v = v.gather(2, idx.expand(-1, -1, -1, v.shape[-1]))
-                    kv_pos = kv_pos.gather(2, keep)
-                state.cache.layers[i].store(k, v, kv_pos, next_position=next_position, reserve=reserve)
+                kept_k, kept_v, kv_pos = _kept(policy, i, view, state)
+                state.cache.layers[i].store(
+                    kept_k, kept_v, kv_pos, next_position=next_position, reserve=reserve
+                )
 
             decision = None
             if propagate and i < self.num_layers - 1:
@@ -277,6 +272,31 @@ class DecoderAdapter:
             h = h + layer.self_attn.o_proj(attend(i, layer.self_attn, q, k, v))
             h = self._mlp_block(layer, h)
         return self._logits(h)
+
+
+def _gather_entries(
+    keep: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache entries at ``keep`` ``(B, H_kv, n)``: keys, values ``(B, H_kv, n, d)``, positions."""
+    idx = keep.unsqueeze(-1)
+    return (
+        key.gather(2, idx.expand(-1, -1, -1, key.shape[-1])),
+        value.gather(2, idx.expand(-1, -1, -1, value.shape[-1])),
+        positions.gather(2, keep),
+    )
+
+
+def _kept(
+    policy: Policy, layer: int, view: LayerView, state: RequestState
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(key, value, positions)`` the cache policy keeps at ``layer`` (indices checked)."""
+    k, v = view.key, view.value
+    keep = _call(policy.cache, "select", layer, view, state)
+    kv_pos = view.positions[:, None, :].expand(-1, k.shape[1], -1)
+    if keep is None:
+        return k, v, kv_pos
+    _check_indices(policy.cache, "select", layer, keep, tuple(k.shape[:2]), k.shape[2])
+    return _gather_entries(keep, k, v, kv_pos)
 
 
 def _check_cached(policy: Policy, uncached: list[int]) -> None:

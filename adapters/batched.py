@@ -18,7 +18,7 @@ from kvpolicy.interfaces import DecodeView, LayerView, Policy, Propagate, Restar
 from kvpolicy.ragged import RaggedCache, RaggedLayer
 from kvpolicy.state import RequestState
 
-from .base import _call, _check_cached, _check_indices
+from .base import _call, _check_cached, _check_indices, _gather_entries, _kept
 
 if TYPE_CHECKING:
     from .base import DecoderAdapter
@@ -136,7 +136,7 @@ def _run_layers(
             if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
                 parts.append(None)
             else:
-                parts.append(_select(policy, i, view, state))
+                parts.append(_kept(policy, i, view, state))
             decision = None
             if propagate and i < adapter.num_layers - 1:
                 decision = _call(policy.propagation, "propagate", i, view, state)
@@ -153,24 +153,6 @@ def _run_layers(
             cos_sin = adapter.base.rotary_emb(h, positions)
     _check_cached(policy, uncached)
     return None, h[:, -1:, :], cache
-
-
-def _select(
-    policy: Policy, layer: int, view: LayerView, state: RequestState
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sequence's kept ``(key, value, positions)`` at ``layer``."""
-    k, v = view.key, view.value
-    keep = _call(policy.cache, "select", layer, view, state)
-    kv_pos = view.positions[:, None, :].expand(-1, k.shape[1], -1)
-    if keep is None:
-        return k, v, kv_pos
-    _check_indices(policy.cache, "select", layer, keep, (1, k.shape[1]), k.shape[2])
-    idx = keep.unsqueeze(-1)
-    return (
-        k.gather(2, idx.expand(-1, -1, -1, k.shape[-1])),
-        v.gather(2, idx.expand(-1, -1, -1, v.shape[-1])),
-        kv_pos.gather(2, keep),
-    )
 
 
 def _repack(
@@ -260,16 +242,8 @@ def _evict(
             parts.append((k, v, pos))
             continue
         _check_indices(policy.cache, "on_decode", layer, keep, (1, k.shape[1]), k.shape[2])
-        keep = keep.to(k.device)
-        idx = keep.unsqueeze(-1)
-        parts.append(
-            (
-                k.gather(2, idx.expand(-1, -1, -1, k.shape[-1])),
-                v.gather(2, idx.expand(-1, -1, -1, v.shape[-1])),
-                pos.gather(2, keep),
-            )
-        )
+        parts.append(_gather_entries(keep.to(k.device), k, v, pos))
         changed = True
     if changed:
-        spare = lc.keys_buf.shape[2] - lc.length
+        spare = lc.capacity - lc.length
         lc.store(parts, reserve=spare)

@@ -26,7 +26,6 @@ class RaggedLayer:
         self.keys_buf: torch.Tensor | None = None
         self.values_buf: torch.Tensor | None = None
         self.positions_buf: torch.Tensor | None = None
-        self.valid_buf: torch.Tensor | None = None
         self.length = 0
         self.counts: list[int] = []
 
@@ -39,43 +38,36 @@ class RaggedLayer:
         self.keys_buf = k0.new_zeros((b, h, cap, k0.shape[-1]))
         self.values_buf = v0.new_zeros((b, h, cap, v0.shape[-1]))
         self.positions_buf = p0.new_zeros((b, h, cap))
-        self.valid_buf = torch.zeros((b, cap), dtype=torch.bool, device=k0.device)
         for i, (k, v, p) in enumerate(parts):
             m = k.shape[2]
             self.keys_buf[i, :, n - m : n] = k[0]
             self.values_buf[i, :, n - m : n] = v[0]
             self.positions_buf[i, :, n - m : n] = p[0]
-            self.valid_buf[i, n - m : n] = True
         self.length = n
         self.counts = [p[0].shape[2] for p in parts]
 
     def append(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
         """Append one entry per sequence: ``key``/``value`` ``(B, H, 1, d)``, ``positions`` ``(B,)``."""
-        assert self.keys_buf is not None and self.values_buf is not None
-        assert self.positions_buf is not None and self.valid_buf is not None
-        if self.length == self.keys_buf.shape[2]:
+        if self.length == self.capacity:
             self._grow(max(self.length + 1, 2 * self.length))
-            assert self.keys_buf is not None and self.values_buf is not None
-            assert self.positions_buf is not None and self.valid_buf is not None
+        assert self.keys_buf is not None and self.values_buf is not None and self.positions_buf is not None
         t = self.length
         self.keys_buf[:, :, t] = key[:, :, 0]
         self.values_buf[:, :, t] = value[:, :, 0]
         self.positions_buf[:, :, t] = positions.to(self.positions_buf.device)[:, None]
-        self.valid_buf[:, t] = True
         self.length += 1
         self.counts = [c + 1 for c in self.counts]
 
     def _grow(self, cap: int) -> None:
-        for name in ("keys_buf", "values_buf", "positions_buf", "valid_buf"):
+        for name in ("keys_buf", "values_buf", "positions_buf"):
             old = getattr(self, name)
-            new = old.new_zeros(
-                (*old.shape[:2], cap, *old.shape[3:]) if old.dim() > 2 else (old.shape[0], cap)
-            )
-            if old.dim() > 2:
-                new[:, :, : self.length] = old[:, :, : self.length]
-            else:
-                new[:, : self.length] = old[:, : self.length]
+            new = old.new_zeros((*old.shape[:2], cap, *old.shape[3:]))
+            new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys_buf is None else self.keys_buf.shape[2]
 
     @property
     def keys(self) -> torch.Tensor:
@@ -99,11 +91,14 @@ class RaggedLayer:
         )
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask ``(B, 1, 1, length)``: 0 for entries, the dtype's minimum for padding."""
-        assert self.valid_buf is not None
-        valid = self.valid_buf[:, : self.length]
-        mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
-        return mask.masked_fill(~valid, torch.finfo(dtype).min)[:, None, None, :]
+        """Additive mask ``(B, 1, 1, length)``: 0 for entries, the dtype's minimum for the padding
+        before each sequence's ``counts[b]`` entries (derived: entries always end at ``length``)."""
+        assert self.keys_buf is not None
+        device = self.keys_buf.device
+        start = torch.tensor([self.length - c for c in self.counts], device=device)
+        padding = torch.arange(self.length, device=device)[None, :] < start[:, None]
+        mask = torch.zeros(padding.shape, dtype=dtype, device=device)
+        return mask.masked_fill(padding, torch.finfo(dtype).min)[:, None, None, :]
 
     def nbytes(self, b: int) -> int:
         """Bytes of sequence ``b``'s entries."""
