@@ -5,12 +5,16 @@ tokens the *next* layer sees, which forward hooks on attention modules cannot do
 only the model's public submodules (embeddings, rotary embedding, each layer's norms, projections,
 attention function and MLP), never patches a class, and leaves the model as it found it.
 
-A model family subclasses :class:`DecoderAdapter` and overrides what differs (e.g. per-head q/k norms
-in :meth:`DecoderAdapter.project_qkv`); the loop itself is written once, here.
+This is kvpolicy's one engine: one prefill layer loop (:meth:`DecoderAdapter.prefill`) and one
+decode step (:meth:`DecoderAdapter.decode_step`) serve one prompt (a batch of one) and many, and
+``generate``, ``prefill`` / ``model.generate``, eval, bench and calibrate all run through them. A model
+family subclasses :class:`DecoderAdapter` and overrides what differs (e.g. per-head q/k norms in
+:meth:`DecoderAdapter.project_qkv`); the loop itself is written once, here.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -19,14 +23,23 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvpolicy.cache import KVPolicyCache
+from kvpolicy.cache import (
+    BLOCK_SIZE,
+    FLASH_BLOCK_SIZE,
+    KVPolicyCache,
+    PagedLayer,
+    flash_paged_attention,
+    paged_attention,
+)
 from kvpolicy.devices import module_device
-from kvpolicy.interfaces import DecodeView, LayerView, Policy, Propagate, Restart
-from kvpolicy.state import RequestState
+from kvpolicy.interfaces import DecodeView, Evict, LayerView, PerHead, Policy, Propagate, Restart
+from kvpolicy.state import Batch, RequestState
 
 # Attention backends that apply causality themselves when given no mask.
 _MASKLESS_CAUSAL = {"sdpa", "flash_attention_2", "flash_attention_3"}
 _FLASH = {"flash_attention_2", "flash_attention_3"}
+#: Token rows per MLP chunk during prefill (bounds the intermediate activations).
+MLP_CHUNK_TOKENS = 4096
 
 
 class AdapterError(RuntimeError):
@@ -54,6 +67,11 @@ class DecoderAdapter:
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         self._attn_impl = impl
         self._attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, _eager_attention)
+        # Decode attention over the paged cache: flash-attention's paged kernel where the model runs
+        # FlashAttention on CUDA and flash-attn is installed, else the torch path (any device, dtype).
+        self._paged_kernel: Callable[..., torch.Tensor] | None = None
+        if impl in _FLASH and importlib.util.find_spec("flash_attn") is not None:
+            self._paged_kernel = flash_paged_attention
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -131,7 +149,19 @@ class DecoderAdapter:
         return h, cos_sin, positions, self.project_qkv(layer.self_attn, layer.input_layernorm(h), *cos_sin)
 
     def _mlp_block(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        """Residual MLP block, in place and in chunks of :data:`MLP_CHUNK_TOKENS` token rows.
+
+        The MLP's intermediate activations (``2 x intermediate_size`` per token) are the largest
+        tensors of a long prefill; chunking bounds them by a fixed budget (item 6 of the engine
+        design: peak prefill memory is one layer's KV plus fixed chunks)."""
+        rows = h.shape[0] * h.shape[1]
+        if rows <= MLP_CHUNK_TOKENS:
+            return h + layer.mlp(layer.post_attention_layernorm(h))
+        flat = h.view(rows, h.shape[-1])
+        for start in range(0, rows, MLP_CHUNK_TOKENS):
+            part = flat[start : start + MLP_CHUNK_TOKENS]
+            part += layer.mlp(layer.post_attention_layernorm(part))
+        return h
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         h = self.base.norm(h_last.to(module_device(self.base.norm)))
@@ -140,121 +170,173 @@ class DecoderAdapter:
     # -- prefill ---------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(
-        self, input_ids: torch.Tensor, policy: Policy, reserve: int = 0
-    ) -> tuple[torch.Tensor, RequestState]:
-        """Run the prompt ``(B, L)`` through the model under ``policy``.
+        self,
+        prompts: list[torch.Tensor],
+        policy: Policy,
+        reserve: int = 0,
+        block_size: int | None = None,
+    ) -> tuple[torch.Tensor, Batch]:
+        """Run prompts ``[(L_b,)]`` (one prompt is a batch of one) under ``policy``.
 
-        Returns the last position's logits ``(B, V)`` and the request state holding the compressed
-        cache, with room reserved for ``reserve`` decode tokens per layer.
+        The model's work (projections, attention, MLP) runs on the left-padded batch; every policy
+        hook runs once per sequence on a view of that sequence's tokens only, with its own request
+        state, so padding never enters scores, selections, budgets or positions and a sequence gets
+        the same tokens and KV entries as alone. Returns last-position logits ``(B, V)`` and the
+        :class:`~kvpolicy.state.Batch` (cache with room for ``reserve`` decode tokens per row).
         """
         policy.check_model(self.num_layers)
-        b, length = input_ids.shape
-        state = RequestState(
-            prompt_len=length, num_layers=self.num_layers, cache=KVPolicyCache(self.num_layers)
-        )
-        ids = input_ids
-        positions = torch.arange(length, device=input_ids.device).expand(b, length)
-        propagate = True
+        lengths = [int(p.shape[0]) for p in prompts]
+        states = [self._new_state(n, b, reserve) for b, n in enumerate(lengths)]
+        ids, counts, propagate = left_pad(prompts), list(lengths), True
+        block = block_size or self.block_size
         while True:
-            restart, h_last = self._run_layers(ids, positions, policy, state, reserve, propagate)
+            cache = KVPolicyCache(self.num_layers, block)
+            restart, h_last = self._run_layers(ids, counts, policy, states, cache, reserve, propagate)
             if restart is None:
                 break
-            # Restart (GemFilter): the selected prompt tokens, fresh positions 0..k-1, no propagation.
-            ids = input_ids.gather(1, restart.indices.to(input_ids.device))
-            positions = torch.arange(ids.shape[1], device=ids.device).expand(b, ids.shape[1])
-            state.cache = KVPolicyCache(self.num_layers)
-            state.discarded_tokens_per_layer += state.tokens_per_layer  # the filter pass still cost
-            state.tokens_per_layer = []
-            propagate = False
-        return self._logits(h_last), state
+            # Restart (GemFilter): each sequence reruns on the tokens it selected (or, where it did not
+            # filter, on its whole prompt, with a fresh state), fresh positions 0..k-1, no propagation.
+            chosen = []
+            for b, decision in enumerate(restart):
+                if decision is None:
+                    chosen.append(prompts[b])
+                    states[b] = self._new_state(lengths[b], b, reserve)
+                else:
+                    chosen.append(prompts[b][decision.indices[0].to(prompts[b].device)])
+                    states[b].discarded_tokens_per_layer += states[b].tokens_per_layer
+                    states[b].tokens_per_layer = []
+            ids, counts, propagate = left_pad(chosen), [int(c.shape[0]) for c in chosen], False
+        for state in states:
+            state.cache = cache
+        # Decode positions continue at each sequence's logical length (a restarted pass: its own).
+        next_positions = torch.tensor(counts, dtype=torch.long, device=ids.device)
+        if len(set(counts)) == 1:
+            cache.set_next_position(counts[0])
+        return self._logits(h_last), Batch(states, cache, next_positions)
+
+    @property
+    def block_size(self) -> int:
+        """Cache page size: flash-attention's paged kernel needs 256; the torch path takes 64."""
+        return FLASH_BLOCK_SIZE if self._paged_kernel is not None else BLOCK_SIZE
+
+    def _new_state(self, length: int, index: int, reserve: int) -> RequestState:
+        return RequestState(
+            prompt_len=length, num_layers=self.num_layers, index=index, max_new_tokens=max(reserve, 0)
+        )
 
     def _run_layers(
         self,
         ids: torch.Tensor,
-        positions: torch.Tensor,
+        counts: list[int],
         policy: Policy,
-        state: RequestState,
+        states: list[RequestState],
+        cache: KVPolicyCache,
         reserve: int,
         propagate: bool,
-    ) -> tuple[Restart | None, torch.Tensor]:
-        """Prefill layer loop; returns a restart request (or None) and the last position's hidden state."""
+    ) -> tuple[list[Restart | None] | None, torch.Tensor]:
+        """The prefill layer loop: returns per-sequence restart requests (or None) and the last
+        position's hidden state ``(B, 1, D)``."""
+        width = ids.shape[1]
         h = self.base.embed_tokens(ids)
-        b, next_position = ids.shape
+        positions = _positions(counts, width, ids.device)
         cos_sin = self.base.rotary_emb(h, positions)
         uncached: list[int] = []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h, cos_sin, positions, (q, k, v) = self._enter_layer(layer, h, cos_sin, positions)
-            h = h + attn.o_proj(self._attend(attn, q, k, v, causal=True))
+            h = h + attn.o_proj(self._attend_prefill(attn, q, k, v, counts))
             h = self._mlp_block(layer, h)
-            state.tokens_per_layer.append(h.shape[1])
 
-            view = LayerView(
-                layer=i,
-                num_layers=self.num_layers,
-                prompt_len=state.prompt_len,
-                positions=positions,
-                query=q,
-                key=k,
-                value=v,
-                scaling=attn.scaling,
-            )
-            if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
+            parts, decisions = [], []
+            for b, state in enumerate(states):
+                lo = width - counts[b]
+                state.tokens_per_layer.append(counts[b])
+                view = LayerView(
+                    layer=i,
+                    num_layers=self.num_layers,
+                    prompt_len=state.prompt_len,
+                    positions=positions[b : b + 1, lo:],
+                    query=q[b : b + 1, :, lo:],
+                    key=k[b : b + 1, :, lo:],
+                    value=v[b : b + 1, :, lo:],
+                    scaling=attn.scaling,
+                )
+                if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
+                    parts.append(None)
+                else:
+                    parts.append(_kept(policy, i, view, state))
+                decision = None
+                if propagate and i < self.num_layers - 1:
+                    decision = _call(policy.propagation, "propagate", i, view, state)
+                    _check_decision(policy, i, decision, counts[b], state.prompt_len)
+                decisions.append(decision)
+                del view
+            if any(isinstance(d, Restart) for d in decisions):
+                return [d if isinstance(d, Restart) else None for d in decisions], h
+            if any(p is None for p in parts):
                 uncached.append(i)  # a coming Restart discards this pass's cache (GemFilter)
             else:
-                kept_k, kept_v, kv_pos = _kept(policy, i, view, state)
-                state.cache.layers[i].store(
-                    kept_k, kept_v, kv_pos, next_position=next_position, reserve=reserve
-                )
-
-            decision = None
-            if propagate and i < self.num_layers - 1:
-                decision = _call(policy.propagation, "propagate", i, view, state)
-            del q, k, v, view  # this layer's full-length KV is released before the next layer runs
-            if isinstance(decision, Restart):
-                return decision, h
-            if isinstance(decision, Propagate):
-                _check_indices(policy.propagation, "propagate", i, decision.indices, (b,), h.shape[1])
-                sel = decision.indices.to(h.device)
-                h = h.gather(1, sel.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-                positions = positions.gather(1, sel)
+                cache.layers[i].store(parts, reserve=reserve)  # type: ignore[arg-type]
+            del q, k, v, parts  # this layer's full-length KV is released before the next layer runs
+            if any(isinstance(d, Propagate) for d in decisions):
+                h, positions, counts, width = _repack(h, positions, counts, width, decisions)
                 cos_sin = self.base.rotary_emb(h, positions)
         _check_cached(policy, uncached)
         return None, h[:, -1:, :]
 
-    # -- decode ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode_step(
-        self, token_ids: torch.Tensor, policy: Policy, state: RequestState, step: int
+    def _attend_prefill(
+        self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int]
     ) -> torch.Tensor:
-        """Feed one token per sequence ``(B, 1)``; returns next-token logits ``(B, V)``."""
-        cache = state.cache
+        """Causal prefill attention ``(B, T, H_q * d)`` over each sequence's own tokens.
+
+        Per sequence rather than with a padding mask: a ``(B, 1, T, T)`` mask forces the unfused
+        attention kernel (it materialises every score) and costs more than the per-sequence calls,
+        which keep the fused causal kernels and give each sequence exactly its unbatched attention.
+        Padding rows get zeros."""
+        width = q.shape[2]
+        if all(c == width for c in counts):
+            return self._attend(attn, q, k, v, causal=True)
+        out = q.new_zeros((q.shape[0], width, q.shape[1] * q.shape[3]))
+        for b, c in enumerate(counts):
+            lo = width - c
+            out[b : b + 1, lo:] = self._attend(
+                attn, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], True
+            )
+        return out
+
+    # -- decode ----------------------------------------------------------------------------------
+    def decode_step(self, token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int) -> torch.Tensor:
+        """Feed one token per sequence ``(B, 1)``; returns next-token logits ``(B, V)``.
+
+        Host-side bookkeeping (cache room, growth) happens here; :meth:`decode_forward` is the
+        device work, free of host syncs and static in shape between growths, so it compiles.
+        """
+        batch.cache.prepare_append()
+        return self.decode_forward(token_ids, policy, batch, step)
+
+    @torch.no_grad()
+    def decode_forward(self, token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int) -> torch.Tensor:
+        """The decode forward itself: append, attend (paged), let the cache policy evict, MLP."""
+        cache = batch.cache
         evict = policy.cache.evicts_during_decode
-
-        def attend(
-            i: int, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-        ) -> torch.Tensor:
+        positions = batch.next_positions
+        h = self.base.embed_tokens(token_ids)
+        cos_sin = self.base.rotary_emb(h, positions[:, None])
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h, cos_sin, _, (q, k, v) = self._enter_layer(layer, h, cos_sin)
             lc = cache.layers[i]
-            keys, values = lc.update(k, v)
-            out = self._attend(attn, q, keys, values, causal=False)
-            if evict:
-                view = DecodeView(
-                    layer=i,
-                    num_layers=self.num_layers,
-                    prompt_len=state.prompt_len,
-                    step=step,
-                    query=q,
-                    key=lc.keys,
-                    value=lc.values,
-                    positions=lc.positions,
-                    scaling=attn.scaling,
-                )
-                keep = _call(policy.cache, "on_decode", i, view, state)
-                if keep is not None:
-                    lc.compact(keep.to(lc.keys.device))
-            return out
-
-        return self.decode_pass(token_ids, torch.full_like(token_ids, cache.layers[0].next_position), attend)
+            lc.write(k, v, positions)
+            if self._paged_kernel is not None and not evict:
+                out, probs = self._paged_kernel(q, lc, attn.scaling), None
+            else:
+                out, probs = paged_attention(q, lc, attn.scaling, want_probs=evict)
+            h = h + attn.o_proj(out.to(h.dtype))
+            if probs is not None:
+                _on_decode(policy, i, step, q, probs, lc, batch, attn.scaling, self.num_layers)
+            h = self._mlp_block(layer, h)
+        positions += 1
+        return self._logits(h)
 
     def decode_pass(
         self,
@@ -262,9 +344,9 @@ class DecoderAdapter:
         positions: torch.Tensor,
         attend: Callable[[int, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """One decode forward of ``token_ids`` ``(B, 1)`` at ``positions`` ``(B, 1)``: every layer's
-        attention is ``attend(layer, attn_module, q, k, v)`` (cache update and eviction included);
-        returns logits ``(B, V)``."""
+        """One forward of ``token_ids`` ``(B, 1)`` at ``positions`` ``(B, 1)`` with a caller's attention
+        ``attend(layer, attn_module, q, k, v) -> (B, 1, H_q * d)`` (the bench's plain-transformers
+        baselines and tests use it); returns logits ``(B, V)``."""
         h = self.base.embed_tokens(token_ids)
         cos_sin = self.base.rotary_emb(h, positions)
         for i, layer in enumerate(self.layers):
@@ -274,29 +356,150 @@ class DecoderAdapter:
         return self._logits(h)
 
 
-def _gather_entries(
-    keep: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cache entries at ``keep`` ``(B, H_kv, n)``: keys, values ``(B, H_kv, n, d)``, positions."""
-    idx = keep.unsqueeze(-1)
-    return (
-        key.gather(2, idx.expand(-1, -1, -1, key.shape[-1])),
-        value.gather(2, idx.expand(-1, -1, -1, value.shape[-1])),
-        positions.gather(2, keep),
-    )
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
+    """``(B, max L)`` token ids, each prompt ``(L_b,)`` right-aligned; the padding value never matters."""
+    width = max(p.shape[0] for p in prompts)
+    ids = prompts[0].new_full((len(prompts), width), pad_id)
+    for b, p in enumerate(prompts):
+        ids[b, width - p.shape[0] :] = p
+    return ids
+
+
+def _positions(counts: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """``(B, T)``: 0..n_b-1 over each sequence's tokens, 0 on padding."""
+    ar = torch.arange(width, device=device)
+    start = torch.tensor([width - c for c in counts], device=device)
+    return (ar[None, :] - start[:, None]).clamp_min(0)
+
+
+def _repack(
+    h: torch.Tensor,
+    positions: torch.Tensor,
+    counts: list[int],
+    width: int,
+    decisions: list[Propagate | Restart | None],
+) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+    """The tokens each sequence propagates, left-padded again to the longest."""
+    keep = []
+    for b, decision in enumerate(decisions):
+        lo = width - counts[b]
+        if isinstance(decision, Propagate):
+            keep.append(decision.indices[0].to(h.device) + lo)
+        else:
+            keep.append(torch.arange(lo, width, device=h.device))
+    new_counts = [int(kk.shape[0]) for kk in keep]
+    new_width = max(new_counts)
+    index = torch.zeros((len(keep), new_width), dtype=torch.long, device=h.device)
+    for b, kk in enumerate(keep):
+        index[b, new_width - kk.shape[0] :] = kk
+    h = h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    return h, positions.gather(1, index.to(positions.device)), new_counts, new_width
+
+
+def _on_decode(
+    policy: Policy,
+    layer: int,
+    step: int,
+    q: torch.Tensor,
+    probs: torch.Tensor,
+    lc: PagedLayer,
+    batch: Batch,
+    scaling: float,
+    num_layers: int,
+) -> None:
+    """Decode-time eviction: one ``on_decode`` call per sequence, then one in-place cache update.
+
+    Sync-free: what policies return is checked on the device and read when the generation ends."""
+    positions = lc.dense(lc.pos_pool)
+    positions = torch.where(lc.valid(), positions, -1)
+    evictions: list[torch.Tensor | None] = []
+    cache_policy = policy.cache
+    for b, state in enumerate(batch.states):
+        view = DecodeView(
+            layer=layer,
+            num_layers=num_layers,
+            prompt_len=state.prompt_len,
+            step=step,
+            query=q[b : b + 1],
+            attention=probs[b : b + 1],
+            positions=positions[b : b + 1],
+            lengths=lc.lengths[b : b + 1],
+            scaling=scaling,
+            _dense=_DenseRows(lc, b),
+        )
+        decision = _call(cache_policy, "on_decode", layer, view, state)
+        where = f"policy {type(cache_policy).__name__} ({cache_policy.kind!r}) on_decode() at layer {layer}"
+        if decision is None:
+            evictions.append(None)
+        elif isinstance(decision, Evict):
+            slots = decision.slots
+            _check_static(cache_policy, "on_decode", layer, slots, (1, lc.num_heads))
+            bad = (slots < -1) | (slots >= lc.lengths[b : b + 1, :, None])
+            batch.defer(f"{where}: evicted slots outside [-1, length)", bad)
+            evictions.append(slots)
+        else:
+            idx, counts = (decision.indices, decision.counts) if isinstance(decision, PerHead) else (decision, None)
+            _check_static(cache_policy, "on_decode", layer, idx, (1, lc.num_heads))
+            batch.defer(f"{where}: kept slots outside [0, length)", (idx < 0) | (idx >= lc.lengths[b : b + 1, :, None]))
+            lc.keep(idx, counts, seq=b)
+            evictions.append(None)
+    if any(e is not None for e in evictions):
+        width = max(e.shape[-1] for e in evictions if e is not None)
+        slots = torch.full((batch.size, lc.num_heads, width), -1, dtype=torch.long, device=lc.lengths.device)
+        for b, e in enumerate(evictions):
+            if e is not None:
+                slots[b, :, : e.shape[-1]] = e[0]
+        lc.evict(slots)
+
+
+class _DenseRows:
+    """Lazy dense keys/values of one sequence's rows, for :class:`DecodeView` (a gather: a copy)."""
+
+    def __init__(self, layer: PagedLayer, b: int) -> None:
+        self.layer, self.b = layer, b
+
+    def __call__(self, what: str) -> torch.Tensor:
+        pool = self.layer.k_pool if what == "key" else self.layer.v_pool
+        return self.layer.dense(pool)[self.b : self.b + 1]
 
 
 def _kept(
     policy: Policy, layer: int, view: LayerView, state: RequestState
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``(key, value, positions)`` the cache policy keeps at ``layer`` (indices checked)."""
-    k, v = view.key, view.value
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What the cache policy keeps at ``layer`` for one sequence: ``(key (H, n, d), value, positions
+    (H, n), counts (H,) or None)`` (indices checked: prefill may read them back)."""
+    k, v = view.key[0], view.value[0]
     keep = _call(policy.cache, "select", layer, view, state)
-    kv_pos = view.positions[:, None, :].expand(-1, k.shape[1], -1)
+    kv_pos = view.positions[0][None, :].expand(k.shape[0], -1)
     if keep is None:
-        return k, v, kv_pos
-    _check_indices(policy.cache, "select", layer, keep, tuple(k.shape[:2]), k.shape[2])
-    return _gather_entries(keep, k, v, kv_pos)
+        return k, v, kv_pos, None
+    idx, counts = (keep.indices, keep.counts) if isinstance(keep, PerHead) else (keep, None)
+    _check_indices(policy.cache, "select", layer, idx, (1, k.shape[0]), k.shape[1], counts=counts)
+    idx = idx[0].to(k.device)
+    g = idx.unsqueeze(-1)
+    kept = (
+        k.gather(1, g.expand(-1, -1, k.shape[-1])),
+        v.gather(1, g.expand(-1, -1, v.shape[-1])),
+        kv_pos.gather(1, idx),
+        None if counts is None else counts[0],
+    )
+    return kept
+
+
+def _check_decision(policy: Policy, layer: int, decision: Any, tokens: int, prompt_len: int) -> None:
+    """A propagation decision's indices: ``(1, n)``, integer, strictly increasing, in range."""
+    prop = policy.propagation
+    if decision is None:
+        return
+    if isinstance(decision, Propagate):
+        _check_indices(prop, "propagate", layer, decision.indices, (1,), tokens, ordered=True)
+    elif isinstance(decision, Restart):
+        _check_indices(prop, "propagate", layer, decision.indices, (1,), prompt_len, ordered=True)
+    else:
+        raise AdapterError(
+            f"policy {type(prop).__name__} ({prop.kind!r}) propagate() at layer {layer} returned "
+            f"{type(decision).__name__}; expected Propagate, Restart or None"
+        )
 
 
 def _check_cached(policy: Policy, uncached: list[int]) -> None:
@@ -320,19 +523,67 @@ def _call(policy: Any, method: str, layer: int, view: Any, state: RequestState) 
         ) from exc
 
 
-def _check_indices(policy: Any, method: str, layer: int, idx: Any, lead: tuple[int, ...], limit: int) -> None:
-    """Indices a policy returned must be integer, shaped ``(*lead, n)`` and inside ``[0, limit)``."""
-    problem = None
+def _index_problem(idx: Any, lead: tuple[int, ...]) -> str | None:
+    """What is wrong with the type or shape of indices a policy returned (host-side facts only)."""
     if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-        problem = f"must be an integer tensor, got {type(idx).__name__} {getattr(idx, 'dtype', '')}"
-    elif idx.dim() != len(lead) + 1 or tuple(idx.shape[:-1]) != lead:
-        problem = f"must have shape ({', '.join(map(str, lead))}, n), got {tuple(idx.shape)}"
-    elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
-        problem = f"must lie in [0, {limit}), got [{int(idx.min())}, {int(idx.max())}]"
+        return f"must be an integer tensor, got {type(idx).__name__} {getattr(idx, 'dtype', '')}"
+    if idx.dim() != len(lead) + 1 or tuple(idx.shape[:-1]) != lead:
+        return f"must have shape ({', '.join(map(str, lead))}, n), got {tuple(idx.shape)}"
+    return None
+
+
+def _raise_indices(policy: Any, method: str, layer: int, problem: str) -> None:
+    raise AdapterError(
+        f"policy {type(policy).__name__} ({policy.kind!r}) {method}() at layer {layer}: indices {problem}"
+    )
+
+
+def _check_static(policy: Any, method: str, layer: int, idx: Any, lead: tuple[int, ...]) -> None:
+    """Decode-time check: type and shape only (known on the host); values are checked on the device."""
+    problem = _index_problem(idx, lead)
     if problem:
-        raise AdapterError(
-            f"policy {type(policy).__name__} ({policy.kind!r}) {method}() at layer {layer}: indices {problem}"
-        )
+        _raise_indices(policy, method, layer, problem)
+
+
+def _check_indices(
+    policy: Any,
+    method: str,
+    layer: int,
+    idx: Any,
+    lead: tuple[int, ...],
+    limit: int,
+    ordered: bool = False,
+    counts: torch.Tensor | None = None,
+) -> None:
+    """Prefill-time check of indices a policy returned: integer, shaped ``(*lead, n)``, inside
+    ``[0, limit)``, distinct per row (each head's first ``counts``), and strictly increasing when
+    ``ordered`` (propagation: unsorted indices would break causal attention downstream)."""
+    problem = _index_problem(idx, lead)
+    if problem is None and counts is not None:
+        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != lead:
+            problem = f"need counts of shape {lead}, got {getattr(counts, 'shape', type(counts).__name__)}"
+        elif counts.numel() and (int(counts.min()) < 1 or int(counts.max()) > idx.shape[-1]):
+            problem = f"counts must lie in [1, {idx.shape[-1]}], got [{int(counts.min())}, {int(counts.max())}]"
+    if problem is None and idx.numel():
+        valid = None
+        if counts is not None:
+            valid = torch.arange(idx.shape[-1], device=idx.device) < counts.to(idx.device)[..., None]
+        live = idx if valid is None else idx.masked_fill(~valid, 0)
+        lo, hi = int(live.min()), int(live.max())
+        if lo < 0 or hi >= limit:
+            problem = f"must lie in [0, {limit}), got [{lo}, {hi}]"
+        elif ordered and idx.shape[-1] > 1 and not bool((idx[..., 1:] > idx[..., :-1]).all()):
+            problem = "must be strictly increasing (sorted, no repeats)"
+        elif not ordered and idx.shape[-1] > 1:
+            big = torch.iinfo(torch.int64).max
+            ranked = (live if valid is None else live.masked_fill(~valid, big)).long().sort(dim=-1).values
+            step = ranked[..., 1:] != ranked[..., :-1]
+            if valid is not None:
+                step |= ranked[..., 1:] == big
+            if not bool(step.all()):
+                problem = "must not repeat an entry within a head"
+    if problem:
+        _raise_indices(policy, method, layer, problem)
 
 
 def _eager_attention(

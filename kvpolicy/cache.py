@@ -1,166 +1,470 @@
-"""A transformers ``Cache`` holding each layer's compressed KV at KV-head granularity.
+"""The one KV cache: paged, ragged per (sequence, KV head), appended and evicted in place.
 
-Why not ``DynamicCache``: its ``update`` concatenates, copying the whole cache every decode step,
-and it reports the number of *stored* entries as the sequence length. Here each layer keeps a
-buffer with spare capacity (reserved from the prompt and ``max_new_tokens``, grown geometrically if
-exceeded), so an append is amortised O(1); and the cache reports the *logical* length (prompt length
-plus tokens generated), which is the next token's position, however few entries it stores
-(design-notes §3-4). Lengths may differ across layers.
+Why this layout (design-notes §4, §7):
+
+* **Per-head lengths.** Head-adaptive methods (AdaKV, DuoAttention) keep a different number of entries
+  per KV head; sequences of a batch keep different numbers too (budgets resolve against each prompt).
+  Every ``(sequence, KV head)`` pair is therefore its own *row* with its own length, and owns its own
+  pages of ``block_size`` slots in a per-layer pool. Memory is the entries kept plus less than one
+  page per row (and the reserve), never the longest row times the number of rows.
+* **In place, O(1).** A decode append writes one slot per row; eviction moves the row's last entry
+  into the freed slot (each slot stores its entry's original position, so order is never needed).
+  Nothing is concatenated or rebuilt per step.
+* **No host syncs.** Lengths live on the device; the host only tracks a lower bound on the free room
+  (known without reading the device: every step appends exactly one entry per row), so a decode step
+  reads nothing back and keeps static shapes (``torch.compile``, CUDA graphs).
+* **Kernels.** The pool is ``(pages, block_size, d)`` per layer and each row has a ``block_table`` and
+  a length: exactly flash-attention's paged KV cache (``flash_attn_with_kvcache`` with ``block_table``
+  and ``cache_seqlens``) once ``(sequence x KV head)`` is flattened into its batch (one KV head, the
+  ``n_rep`` query heads of the group as its query heads). Elsewhere :func:`paged_attention` computes
+  the same in torch, page by page (split-K, then an exact log-sum-exp merge), reading each entry once.
+
+The same object is a transformers ``Cache`` whose reported length is the *logical* one (prompt length
+plus tokens generated, design-notes §3), so ``model.generate`` can continue from it when every row of a
+layer holds the same number of entries (the dense view transformers attends to needs that).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+#: Slots per page on the torch path. flash-attention's paged kernel needs a multiple of 256.
+BLOCK_SIZE = 64
+FLASH_BLOCK_SIZE = 256
 
-class CompressedLayer(CacheLayerMixin):
-    """One layer's kept keys/values ``(B, H_kv, n, d)`` with the original position of each entry."""
+
+class CacheLayoutError(ValueError):
+    """The cache cannot be shown to transformers as one dense tensor (rows hold different lengths)."""
+
+
+class PagedLayer(CacheLayerMixin):
+    """One decoder layer's kept entries for a batch: ``B x H`` rows of pages in one pool.
+
+    Attributes (device tensors, ``R = B * H`` rows, ``P`` pages plus one all-empty *null* page last):
+        k_pool, v_pool: ``(P + 1, block_size, d)``.
+        pos_pool: ``(P + 1, block_size)`` original position of each slot's entry.
+        block_table: ``(R, M)`` pages of each row, padded with the null page.
+        page_owner: ``(P + 1,)`` row owning each page (``R`` for the null page).
+        page_rank: ``(P + 1,)`` index of each page within its row.
+        lengths: ``(B, H)`` entries held per row; a row's entries sit in its slots ``0..length-1``.
+    """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self) -> None:
+    def __init__(self, block_size: int = BLOCK_SIZE) -> None:
         super().__init__()
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._pos: torch.Tensor | None = None
-        self.length = 0
-        #: logical position of the next token (prompt length + tokens appended since).
-        self.next_position = 0
+        self.block_size = block_size
+        self.num_seqs = 0
+        self.num_heads = 0
+        #: free slots every row is guaranteed to have (host-side lower bound; no device read needed).
+        self.room = 0
+        #: entries per row when all rows hold the same number (host-side), else ``None``.
+        self.uniform: int | None = None
+        self.pages_per_row: list[int] = []
+        #: logical position of the next token (transformers' view of the sequence length).
+        self.positions_next = 0
 
-    # -- filled by the adapter -------------------------------------------------------------------
+    # -- building ----------------------------------------------------------------------------------
     def store(
         self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        positions: torch.Tensor,
-        next_position: int,
+        parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
         reserve: int = 0,
     ) -> None:
-        """Replace the contents with ``key``/``value`` ``(B, H_kv, n, d)`` and ``positions``
-        ``(B, H_kv, n)``, leaving room for ``reserve`` appends."""
-        b, h, n, d = key.shape
-        cap = n + max(reserve, 0)
-        self._k = key.new_empty((b, h, cap, d))
-        self._v = value.new_empty((b, h, cap, value.shape[-1]))
-        self._pos = positions.new_empty((b, h, cap))
-        self._k[:, :, :n] = key
-        self._v[:, :, :n] = value
-        self._pos[:, :, :n] = positions
-        self.length = n
-        self.next_position = next_position
-        self.dtype, self.device = key.dtype, key.device
-        self.is_initialized = True
-        self._sync()
+        """Replace the contents, one part per sequence, leaving room for ``reserve`` appends per row.
 
-    def compact(self, indices: torch.Tensor) -> None:
-        """Keep only the entries at ``indices`` ``(B, H_kv, C)`` (C <= current length), in place."""
-        assert self._k is not None and self._v is not None and self._pos is not None
-        c = indices.shape[-1]
-        idx = indices.unsqueeze(-1)
-        k = self.keys.gather(2, idx.expand(-1, -1, -1, self._k.shape[-1]))
-        v = self.values.gather(2, idx.expand(-1, -1, -1, self._v.shape[-1]))
-        p = self.positions.gather(2, indices)
-        self._k[:, :, :c] = k
-        self._v[:, :, :c] = v
-        self._pos[:, :, :c] = p
-        self.length = c
-        self._sync()
+        A part is ``(key (H, n, d), value (H, n, d_v), positions (H, n), counts)``; ``counts`` is
+        ``None`` when every head keeps all ``n`` entries, else ``(H,)`` entries per head (head ``h``
+        keeps its first ``counts[h]``). Runs once per layer at prefill: it may read counts back.
+        """
+        k0, v0 = parts[0][0], parts[0][1]
+        self.num_seqs, self.num_heads = len(parts), k0.shape[0]
+        counts = []
+        for key, _v, _p, cnt in parts:
+            counts += [key.shape[1]] * key.shape[0] if cnt is None else [int(c) for c in cnt.tolist()]
+        self._allocate(counts, reserve, k0, v0)
+        rows, slots, picks = [], [], []
+        offset = 0
+        for b, (key, _v, _p, cnt) in enumerate(parts):
+            h, n = key.shape[0], key.shape[1]
+            j = torch.arange(n, device=key.device)
+            limit = cnt.to(key.device)[:, None] if cnt is not None else torch.full((h, 1), n, device=key.device)
+            valid = j[None, :] < limit
+            hh, jj = valid.nonzero(as_tuple=True)
+            rows.append(hh + b * self.num_heads)
+            slots.append(jj)
+            picks.append(hh * n + jj + offset)
+            offset += h * n
+        flat = self._flat(torch.cat(rows), torch.cat(slots))
+        pick = torch.cat(picks)
+        for pool, data in (
+            (self.k_pool, [p[0] for p in parts]),
+            (self.v_pool, [p[1] for p in parts]),
+            (self.pos_pool, [p[2] for p in parts]),
+        ):
+            src = torch.cat([d.reshape(-1, *d.shape[2:]) for d in data])
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, flat, src[pick].to(pool.dtype))
+        self.lengths = torch.tensor(counts, device=k0.device, dtype=torch.long).view(
+            self.num_seqs, self.num_heads
+        )
+        self.room = min(
+            p * self.block_size - c for p, c in zip(self.pages_per_row, counts, strict=True)
+        )
+        self.uniform = counts[0] if len(set(counts)) == 1 else None
+        self.dtype, self.device = k0.dtype, k0.device
+        self.is_initialized = True
+
+    def _allocate(self, counts: list[int], reserve: int, k0: torch.Tensor, v0: torch.Tensor) -> None:
+        blk = self.block_size
+        self.pages_per_row = [max(1, math.ceil((c + max(reserve, 0)) / blk)) for c in counts]
+        pages = sum(self.pages_per_row)
+        width = max(self.pages_per_row)
+        device = k0.device
+        self.k_pool = k0.new_zeros((pages + 1, blk, k0.shape[-1]))
+        self.v_pool = v0.new_zeros((pages + 1, blk, v0.shape[-1]))
+        self.pos_pool = torch.full((pages + 1, blk), -1, dtype=torch.long, device=device)
+        table = torch.full((len(counts), width), pages, dtype=torch.long)
+        owner = torch.full((pages + 1,), len(counts), dtype=torch.long)
+        rank = torch.zeros((pages + 1,), dtype=torch.long)
+        start = 0
+        for row, n in enumerate(self.pages_per_row):
+            table[row, :n] = torch.arange(start, start + n)
+            owner[start : start + n] = row
+            rank[start : start + n] = torch.arange(n)
+            start += n
+        self.block_table, self.page_owner, self.page_rank = table.to(device), owner.to(device), rank.to(device)
+
+    def _grow(self, extra: int) -> None:
+        """Give every row ``extra`` more pages (host-triggered: ``room`` is known without a sync)."""
+        blk, rows = self.block_size, self.num_seqs * self.num_heads
+        old_pages = self.k_pool.shape[0] - 1
+        new_pages = old_pages + extra * rows
+        for name in ("k_pool", "v_pool", "pos_pool"):
+            old = getattr(self, name)
+            new = old.new_full((new_pages + 1, *old.shape[1:]), -1 if name == "pos_pool" else 0)
+            new[:old_pages] = old[:old_pages]
+            setattr(self, name, new)
+        device = self.k_pool.device
+        width = self.block_table.shape[1]
+        table = torch.full((rows, width + extra), new_pages, dtype=torch.long, device=device)
+        table[:, :width] = torch.where(self.block_table == old_pages, new_pages, self.block_table)
+        fresh = torch.arange(old_pages, new_pages, device=device).view(rows, extra)
+        counts = torch.tensor(self.pages_per_row, device=device)
+        cols = counts[:, None] + torch.arange(extra, device=device)[None, :]
+        table.scatter_(1, cols, fresh)
+        owner = torch.full((new_pages + 1,), rows, dtype=torch.long, device=device)
+        owner[:old_pages] = self.page_owner[:old_pages]
+        owner[old_pages:new_pages] = torch.arange(rows, device=device).repeat_interleave(extra)
+        rank = torch.zeros((new_pages + 1,), dtype=torch.long, device=device)
+        rank[:old_pages] = self.page_rank[:old_pages]
+        rank[old_pages:new_pages] = cols.reshape(-1)
+        self.block_table, self.page_owner, self.page_rank = table, owner, rank
+        self.pages_per_row = [p + extra for p in self.pages_per_row]
+        self.room += extra * blk
+
+    # -- addressing --------------------------------------------------------------------------------
+    def _flat(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Flat pool index (into ``pool.view(-1, ...)``) of ``slots`` of ``rows`` (same shapes)."""
+        blk = self.block_size
+        page = self.block_table[rows, torch.div(slots, blk, rounding_mode="floor")]
+        return page * blk + slots % blk
 
     @property
-    def positions(self) -> torch.Tensor:
-        assert self._pos is not None
-        return self._pos[:, :, : self.length]
+    def slots(self) -> int:
+        """Slots each row can address in :meth:`dense` views (``M * block_size``)."""
+        return self.block_table.shape[1] * self.block_size
 
     @property
     def capacity(self) -> int:
-        return 0 if self._k is None else self._k.shape[2]
+        return min(self.pages_per_row) * self.block_size if self.pages_per_row else 0
 
-    def nbytes(self) -> int:
-        """Bytes of the entries held (not the spare capacity)."""
-        if self._k is None or self._v is None:
-            return 0
-        per_entry = self._k.shape[0] * self._k.shape[1] * (self._k.shape[3] + self._v.shape[3])
-        return self.length * per_entry * self._k.element_size()
+    # -- decode ------------------------------------------------------------------------------------
+    def prepare_append(self) -> None:
+        """Host-side part of an append: make sure every row has a free slot (no device read)."""
+        if self.room < 1:
+            self._grow(max(1, max(self.pages_per_row)))
+        self.room -= 1
+        if self.uniform is not None:
+            self.uniform += 1
 
-    def _sync(self) -> None:
-        assert self._k is not None and self._v is not None
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
+    def write(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
+        """Device-side part of an append (after :meth:`prepare_append`): one entry per row, written
+        in its row's next slot. ``key``/``value`` ``(B, H, 1, d)``, ``positions`` ``(B,)``."""
+        rows = torch.arange(self.num_seqs * self.num_heads, device=self.lengths.device)
+        flat = self._flat(rows, self.lengths.view(-1))
+        d = self.k_pool.shape[-1]
+        self.k_pool.view(-1, d).index_copy_(0, flat, key.reshape(-1, d).to(self.k_pool.dtype))
+        dv = self.v_pool.shape[-1]
+        self.v_pool.view(-1, dv).index_copy_(0, flat, value.reshape(-1, dv).to(self.v_pool.dtype))
+        pos = positions.to(self.pos_pool.device)[:, None].expand(-1, self.num_heads).reshape(-1)
+        self.pos_pool.view(-1).index_copy_(0, flat, pos)
+        self.lengths += 1
 
-    def _grow(self, needed: int) -> None:
-        assert self._k is not None and self._v is not None and self._pos is not None
-        cap = max(needed, 2 * self.capacity)
-        for name in ("_k", "_v", "_pos"):
-            old = getattr(self, name)
-            new = old.new_empty((*old.shape[:2], cap, *old.shape[3:]))
-            new[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, new)
+    def append(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append one entry to every row: ``key``/``value`` ``(B, H, 1, d)``, ``positions`` ``(B,)``."""
+        self.prepare_append()
+        self.write(key, value, positions)
 
-    # -- transformers' CacheLayerMixin -----------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, _d = key_states.shape
-        self.store(
-            key_states[:, :, :0],
-            value_states[:, :, :0],
-            torch.zeros((b, h, 0), dtype=torch.long, device=key_states.device),
-            next_position=0,
-        )
+    def evict(self, slots: torch.Tensor) -> None:
+        """Free ``slots`` ``(B, H, k)`` of each row in place (``-1``: nothing); no host sync.
+
+        Each freed slot takes the row's last entry, so a row's entries stay in slots ``0..length-1``.
+        Policies mirror the same moves on their own slot-indexed state with :func:`evict_rows`.
+        """
+        lengths = self.lengths.view(-1)
+        rows = torch.arange(lengths.shape[0], device=lengths.device)
+        ordered = slots.reshape(lengths.shape[0], -1).sort(dim=-1, descending=True).values
+        for j in range(ordered.shape[1]):
+            slot = ordered[:, j]
+            last = (lengths - 1).clamp_min(0)
+            do = slot >= 0
+            src = self._flat(rows, last)
+            dst = self._flat(rows, torch.where(do, slot, last))
+            for pool in (self.k_pool, self.v_pool, self.pos_pool):
+                flat = pool.view(-1, *pool.shape[2:])
+                flat.index_copy_(0, dst, flat[src])
+            lengths -= do.long()
+        self.uniform = None
+
+    def keep(self, indices: torch.Tensor, counts: torch.Tensor | None = None, seq: int = 0) -> None:
+        """Keep only the entries at slot ``indices`` ``(1, H, C)`` of sequence ``seq`` (its first
+        ``counts`` ``(1, H)`` per head when given), compacted to slots ``0..C-1``. O(C) copies: the
+        in-place :meth:`evict` is the fast path."""
+        h, c = indices.shape[1], indices.shape[2]
+        rows = (torch.arange(h, device=indices.device) + seq * self.num_heads)[:, None].expand(-1, c)
+        src = self._flat(rows.reshape(-1), indices.reshape(-1).to(rows.device))
+        dst = self._flat(rows.reshape(-1), torch.arange(c, device=rows.device).repeat(h))
+        for pool in (self.k_pool, self.v_pool, self.pos_pool):
+            flat = pool.view(-1, *pool.shape[2:])
+            flat.index_copy_(0, dst, flat[src].clone())
+        new = counts[0] if counts is not None else torch.full((h,), c, device=rows.device)
+        self.lengths[seq] = new.to(self.lengths)
+        self.uniform = None
+
+    # -- views -------------------------------------------------------------------------------------
+    def dense(self, pool: torch.Tensor) -> torch.Tensor:
+        """``(B, H, slots, ...)`` view of ``pool`` through the block table (a gather: a copy)."""
+        out = pool[self.block_table]  # (R, M, blk, ...)
+        return out.reshape(self.num_seqs, self.num_heads, self.slots, *pool.shape[2:])
+
+    def valid(self) -> torch.Tensor:
+        """``(B, H, slots)`` bool: which slots hold an entry."""
+        return torch.arange(self.slots, device=self.lengths.device) < self.lengths[..., None]
+
+    def _uniform_view(self, pool: torch.Tensor) -> torch.Tensor:
+        n = self.uniform if self.uniform is not None else int(self.lengths.max())
+        return self.dense(pool)[:, :, :n]
+
+    @property
+    def keys(self) -> torch.Tensor:  # type: ignore[override]
+        """``(B, H, n, d)`` with ``n`` the longest row; shorter rows are padded (see :meth:`valid`)."""
+        return self._uniform_view(self.k_pool)
+
+    @keys.setter
+    def keys(self, value: object) -> None:  # CacheLayerMixin.__init__ assigns None
+        pass
+
+    @property
+    def values(self) -> torch.Tensor:  # type: ignore[override]
+        return self._uniform_view(self.v_pool)
+
+    @values.setter
+    def values(self, value: object) -> None:
+        pass
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``(B, H, n)`` original positions, ``-1`` on padding."""
+        return self._uniform_view(self.pos_pool)
+
+    def row_lengths(self, b: int = 0) -> list[int]:
+        """Entries each KV head of sequence ``b`` holds (reads the device)."""
+        return [int(n) for n in self.lengths[b].tolist()]
+
+    def entries(self, b: int = 0) -> int:
+        """Entries of sequence ``b`` per KV head: an int when its heads agree, else their mean."""
+        counts = self.row_lengths(b)
+        return counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)  # type: ignore[return-value]
+
+    def nbytes(self, b: int = 0) -> int:
+        """Bytes of sequence ``b``'s entries (keys and values), not of spare slots."""
+        per_entry = (self.k_pool.shape[-1] + self.v_pool.shape[-1]) * self.k_pool.element_size()
+        return sum(self.row_lengths(b)) * per_entry
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the pages allocated for the whole batch (entries, reserve and page slack)."""
+        return (self.k_pool.numel() + self.v_pool.numel()) * self.k_pool.element_size()
+
+    # -- transformers' CacheLayerMixin -------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object) -> None:
+        raise CacheLayoutError("kvpolicy's cache is filled by kvpolicy.prefill, not by a model forward")
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new entries (decode) and return all entries of the layer."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        assert self._k is not None and self._v is not None and self._pos is not None
-        new = key_states.shape[-2]
-        if self.length + new > self.capacity:
-            self._grow(self.length + new)
-        end = self.length + new
-        self._k[:, :, self.length : end] = key_states
-        self._v[:, :, self.length : end] = value_states
-        self._pos[:, :, self.length : end] = torch.arange(
-            self.next_position, self.next_position + new, device=self._pos.device
-        )
-        self.length = end
-        self.next_position += new
-        self._sync()
+        """Append the new entries (transformers' own decode loop) and return the layer densely."""
+        if self.uniform is None:
+            raise CacheLayoutError(
+                "this layer's rows (sequence x KV head) hold different numbers of entries, which "
+                "transformers' attention cannot take as one tensor; decode with kvpolicy.generate instead"
+            )
+        b = key_states.shape[0]
+        start = self.positions_next
+        for t in range(key_states.shape[2]):
+            pos = torch.full((b,), start + t, dtype=torch.long, device=self.lengths.device)
+            self.append(key_states[:, :, t : t + 1], value_states[:, :, t : t + 1], pos)
+        self.positions_next = start + key_states.shape[2]
         return self.keys, self.values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+    def get_mask_sizes(self, *args: object, **kwargs: object) -> tuple[int, int]:
+        query = args[0] if args else kwargs.get("cache_position", kwargs.get("query_length", 1))
+        q = query if isinstance(query, int) else int(query.shape[0])  # type: ignore[union-attr]
+        return (self.uniform or 0) + q, 0
 
-    def get_seq_length(self) -> int:
-        return self.next_position
+    def get_seq_length(self, *args: object) -> int:
+        return self.positions_next
 
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self, *args: object) -> int:
+        return -1
+
     def reset(self) -> None:
-        self.__init__()
+        raise CacheLayoutError("kvpolicy's cache cannot be reset; run kvpolicy.prefill again")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("kvpolicy's cache does not support beam search (reorder_cache)")
 
 
-class KVPolicyCache(Cache):
-    """A ``Cache`` of :class:`CompressedLayer`, one per decoder layer.
+def evict_rows(state: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Mirror :meth:`PagedLayer.evict` on a policy's slot-indexed tensor ``(B, H, S, ...)``, in place.
 
-    ``get_seq_length()`` is the logical length (next position), so ``model.generate`` continues
-    positions at the original prompt length even though fewer entries are stored.
+    ``lengths`` are the rows' lengths *before* the eviction. Sync-free, static shapes.
+    """
+    b, h, s = state.shape[:3]
+    flat = state.view(b * h, s, -1)
+    length = lengths.reshape(-1).clone()
+    rows = torch.arange(b * h, device=state.device)
+    ordered = slots.reshape(b * h, -1).sort(dim=-1, descending=True).values
+    for j in range(ordered.shape[1]):
+        slot = ordered[:, j]
+        last = (length - 1).clamp_min(0)
+        do = slot >= 0
+        flat[rows, torch.where(do, slot, last)] = flat[rows, last]
+        length -= do.long()
+
+
+def paged_attention(
+    query: torch.Tensor, layer: PagedLayer, scaling: float, want_probs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of one new query per sequence over each row's entries, page by page.
+
+    Args:
+        query: ``(B, H_q, 1, d)``; the ``n_rep = H_q / H`` query heads of a group share a row.
+        layer: the layer's cache (the new entry already appended).
+        scaling: softmax scale.
+        want_probs: also return the attention probabilities per slot (decode-time policies).
+
+    Returns:
+        ``(B, 1, H_q * d_v)`` in the query's dtype, and ``(B, H, n_rep, slots)`` float32 probabilities
+        (zero on empty slots) or ``None``. Reads each stored entry once; scores in float32.
+    """
+    b, h_q, _, d = query.shape
+    rows, blk = layer.num_seqs * layer.num_heads, layer.block_size
+    n_rep = h_q // layer.num_heads
+    q = query.reshape(rows, n_rep, d)
+    q_pages = torch.cat([q, q.new_zeros((1, n_rep, d))])[layer.page_owner]  # (P+1, n_rep, d)
+    scores = torch.bmm(q_pages, layer.k_pool.transpose(1, 2)).float() * scaling  # (P+1, n_rep, blk)
+    lengths = torch.cat([layer.lengths.view(-1), layer.lengths.new_zeros(1)])
+    slot = layer.page_rank[:, None] * blk + torch.arange(blk, device=scores.device)[None, :]
+    valid = slot < lengths[layer.page_owner][:, None]  # (P+1, blk)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    owner = layer.page_owner[:, None].expand(-1, n_rep)
+    page_max = scores.amax(dim=-1)  # (P+1, n_rep)
+    row_max = scores.new_full((rows + 1, n_rep), float("-inf")).scatter_reduce(
+        0, owner, page_max, reduce="amax", include_self=True
+    )
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max[layer.page_owner][..., None])  # (P+1, n_rep, blk)
+    denom = scores.new_zeros((rows + 1, n_rep)).index_add_(0, layer.page_owner, weights.sum(dim=-1))
+    part = torch.bmm(weights.to(layer.v_pool.dtype), layer.v_pool)  # (P+1, n_rep, d_v)
+    out = part.new_zeros((rows + 1, n_rep, part.shape[-1])).index_add_(0, layer.page_owner, part)
+    denom = denom.clamp_min(torch.finfo(torch.float32).tiny)
+    out = (out[:rows].float() / denom[:rows, :, None]).to(query.dtype)
+    probs = None
+    if want_probs:
+        norm = weights / denom[layer.page_owner][..., None]  # (P+1, n_rep, blk)
+        per_row = norm[layer.block_table]  # (R, M, n_rep, blk)
+        probs = per_row.permute(0, 2, 1, 3).reshape(b, layer.num_heads, n_rep, layer.slots)
+    return out.reshape(b, 1, h_q * out.shape[-1]), probs
+
+
+def flash_paged_attention(query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
+    """:func:`paged_attention` through flash-attention's paged KV kernel (CUDA, flash-attn installed).
+
+    ``(sequence x KV head)`` rows are the kernel's batch, each with one KV head and ``n_rep`` query
+    heads; the pool is ``(pages, block_size, 1, d)``. Needs ``block_size % 256 == 0``.
+    """
+    from flash_attn import flash_attn_with_kvcache  # type: ignore[import-not-found]
+
+    b, h_q, _, d = query.shape
+    rows = layer.num_seqs * layer.num_heads
+    q = query.reshape(rows, 1, h_q // layer.num_heads, d)
+    out = flash_attn_with_kvcache(
+        q,
+        layer.k_pool.unsqueeze(2),
+        layer.v_pool.unsqueeze(2),
+        cache_seqlens=layer.lengths.view(-1).to(torch.int32),
+        block_table=layer.block_table.to(torch.int32),
+        softmax_scale=scaling,
+        causal=False,
+    )
+    return out.reshape(b, 1, -1)
+
+
+class KVPolicyCache(Cache):
+    """A :class:`PagedLayer` per decoder layer, plus each sequence's next (logical) position.
+
+    ``get_seq_length()`` is the logical length, so ``model.generate`` continues positions at the
+    original prompt length even though fewer entries are stored.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE) -> None:
+        super().__init__(layers=[PagedLayer(block_size) for _ in range(num_layers)])
+
+    def prepare_append(self) -> None:
+        """Host-side bookkeeping before a decode step appends one entry per row to every layer."""
+        for layer in self.layers:
+            layer.prepare_append()
+
+    def set_next_position(self, position: int) -> None:
+        for layer in self.layers:
+            layer.positions_next = position
 
     @property
     def kv_lengths(self) -> list[int]:
-        """Entries held per layer (per KV head)."""
-        return [layer.length for layer in self.layers]
+        """Entries per KV head of sequence 0 in each layer (an int per layer when its heads agree)."""
+        return self.kv_lengths_of(0)
+
+    def kv_lengths_of(self, b: int) -> list[int]:
+        return [layer.entries(b) for layer in self.layers]
+
+    def kv_head_lengths(self, b: int = 0) -> list[list[int]]:
+        """Entries per layer and KV head of sequence ``b``."""
+        return [layer.row_lengths(b) for layer in self.layers]
 
     @property
     def kv_bytes(self) -> list[int]:
-        """Bytes held per layer."""
-        return [layer.nbytes() for layer in self.layers]
+        """Bytes held per layer by sequence 0."""
+        return self.kv_bytes_of(0)
+
+    def kv_bytes_of(self, b: int) -> list[int]:
+        return [layer.nbytes(b) for layer in self.layers]
+
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes() for layer in self.layers)

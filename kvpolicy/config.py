@@ -16,13 +16,23 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 Budget = Annotated[StrictInt, Field(ge=1)] | Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
 
 
-def resolve_budget(budget: int | float, prompt_len: int) -> int:
+def resolve_budget(budget: int | float, prompt_len: int, floor: int = 0) -> int:
     """Token count of ``budget`` for a prompt of ``prompt_len`` tokens.
 
-    Fractions round down as the reference does (``int(L * r)``, methods.md), but never below one token.
+    Fractions round down as the reference does (``int(L * r)``, methods.md), but never below one
+    token nor below ``floor``, and never above the prompt: ``min(L, max(int(L * r), floor, 1))``.
+    The floor is what the calling policy needs to stay meaningful (SnapKV: its window plus as many
+    selected entries), because a fraction chosen for long prompts would otherwise gut a short one
+    (10 % of a 35-token chat prompt is 3 tokens, less than SnapKV's 8-token window). A token count
+    (``int``) is what the user asked for and stays exact: the floor does not apply to it.
+
+    Args:
+        budget: a token count (``int``) or a fraction of the prompt (``float``).
+        prompt_len: tokens in the prompt, ``L``.
+        floor: the fewest tokens a fraction resolves to (capped at ``L``); 0 means just one token.
     """
     if isinstance(budget, float):
-        return max(1, int(prompt_len * budget))
+        return min(prompt_len, max(1, floor, int(prompt_len * budget)))
     return budget
 
 

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvpolicy.cache import KVPolicyCache
 from kvpolicy.devices import module_device
 from kvpolicy.interfaces import Policy
 from kvpolicy.registry import get_adapter, get_policy
-from kvpolicy.state import RequestState
+from kvpolicy.state import Batch, RequestState
 
 
 @dataclass
@@ -67,16 +68,26 @@ class GenerationOutput:
 
 @dataclass
 class Prefill:
-    """Result of :func:`prefill`: last-position logits ``(B, V)`` and the request's state and cache."""
+    """Result of :func:`prefill`: last-position logits ``(B, V)``, the batch (one request state per
+    prompt and their shared cache) and the prefill time."""
 
     logits: torch.Tensor
-    state: RequestState
+    batch: Batch
     seconds: float
 
     @property
-    def cache(self) -> Any:
+    def state(self) -> RequestState:
+        """The first (for one prompt: the only) request's state."""
+        return self.batch.states[0]
+
+    @property
+    def states(self) -> list[RequestState]:
+        return self.batch.states
+
+    @property
+    def cache(self) -> KVPolicyCache:
         """The compressed cache, a transformers ``Cache`` usable as ``model.generate(past_key_values=...)``."""
-        return self.state.cache
+        return self.batch.cache
 
     @property
     def next_token(self) -> torch.Tensor:
@@ -116,9 +127,7 @@ def _as_input_ids(model: nn.Module, input_ids: Any) -> torch.Tensor:
             f"input_ids must be integer token ids of shape (L,) or (1, L), got {tuple(ids.shape)}"
         )
     if ids.shape[0] != 1:
-        raise ValueError(
-            f"prefill takes one prompt, got batch size {ids.shape[0]}; generate() takes a list of prompts"
-        )
+        raise ValueError(f"expected one prompt, got batch size {ids.shape[0]}; pass a list of prompts")
     if ids.shape[1] == 0:
         raise ValueError("empty prompt: it has 0 tokens")
     vocab = model.get_input_embeddings().num_embeddings
@@ -128,22 +137,67 @@ def _as_input_ids(model: nn.Module, input_ids: Any) -> torch.Tensor:
 
 
 def prefill(
-    model: nn.Module, input_ids: Any, policy: Policy | str | None = None, reserve: int = 0
+    model: nn.Module,
+    input_ids: Any,
+    policy: Policy | str | None = None,
+    reserve: int = 0,
+    block_size: int | None = None,
 ) -> Prefill:
-    """Run the prompt through ``model`` under ``policy`` and return logits plus the compressed cache.
+    """Run the prompt (or a list of prompts: a left-padded batch) through ``model`` under ``policy``
+    and return logits plus the compressed cache.
 
-    ``reserve`` preallocates room for that many decode tokens per layer.
+    ``reserve`` preallocates room for that many decode tokens per layer and KV head (no growth while
+    decoding up to it); ``block_size`` is the cache's page size (default: the adapter's).
     """
     pol = _resolve_policy(policy)
-    ids = _as_input_ids(model, input_ids)
     adapter = get_adapter(model)
-    adapter.check_prompt_length(ids.shape[1] + max(reserve, 0))
-    device = ids.device
+    prompts = _encode_all(model, adapter, None, None, input_ids, None, reserve)
+    return _prefill(adapter, prompts, pol, reserve, block_size)
+
+
+def _prefill(
+    adapter: Any, prompts: list[torch.Tensor], pol: Policy, reserve: int, block_size: int | None = None
+) -> Prefill:
+    device = prompts[0].device
     _sync(device)
     t0 = time.perf_counter()
-    logits, state = adapter.prefill(ids, pol, reserve=reserve)
+    logits, batch = adapter.prefill(prompts, pol, reserve=reserve, block_size=block_size)
     _sync(device)
-    return Prefill(logits=logits, state=state, seconds=time.perf_counter() - t0)
+    return Prefill(logits=logits, batch=batch, seconds=time.perf_counter() - t0)
+
+
+def _encode_all(
+    model: nn.Module,
+    adapter: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | None,
+    input_ids: Any,
+    chat: bool | None,
+    room: int,
+) -> list[torch.Tensor]:
+    """Every prompt as ``(L,)`` token ids on the embedding's device, checked; one prompt is a list of one."""
+    if prompts is not None:
+        items, texts = list(prompts), True
+    elif isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        items, texts = list(input_ids), False  # a (B, L) tensor: its rows
+    elif _is_batch(None, input_ids):
+        items, texts = list(input_ids), False
+    else:
+        items, texts = [input_ids], False
+    if not items:
+        raise ValueError("empty batch: pass at least one prompt")
+    encoded = []
+    for i, item in enumerate(items):
+        try:
+            raw = encode_prompt(tokenizer, item, chat) if texts else item
+            ids = _as_input_ids(model, raw)[0]
+            adapter.check_prompt_length(ids.shape[0] + max(room, 0))
+        except (TypeError, ValueError) as exc:
+            if len(items) == 1:
+                raise
+            raise type(exc)(f"prompt {i}: {exc}") from None
+        encoded.append(ids)
+    return encoded
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -211,6 +265,7 @@ def generate(
     seed: int | None = None,
     chat: bool | None = None,
     batch_size: int | None = None,
+    compile: bool = False,
 ) -> Any:
     """Generate a continuation of ``prompt`` (or ``input_ids``) under ``policy``.
 
@@ -220,64 +275,136 @@ def generate(
 
     A *list* of prompts (texts, or token-id lists) returns a list of :class:`GenerationOutput`, one
     per prompt in order, generated in left-padded batches of up to ``batch_size`` (default: all at
-    once; prompts are grouped by length to waste little on padding). Greedy output equals running
-    each prompt alone: policies see each sequence on its own (:mod:`kvpolicy.ragged`). In a batch,
-    ``prefill_seconds`` and ``decode_seconds`` are the batch's.
-    """
-    if _is_batch(prompt, input_ids):
-        return _generate_batch(
-            model,
-            tokenizer,
-            prompt,
-            policy,
-            input_ids=input_ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            chat=chat,
-            batch_size=batch_size,
-        )
-    _check_sampling(max_new_tokens, do_sample, temperature, top_p)
-    if (prompt is None) == (input_ids is None):
-        raise ValueError("pass exactly one of prompt (text) or input_ids")
-    pol = _resolve_policy(policy)
-    ids = input_ids if input_ids is not None else encode_prompt(tokenizer, prompt, chat)  # type: ignore[arg-type]
+    once; prompts are grouped by length to waste little on padding). One prompt is a batch of one:
+    the same engine runs both, and greedy output in a batch equals running each prompt alone. In a
+    batch, ``prefill_seconds`` and ``decode_seconds`` are the batch's.
 
-    pre = prefill(model, ids, pol, reserve=max_new_tokens)
-    state = pre.state
-    stats = GenerationStats(
-        prompt_tokens=state.prompt_len,
-        prefill_seconds=pre.seconds,
-        tokens_per_layer=list(state.tokens_per_layer),
-        discarded_tokens_per_layer=list(state.discarded_tokens_per_layer),
-        kv_tokens_per_layer=state.cache.kv_lengths,
-        kv_bytes_per_layer=state.cache.kv_bytes,
-    )
+    ``compile=True`` runs the decode step through ``torch.compile`` (CUDA graphs on CUDA); tokens
+    equal eager decoding.
+    """
+    _check_sampling(max_new_tokens, do_sample, temperature, top_p)
+    if batch_size is not None and (
+        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    many = _is_batch(prompt, input_ids)
+    if (prompt is None) == (input_ids is None):
+        raise ValueError(f"pass exactly one of prompt ({'texts' if many else 'text'}) or input_ids")
+    pol = _resolve_policy(policy)
+    adapter = get_adapter(model)
+    texts = None if prompt is None else (list(prompt) if many else [prompt])  # type: ignore[list-item]
+    encoded = _encode_all(model, adapter, tokenizer, texts, input_ids, chat, max_new_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: -encoded[i].shape[0])
+    size = batch_size or len(order)
     gen = None
     if do_sample and seed is not None:
-        gen = torch.Generator(device=pre.logits.device).manual_seed(seed)
-    eos = _eos_ids(model, tokenizer)
-    adapter = get_adapter(model)
-    out: list[int] = []
-    logits = pre.logits
+        gen = torch.Generator(device=encoded[0].device).manual_seed(seed)
+    sampler = _Sampler(do_sample, temperature, top_p, gen)
+    step_fn = compiled_decode_step(adapter) if compile else adapter.decode_step
+    outputs: dict[int, GenerationOutput] = {}
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        pre = _prefill(adapter, [encoded[i] for i in chunk], pol, max_new_tokens)
+        tokens, stats = _decode(pre, pol, step_fn, sampler, max_new_tokens, _eos_ids(model, tokenizer))
+        for i, out, st in zip(chunk, tokens, stats, strict=True):
+            text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
+            outputs[i] = GenerationOutput(text=text, token_ids=out, stats=st, policy=pol)
+    results = [outputs[i] for i in range(len(encoded))]
+    return results if many else results[0]
+
+
+#: Decode steps between host reads of "has every sequence stopped?" (the decode step never syncs).
+STOP_CHECK_EVERY = 8
+
+
+@dataclass
+class _Sampler:
+    do_sample: bool
+    temperature: float
+    top_p: float
+    gen: torch.Generator | None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.do_sample:
+            return _sample(logits, self.temperature, self.top_p, self.gen)
+        return logits.argmax(dim=-1, keepdim=True)
+
+
+def _decode(
+    pre: Prefill,
+    pol: Policy,
+    step_fn: Any,
+    sampler: _Sampler,
+    max_new_tokens: int,
+    eos: set[int],
+) -> tuple[list[list[int]], list[GenerationStats]]:
+    """The decode loop, shared by every caller: tokens stay on the device; whether every sequence
+    has stopped is read every :data:`STOP_CHECK_EVERY` steps (and after the first token), never
+    inside a step. Returns each sequence's tokens (up to and including its EOS) and stats."""
+    batch = pre.batch
+    cache = batch.cache
+    stats = [
+        GenerationStats(
+            prompt_tokens=state.prompt_len,
+            prefill_seconds=pre.seconds,
+            tokens_per_layer=list(state.tokens_per_layer),
+            discarded_tokens_per_layer=list(state.discarded_tokens_per_layer),
+            kv_tokens_per_layer=cache.kv_lengths_of(b),
+            kv_bytes_per_layer=cache.kv_bytes_of(b),
+        )
+        for b, state in enumerate(batch.states)
+    ]
     device = pre.logits.device
+    tokens = torch.zeros((batch.size, max(max_new_tokens, 1)), dtype=torch.long, device=device)
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    done = torch.zeros(batch.size, dtype=torch.bool, device=device)
+    logits, steps, generated = pre.logits, 0, 0
     _sync(device)
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        token = _sample(logits, temperature, top_p, gen) if do_sample else logits.argmax(dim=-1, keepdim=True)
-        tok = int(token[0, 0])
-        out.append(tok)
-        if tok in eos or step == max_new_tokens - 1:
+        token = sampler(logits)
+        tokens[:, step] = token[:, 0]
+        generated = step + 1
+        if eos_ids.numel():
+            done |= torch.isin(token[:, 0], eos_ids)
+        if step == max_new_tokens - 1:
             break
-        logits = adapter.decode_step(token, pol, state, step)
-        stats.decode_steps += 1
+        if (step == 0 or (step + 1) % STOP_CHECK_EVERY == 0) and eos_ids.numel() and bool(done.all()):
+            break
+        logits = step_fn(token, pol, batch, step)
+        steps += 1
     _sync(device)
-    stats.decode_seconds = time.perf_counter() - t0
-    stats.new_tokens = len(out)
-    text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
-    return GenerationOutput(text=text, token_ids=out, stats=stats, policy=pol)
+    decode_seconds = time.perf_counter() - t0
+    batch.raise_deferred()
+    outs = []
+    for b, row in enumerate(tokens[:, :generated].tolist()):
+        cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+        outs.append(row[:cut])
+        stats[b].new_tokens = cut
+        stats[b].decode_steps = min(steps, max(cut - 1, 0))
+        stats[b].decode_seconds = decode_seconds
+    return outs, stats
+
+
+def compiled_decode_step(adapter: Any) -> Any:
+    """The adapter's decode step with its device work under ``torch.compile(fullgraph=True)``.
+
+    Host bookkeeping (cache room) stays outside the graph; the forward has static shapes between
+    cache growths, so it compiles once per shape. On CUDA it uses ``mode="reduce-overhead"`` (CUDA
+    graphs). One compiled function per adapter, reused across calls."""
+    compiled = getattr(adapter, "_compiled_forward", None)
+    if compiled is None:
+        cuda = next(adapter.model.parameters()).device.type == "cuda"
+        compiled = torch.compile(
+            adapter.decode_forward, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
+        )
+        adapter._compiled_forward = compiled
+
+    def step(token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int) -> torch.Tensor:
+        batch.cache.prepare_append()
+        return compiled(token_ids, policy, batch, step)
+
+    return step
 
 
 def _check_sampling(max_new_tokens: Any, do_sample: bool, temperature: float, top_p: float) -> None:
@@ -287,119 +414,3 @@ def _check_sampling(max_new_tokens: Any, do_sample: bool, temperature: float, to
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if do_sample and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def _generate_batch(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str] | None,
-    policy: Policy | str | None,
-    *,
-    input_ids: Any,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    chat: bool | None,
-    batch_size: int | None,
-) -> list[GenerationOutput]:
-    _check_sampling(max_new_tokens, do_sample, temperature, top_p)
-    if (prompts is None) == (input_ids is None):
-        raise ValueError("pass exactly one of prompt (texts) or input_ids")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    items = list(prompts if prompts is not None else input_ids)  # a (B, L) tensor: its rows
-    if not items:
-        raise ValueError("empty batch: pass at least one prompt")
-    pol = _resolve_policy(policy)
-    adapter = get_adapter(model)
-    encoded = []
-    for i, item in enumerate(items):
-        try:
-            raw = encode_prompt(tokenizer, item, chat) if prompts is not None else item
-            ids = _as_input_ids(model, raw)[0]
-            adapter.check_prompt_length(ids.shape[0] + max_new_tokens)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"prompt {i}: {exc}") from None
-        encoded.append(ids)
-    order = sorted(range(len(encoded)), key=lambda i: -encoded[i].shape[0])
-    size = batch_size or len(order)
-    outputs: dict[int, GenerationOutput] = {}
-    gen = None
-    if do_sample and seed is not None:
-        gen = torch.Generator(device=encoded[0].device).manual_seed(seed)
-    for start in range(0, len(order), size):
-        chunk = order[start : start + size]
-        results = _run_batch(
-            model,
-            tokenizer,
-            adapter,
-            [encoded[i] for i in chunk],
-            pol,
-            max_new_tokens,
-            do_sample,
-            temperature,
-            top_p,
-            gen,
-        )
-        outputs.update(zip(chunk, results, strict=True))
-    return [outputs[i] for i in range(len(encoded))]
-
-
-def _run_batch(
-    model: nn.Module,
-    tokenizer: Any,
-    adapter: Any,
-    prompts: list[torch.Tensor],
-    pol: Policy,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    gen: torch.Generator | None,
-) -> list[GenerationOutput]:
-    from kvpolicy.adapters.batched import decode_step_batch, prefill_batch
-
-    device = prompts[0].device
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        logits, states, cache = prefill_batch(adapter, prompts, pol, reserve=max_new_tokens)
-    _sync(device)
-    prefill_seconds = time.perf_counter() - t0
-    stats = [
-        GenerationStats(
-            prompt_tokens=state.prompt_len,
-            prefill_seconds=prefill_seconds,
-            tokens_per_layer=list(state.tokens_per_layer),
-            discarded_tokens_per_layer=list(state.discarded_tokens_per_layer),
-            kv_tokens_per_layer=cache.kv_lengths(b),
-            kv_bytes_per_layer=cache.kv_bytes(b),
-        )
-        for b, state in enumerate(states)
-    ]
-    eos = _eos_ids(model, tokenizer)
-    outs: list[list[int]] = [[] for _ in prompts]
-    done = [max_new_tokens == 0] * len(prompts)
-    t0 = time.perf_counter()
-    for step in range(max_new_tokens):
-        token = _sample(logits, temperature, top_p, gen) if do_sample else logits.argmax(dim=-1, keepdim=True)
-        for b, tok in enumerate(token[:, 0].tolist()):
-            if not done[b]:
-                outs[b].append(tok)
-                done[b] = tok in eos or len(outs[b]) == max_new_tokens
-        if all(done):
-            break
-        logits = decode_step_batch(adapter, token, pol, states, cache, step)
-        for b in range(len(prompts)):
-            stats[b].decode_steps += not done[b]
-    _sync(device)
-    decode_seconds = time.perf_counter() - t0
-    results = []
-    for b, out in enumerate(outs):
-        stats[b].decode_seconds = decode_seconds
-        stats[b].new_tokens = len(out)
-        text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
-        results.append(GenerationOutput(text=text, token_ids=out, stats=stats[b], policy=pol))
-    return results

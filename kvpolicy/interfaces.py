@@ -79,17 +79,24 @@ class LayerView:
 
 @dataclass
 class DecodeView:
-    """One layer's cache during a decode step, after the new token was appended.
+    """One layer's cache for one sequence during a decode step, after the new token was appended.
+
+    The cache is ragged per KV head and addressed by *slot*: head ``h`` holds its entries in slots
+    ``0..lengths[h]-1`` in no particular order (each slot stores its entry's original position);
+    ``S`` is the slots addressable this step, the same every step until the cache grows. Everything
+    here is a device tensor of static shape, so a policy written with tensor ops (``torch.where``,
+    masks, ``topk``) over slots keeps the decode step free of host syncs and compilable.
 
     Attributes:
         layer: index of this layer.
         num_layers: number of decoder layers.
         prompt_len: original prompt length.
         step: how many tokens were generated before this one (0 for the first decode step).
-        query: ``(B, H_q, 1, d)`` the new token's query, after RoPE.
-        key: ``(B, H_kv, n, d)`` every cached key of this layer, the new one last.
-        value: ``(B, H_kv, n, d)``.
-        positions: ``(B, H_kv, n)`` original position of each cached entry.
+        query: ``(1, H_q, 1, d)`` the new token's query, after RoPE.
+        attention: ``(1, H_kv, n_rep, S)`` float32: the new query's attention over the slots, as the
+            decode step computed it (zero on empty slots).
+        positions: ``(1, H_kv, S)`` original position of each slot's entry (``-1`` when empty).
+        lengths: ``(1, H_kv)`` entries per KV head (the new one included).
         scaling: softmax scale.
     """
 
@@ -98,10 +105,55 @@ class DecodeView:
     prompt_len: int
     step: int
     query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
+    attention: torch.Tensor
     positions: torch.Tensor
+    lengths: torch.Tensor
     scaling: float
+    _dense: Any = field(default=None, repr=False)
+
+    @property
+    def num_slots(self) -> int:
+        return self.positions.shape[-1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``(1, H_kv, S)`` bool: which slots hold an entry."""
+        return self.positions >= 0
+
+    @property
+    def key(self) -> torch.Tensor:
+        """``(1, H_kv, S, d)`` keys by slot (a gather of the paged cache: costs a copy; prefer scores)."""
+        return self._dense("key")
+
+    @property
+    def value(self) -> torch.Tensor:
+        """``(1, H_kv, S, d_v)`` values by slot (a copy, as :attr:`key`)."""
+        return self._dense("value")
+
+
+@dataclass(frozen=True)
+class PerHead:
+    """A selection whose KV heads keep different numbers of entries (head-adaptive budgets).
+
+    ``indices``: ``(B, H_kv, C)`` indices into the tokens present; head ``h`` keeps its first
+    ``counts[b, h]`` (the rest of its row is ignored). ``counts``: ``(B, H_kv)``, each in ``[1, C]``.
+    The cache stores exactly ``counts`` entries per head (pages, not a padded rectangle)."""
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Decode-time eviction in place: free these cache slots. ``slots``: ``(B, H_kv, k)`` slot indices
+    (``-1``: none), distinct per head. Each freed slot takes its head's last entry, so policies that
+    keep slot-indexed state mirror the move with :func:`kvpolicy.cache.evict_rows`."""
+
+    slots: torch.Tensor
+
+
+Selection = torch.Tensor | PerHead | None
+DecodeDecision = torch.Tensor | PerHead | Evict | None
 
 
 @dataclass(frozen=True)
@@ -151,20 +203,24 @@ class PropagationPolicy(Settings, ABC):
 class CachePolicy(Settings, ABC):
     """Which KV entries each layer keeps for decoding.
 
-    :meth:`select` runs once per layer at prefill; :meth:`on_decode` after each decode step (no-op by
-    default). Both return ``(B, H_kv, C)`` indices, each KV head choosing its own entries, with the
-    same count ``C`` for every head so the cache stays rectangular; ``None`` keeps everything.
+    :meth:`select` runs once per layer at prefill, for one sequence (``B = 1``): it returns
+    ``(B, H_kv, C)`` indices (every KV head keeps ``C`` entries of its own choosing), a
+    :class:`PerHead` selection (a different count per head), or ``None`` to keep everything.
+    :meth:`on_decode` runs after each decode step (no-op by default) and returns an :class:`Evict`
+    (slots freed in place: O(1), the fast path), or indices / :class:`PerHead` of the slots to keep
+    (the layer is compacted), or ``None``. Write it with tensor ops only (no ``.item()``, ``int()``
+    on tensors, Python branches on tensor values): a decode step must not wait for the device.
     """
 
     def check_model(self, num_layers: int) -> None:
         """Raise ``ValueError`` naming the bad setting if it cannot apply to a model of this depth."""
 
     @abstractmethod
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
+    def select(self, view: LayerView, state: RequestState) -> Selection:
         """Indices into the tokens present at this layer, per KV head, or ``None`` for all."""
 
-    def on_decode(self, view: DecodeView, state: RequestState) -> torch.Tensor | None:
-        """Indices into the layer's current cache entries to keep after a decode step, or ``None``."""
+    def on_decode(self, view: DecodeView, state: RequestState) -> DecodeDecision:
+        """Slots to evict (:class:`Evict`) or to keep after a decode step, or ``None``."""
         return None
 
     @property

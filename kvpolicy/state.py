@@ -3,6 +3,10 @@
 Policies are immutable; what they need to remember between layers or decode steps (H2O's running
 scores, a decode counter, ...) goes in :meth:`RequestState.scratch`, created fresh for each request
 (design-notes §5). Sharing a policy object across threads or interleaved requests is therefore safe.
+
+A :class:`Batch` groups the requests that prefill and decode together (one prompt is a batch of
+one): their shared cache, their next positions on the device, and the checks deferred out of the
+decode loop.
 """
 
 from __future__ import annotations
@@ -10,29 +14,74 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from kvpolicy.cache import KVPolicyCache
 
 
 @dataclass
 class RequestState:
-    """State of one request through prefill and decode.
+    """State of one request (one sequence of a batch) through prefill and decode.
 
     Attributes:
         prompt_len: original prompt length ``L``.
         num_layers: decoder layers in the model.
-        cache: the request's KV cache.
+        index: this request's row in its batch.
+        max_new_tokens: decode room reserved at prefill (what decode-time state may be sized by).
         tokens_per_layer: tokens each layer processed during prefill (filled by the adapter).
         discarded_tokens_per_layer: tokens per layer of passes whose cache a ``Restart`` discarded
             (GemFilter's filter pass): prefill compute spent that ``tokens_per_layer`` omits.
+        cache: the batch's cache (this request's rows are ``index``), set at the end of prefill.
     """
 
     prompt_len: int
     num_layers: int
-    cache: KVPolicyCache
+    index: int = 0
+    max_new_tokens: int = 0
     tokens_per_layer: list[int] = field(default_factory=list)
     discarded_tokens_per_layer: list[int] = field(default_factory=list)
+    cache: KVPolicyCache | None = None
     _scratch: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def scratch(self, owner: object) -> dict[str, Any]:
         """A dict private to ``owner`` (a policy object) for this request."""
         return self._scratch.setdefault(id(owner), {})
+
+
+@dataclass
+class Batch:
+    """Requests decoded together: their states, their shared cache and their next positions.
+
+    Attributes:
+        states: one :class:`RequestState` per sequence, in batch order.
+        cache: the batch's :class:`~kvpolicy.cache.KVPolicyCache`.
+        next_positions: ``(B,)`` device tensor, the logical position of each sequence's next token.
+        checks: device-side validity flags of what decode-time policies returned, read once when
+            the generation ends (:meth:`raise_deferred`), never inside a decode step.
+    """
+
+    states: list[RequestState]
+    cache: KVPolicyCache
+    next_positions: torch.Tensor
+    checks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.states)
+
+    def defer(self, message: str, bad: torch.Tensor) -> None:
+        """Remember a device-side flag ``bad`` (bool tensor); :meth:`raise_deferred` reads it later."""
+        flag = bad.any()
+        self.checks[message] = self.checks[message] | flag if message in self.checks else flag
+
+    def raise_deferred(self) -> None:
+        """Raise the first deferred check that failed (one host read for all of them)."""
+        if not self.checks:
+            return
+        flags = torch.stack(list(self.checks.values())).tolist()
+        messages = [m for m, bad in zip(self.checks, flags, strict=True) if bad]
+        self.checks.clear()
+        if messages:
+            from kvpolicy.adapters.base import AdapterError
+
+            raise AdapterError(messages[0])
