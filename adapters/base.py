@@ -315,7 +315,9 @@ class DecoderAdapter:
         return self.decode_forward(token_ids, policy, batch, step)
 
     @torch.no_grad()
-    def decode_forward(self, token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int) -> torch.Tensor:
+    def decode_forward(
+        self, token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int
+    ) -> torch.Tensor:
         """The decode forward itself: append, attend (paged), let the cache policy evict, MLP."""
         cache = batch.cache
         evict = policy.cache.evicts_during_decode
@@ -438,9 +440,14 @@ def _on_decode(
             batch.defer(f"{where}: evicted slots outside [-1, length)", bad)
             evictions.append(slots)
         else:
-            idx, counts = (decision.indices, decision.counts) if isinstance(decision, PerHead) else (decision, None)
+            idx, counts = (
+                (decision.indices, decision.counts) if isinstance(decision, PerHead) else (decision, None)
+            )
             _check_static(cache_policy, "on_decode", layer, idx, (1, lc.num_heads))
-            batch.defer(f"{where}: kept slots outside [0, length)", (idx < 0) | (idx >= lc.lengths[b : b + 1, :, None]))
+            batch.defer(
+                f"{where}: kept slots outside [0, length)",
+                (idx < 0) | (idx >= lc.lengths[b : b + 1, :, None]),
+            )
             lc.keep(idx, counts, seq=b)
             evictions.append(None)
     if any(e is not None for e in evictions):
@@ -563,7 +570,9 @@ def _check_indices(
         if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != lead:
             problem = f"need counts of shape {lead}, got {getattr(counts, 'shape', type(counts).__name__)}"
         elif counts.numel() and (int(counts.min()) < 1 or int(counts.max()) > idx.shape[-1]):
-            problem = f"counts must lie in [1, {idx.shape[-1]}], got [{int(counts.min())}, {int(counts.max())}]"
+            problem = (
+                f"counts must lie in [1, {idx.shape[-1]}], got [{int(counts.min())}, {int(counts.max())}]"
+            )
     if problem is None and idx.numel():
         valid = None
         if counts is not None:

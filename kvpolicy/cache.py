@@ -67,7 +67,7 @@ class PagedLayer(CacheLayerMixin):
         self.uniform: int | None = None
         self.pages_per_row: list[int] = []
         #: logical position of the next token (transformers' view of the sequence length).
-        self.positions_next = 0
+        self.next_position = 0
 
     # -- building ----------------------------------------------------------------------------------
     def store(
@@ -92,7 +92,9 @@ class PagedLayer(CacheLayerMixin):
         for b, (key, _v, _p, cnt) in enumerate(parts):
             h, n = key.shape[0], key.shape[1]
             j = torch.arange(n, device=key.device)
-            limit = cnt.to(key.device)[:, None] if cnt is not None else torch.full((h, 1), n, device=key.device)
+            limit = (
+                cnt.to(key.device)[:, None] if cnt is not None else torch.full((h, 1), n, device=key.device)
+            )
             valid = j[None, :] < limit
             hh, jj = valid.nonzero(as_tuple=True)
             rows.append(hh + b * self.num_heads)
@@ -111,9 +113,7 @@ class PagedLayer(CacheLayerMixin):
         self.lengths = torch.tensor(counts, device=k0.device, dtype=torch.long).view(
             self.num_seqs, self.num_heads
         )
-        self.room = min(
-            p * self.block_size - c for p, c in zip(self.pages_per_row, counts, strict=True)
-        )
+        self.room = min(p * self.block_size - c for p, c in zip(self.pages_per_row, counts, strict=True))
         self.uniform = counts[0] if len(set(counts)) == 1 else None
         self.dtype, self.device = k0.dtype, k0.device
         self.is_initialized = True
@@ -136,7 +136,11 @@ class PagedLayer(CacheLayerMixin):
             owner[start : start + n] = row
             rank[start : start + n] = torch.arange(n)
             start += n
-        self.block_table, self.page_owner, self.page_rank = table.to(device), owner.to(device), rank.to(device)
+        self.block_table, self.page_owner, self.page_rank = (
+            table.to(device),
+            owner.to(device),
+            rank.to(device),
+        )
 
     def _grow(self, extra: int) -> None:
         """Give every row ``extra`` more pages (host-triggered: ``room`` is known without a sync)."""
@@ -300,7 +304,9 @@ class PagedLayer(CacheLayerMixin):
         return (self.k_pool.numel() + self.v_pool.numel()) * self.k_pool.element_size()
 
     # -- transformers' CacheLayerMixin -------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object) -> None:
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object
+    ) -> None:
         raise CacheLayoutError("kvpolicy's cache is filled by kvpolicy.prefill, not by a model forward")
 
     def update(
@@ -313,11 +319,11 @@ class PagedLayer(CacheLayerMixin):
                 "transformers' attention cannot take as one tensor; decode with kvpolicy.generate instead"
             )
         b = key_states.shape[0]
-        start = self.positions_next
+        start = self.next_position
         for t in range(key_states.shape[2]):
             pos = torch.full((b,), start + t, dtype=torch.long, device=self.lengths.device)
             self.append(key_states[:, :, t : t + 1], value_states[:, :, t : t + 1], pos)
-        self.positions_next = start + key_states.shape[2]
+        self.next_position = start + key_states.shape[2]
         return self.keys, self.values
 
     def get_mask_sizes(self, *args: object, **kwargs: object) -> tuple[int, int]:
@@ -326,7 +332,7 @@ class PagedLayer(CacheLayerMixin):
         return (self.uniform or 0) + q, 0
 
     def get_seq_length(self, *args: object) -> int:
-        return self.positions_next
+        return self.next_position
 
     def get_max_length(self) -> int:
         return -1
@@ -444,7 +450,7 @@ class KVPolicyCache(Cache):
 
     def set_next_position(self, position: int) -> None:
         for layer in self.layers:
-            layer.positions_next = position
+            layer.next_position = position
 
     @property
     def kv_lengths(self) -> list[int]:

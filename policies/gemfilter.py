@@ -9,8 +9,11 @@ policy applies to that second pass: full by default, as in the reference.
 
 Defaults are the FastKV reference's (github.com/dongwonjo/FastKV, ``baseline/gemfilter``;
 ``../shared/reference/methods.md``): kernel 5, retention 0.1. Its filter layer is 13 of 32 for
-Llama-3.1-8B (17 of 36 for Ministral-8B, 19 of 40 for Mistral-Nemo); without a ``layer`` this uses
-``round(13 N / 32)``, the Llama-3.1-8B depth scaled to the model (12 of 30 on SmolLM2-135M). Like
+Llama-3.1-8B, 17 of 36 for Ministral-8B and 19 of 40 for Mistral-Nemo; without a ``layer`` this uses
+exactly that table for those depths, and for other depths a piecewise-linear rule through its three
+points (:func:`default_filter_layer`): linear between 32 and 40 layers, the nearest end's depth
+fraction outside (13/32 below 32 layers, 19/40 above 40). That gives 12 of 30 on SmolLM2-135M.
+(One scaled fraction cannot fit the table: ``round(13 N / 32)`` says 15 of 36 and 16 of 40.) Like
 every depth default it is a starting point: measure before trusting it on another model.
 
 Unlike the reference, the last prompt token always survives the filter: the reference takes a plain
@@ -20,6 +23,8 @@ product is linear, so the scores are the same).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from pydantic import Field, model_validator
@@ -56,9 +61,31 @@ def gemfilter_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.cat([top, last], dim=-1).sort(dim=-1).values
 
 
+#: The reference's filter layers by model depth (methods.md): Llama-3.1-8B, Ministral-8B, Mistral-Nemo.
+REFERENCE_FILTER_LAYERS: dict[int, int] = {32: 13, 36: 17, 40: 19}
+
+
 def default_filter_layer(num_layers: int) -> int:
-    """The reference's Llama-3.1-8B filter depth (13 of 32) scaled to ``num_layers``."""
-    return min(num_layers - 2, max(0, round(13 * num_layers / 32)))
+    """The filter layer for an ``N``-layer model: the reference's table, interpolated.
+
+    The reference (methods.md) filters at 13 of 32 layers, 17 of 36 and 19 of 40, which no single
+    depth fraction fits. This reproduces those three points exactly and joins them piecewise
+    linearly: between 32 and 40 layers the layer is interpolated linearly between the neighbouring
+    points (e.g. 18 of 38); below 32 it is ``13 N / 32`` and above 40 ``19 N / 40`` (the nearest
+    point's fraction, continuous at the ends, and never a layer below 0 for a small model as
+    extrapolating the 32-36 slope would give). Rounded half up and clamped to ``0..N-2`` (a layer
+    must follow the filter). SmolLM2-135M's 30 layers give 12; the tiny 4-layer test model 2.
+    """
+    points = sorted(REFERENCE_FILTER_LAYERS.items())
+    (n_lo, l_lo), (n_hi, l_hi) = points[0], points[-1]
+    if num_layers <= n_lo:
+        exact = l_lo * num_layers / n_lo
+    elif num_layers >= n_hi:
+        exact = l_hi * num_layers / n_hi
+    else:
+        (n0, l0), (n1, l1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= num_layers <= b[0])
+        exact = l0 + (l1 - l0) * (num_layers - n0) / (n1 - n0)
+    return min(num_layers - 2, max(0, math.floor(exact + 0.5)))
 
 
 class GemFilter(PropagationPolicy):
@@ -67,8 +94,9 @@ class GemFilter(PropagationPolicy):
     Attributes:
         keep: tokens the filter keeps: a count (int) or a fraction of the prompt (float), the
             reference's ``int(L · r)``. The last prompt token is always among them.
-        layer: the filter layer (0-based); ``None`` means ``round(13 N / 32)``. Must leave at least
-            one layer after it.
+        layer: the filter layer (0-based); ``None`` means the reference's table (13 of 32, 17 of
+            36, 19 of 40), interpolated for other depths (:func:`default_filter_layer`). Must leave
+            at least one layer after it.
         kernel: average-pooling kernel along the tokens (odd).
     """
 

@@ -20,11 +20,13 @@ Where the reference is wrong, this does the right thing:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from kvpolicy.cache import evict_rows
 from kvpolicy.config import Budget, resolve_budget
-from kvpolicy.interfaces import CachePolicy, DecodeView, LayerView
-from kvpolicy.policies.attention import causal_column_sums, decode_attention
+from kvpolicy.interfaces import CachePolicy, DecodeView, Evict, LayerView
+from kvpolicy.policies.attention import causal_column_sums
 from kvpolicy.policies.snapkv import check_window_fits
 from kvpolicy.scoring import keep_top_and_window
 from kvpolicy.state import RequestState
@@ -70,7 +72,7 @@ class H2O(CachePolicy):
         return self.evict_during_decode
 
     def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = resolve_budget(self.budget, view.prompt_len)
+        keep = resolve_budget(self.budget, view.prompt_len, floor=2 * self.window)  # snapkv.budget_floor
         if view.num_tokens <= keep and not self.evict_during_decode:
             return None  # nothing to drop and no running scores to keep
         scores = causal_column_sums(view.query, view.key, view.scaling)  # (B, H_kv, T)
@@ -79,12 +81,25 @@ class H2O(CachePolicy):
             state.scratch(self)[view.layer] = scores if idx is None else scores.gather(-1, idx)
         return idx
 
-    def on_decode(self, view: DecodeView, state: RequestState) -> torch.Tensor | None:
+    def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:
+        """Add the new token's attention to the running scores; past the budget, evict each head's
+        lowest-scoring entry outside the recent window, in place (tensor ops only: no host sync).
+
+        Running scores are kept per cache *slot* (``(1, H_kv, S)``) and follow the cache's in-place
+        moves (:func:`kvpolicy.cache.evict_rows`)."""
         if not self.evict_during_decode:
             return None
         running = state.scratch(self)
-        new = decode_attention(view.query, view.key, view.scaling).sum(dim=2)  # (B, H_kv, n)
-        scores = torch.nn.functional.pad(running[view.layer], (0, 1)) + new
-        idx = h2o_keep(scores, resolve_budget(self.budget, view.prompt_len), self.window)
-        running[view.layer] = scores if idx is None else scores.gather(-1, idx)
-        return idx
+        scores = running[view.layer]
+        if scores.shape[-1] != view.num_slots:  # first step, or the cache grew: widen to its slots
+            scores = F.pad(scores, (0, view.num_slots - scores.shape[-1]))
+        newest = view.lengths[..., None] - 1  # the new entry's slot starts from zero
+        scores = scores.scatter(-1, newest, 0.0) + view.attention.sum(dim=2)
+        keep = resolve_budget(self.budget, view.prompt_len, floor=2 * self.window)
+        pos = view.positions
+        recent = pos > pos.amax(dim=-1, keepdim=True) - self.window
+        candidates = scores.masked_fill(recent | ~view.valid, float("inf"))
+        slots = torch.where(view.lengths > keep, candidates.argmin(dim=-1), -1)[..., None]
+        evict_rows(scores[..., None], slots, view.lengths)
+        running[view.layer] = scores
+        return Evict(slots)

@@ -49,8 +49,27 @@ class SnapKVPreset(_SnapKVSettings):
         return Policy(AllTokens(), self.cache())
 
 
+#: Tokens that propagate past the TSP layer in the reference's constant mode (its ``tsp_len``).
+DEFAULT_TSP_LENGTH = 2048
+
+
 class FastKVPreset(_SnapKVSettings):
-    """FastKV: token-selective propagation plus independent SnapKV-style cache compression."""
+    """FastKV: token-selective propagation plus independent SnapKV-style cache compression.
+
+    How many tokens propagate follows the reference (``../shared/reference/methods.md``), which pairs
+    its two TSP modes with its two budget modes:
+
+    * ``kv_budget`` a fraction (default 0.1): proportional TSP, ``int(L * tsp_rate)`` tokens
+      (``tsp_rate`` default 0.2);
+    * ``kv_budget`` a token count, with neither ``tsp_length`` nor ``tsp_rate`` given: constant TSP,
+      ``tsp_length`` = 2048 tokens (the reference's default ``tsp_len``). A constant cache budget
+      with a proportional cut would propagate ever more tokens as prompts grow (about 26K at 128K
+      with rate 0.2), which is not what the reference measures;
+    * ``tsp_length`` or an explicitly given ``tsp_rate`` always wins (``tsp_length`` over ``tsp_rate``).
+
+    With a token ``kv_budget`` TSP never propagates fewer tokens than that budget (later layers could
+    not hold it otherwise), so a prompt shorter than the budget is not cut.
+    """
 
     kind = "fastkv"
     description = "FastKV: TSP prefill cut + SnapKV-style cache (Jo et al. 2025)"
@@ -59,11 +78,22 @@ class FastKVPreset(_SnapKVSettings):
     tsp_rate: float = Field(0.2, gt=0.0, le=1.0)
     tsp_length: int | None = Field(None, ge=1)
 
+    def resolved_tsp_length(self) -> int | None:
+        """The constant TSP length, or ``None`` for proportional mode (see the class docstring).
+
+        ``model_fields_set`` tells a ``tsp_rate`` the user gave (even 0.2) from the default.
+        """
+        if self.tsp_length is not None:
+            return self.tsp_length
+        if isinstance(self.kv_budget, int) and "tsp_rate" not in self.model_fields_set:
+            return max(DEFAULT_TSP_LENGTH, self.window)  # TSP keeps its window, whatever its length
+        return None
+
     def build(self) -> Policy:
         tsp = TSP(
             layer=self.tsp_layer,
             rate=self.tsp_rate,
-            length=self.tsp_length,
+            length=self.resolved_tsp_length(),
             # A token budget is also the TSP floor: a prompt shorter than the budget is not cut.
             min_keep=self.kv_budget if isinstance(self.kv_budget, int) else None,
             window=self.window,

@@ -51,19 +51,19 @@ import warnings
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, resolve_budget
 from kvpolicy.interfaces import (
     CachePolicy,
     DecodeView,
+    Evict,
     LayerView,
     Propagate,
     PropagationDecision,
     PropagationPolicy,
 )
-from kvpolicy.policies.attention import decode_attention, recent_query_attention
+from kvpolicy.policies.attention import recent_query_attention
 from kvpolicy.state import RequestState
 
 #: The reference's configurations for Llama-3.1-8B, by mean KV retention: (recent_ratio, decay).
@@ -248,32 +248,62 @@ class PyramidInferSqueeze(CachePolicy):
         return max(1, int(self.interval * self.ratio * cosine_schedule(layer, num_layers, self.decay)))
 
     def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
+        """Keep the prefill cache whole; record the recent queries' attention to what can be squeezed.
+
+        Only the columns a squeeze can still reach are stored: the entries from the recent window on,
+        at most ``recent + max_new_tokens`` and no more than the squeezes that fit in
+        ``max_new_tokens`` take (``R x C`` floats, ``C <= R + max_new_tokens``), never the context."""
         tokens = view.num_tokens
         recent = min(tokens, recent_count(view.prompt_len, self.recent_ratio))
         boundary = tokens - recent
-        rows = view.key.new_zeros((view.key.shape[0], recent, recent), dtype=torch.float32)
+        max_new = max(state.max_new_tokens, 1)
+        columns = min(recent + max_new, (max_new // self.interval + 1) * self.interval)
+        rows = view.key.new_zeros((1, recent, columns), dtype=torch.float32)
+        reach = min(recent, columns)
         for first, probs in recent_query_attention(view.query, view.key, view.scaling, recent):
-            rows[:, first : first + probs.shape[1]] = probs[..., boundary:]
-        # rows: the recent queries' attention to the entries that can still be squeezed (from boundary).
-        state.scratch(self)[view.layer] = {"rows": rows, "boundary": boundary}
+            rows[:, first : first + probs.shape[1], :reach] = probs[..., boundary : boundary + reach]
+        prompt_part = view.positions[:, boundary : boundary + reach]
+        generated = view.positions[:, -1:] + 1 + torch.arange(columns - reach, device=prompt_part.device)
+        zpos = torch.cat([prompt_part, generated], dim=-1)  # (1, C) position of each column, ascending
+        state.scratch(self)[view.layer] = {
+            "rows": rows,  # ring of the last R queries' head-mean attention over the columns
+            "columns": zpos,
+            "zone_start": zpos[:, :1].expand(view.num_kv_heads, -1).T.contiguous(),  # (1, H_kv)
+            "oldest": 0,  # ring index of the oldest row
+        }
         return None
 
-    def on_decode(self, view: DecodeView, state: RequestState) -> torch.Tensor | None:
+    def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:
+        """Record the new query's attention; every ``interval`` steps squeeze the oldest ``interval``
+        squeezable entries to :meth:`squeezed_to`, evicting the rest in place.
+
+        The schedule is host-side arithmetic on ``step`` (one entry leaves the recent window per
+        step), the scores are tensor ops: no host sync."""
         st = state.scratch(self)[view.layer]
-        boundary, n = st["boundary"], view.key.shape[2]
-        window = recent_count(view.prompt_len, self.recent_ratio)
-        new = decode_attention(view.query, view.key, view.scaling).mean(dim=(1, 2))[:, boundary:]
-        rows = torch.cat([F.pad(st["rows"], (0, 1)), new[:, None, :]], dim=1)[:, -window:]
-        if n - boundary - window < self.interval:
-            st["rows"] = rows
+        rows, zpos = st["rows"], st["columns"]
+        recent, columns = rows.shape[1], rows.shape[2]
+        # The new query's head-mean attention, slot -> column by position.
+        attn = view.attention.mean(dim=(1, 2))  # (1, S)
+        pos = view.positions[:, 0]  # heads agree on positions here (the cache was kept whole)
+        col = torch.searchsorted(zpos, pos.clamp_min(0)).clamp_max(columns - 1)
+        hit = (zpos.gather(-1, col) == pos) & (pos >= 0)
+        row = attn.new_zeros((1, columns + 1)).scatter_add_(-1, torch.where(hit, col, columns), attn)
+        rows[:, st["oldest"]] = row[:, :columns]
+        st["oldest"] = (st["oldest"] + 1) % recent
+        if (view.step + 1) % self.interval:
             return None
-        weights = torch.linspace(1.0, self.distance_weight, rows.shape[1], device=rows.device)
-        scores = (rows[..., : self.interval] * weights[:, None]).mean(dim=1)  # (B, interval)
+        # Squeeze: the `interval` lowest positions at or after the zone start, per KV head.
+        never = torch.iinfo(view.positions.dtype).max
+        zone = view.positions.masked_fill((view.positions < st["zone_start"][..., None]) | ~view.valid, never)
+        zone_pos, zone_slots = zone.topk(self.interval, dim=-1, largest=False)  # (1, H, interval)
+        lin = torch.linspace(1.0, self.distance_weight, recent, device=rows.device)
+        weights = torch.roll(lin, st["oldest"])  # ring index j holds the row of age rank (j - oldest)
+        col_scores = (rows * weights[None, :, None]).sum(dim=1) / recent  # (1, C)
+        zone_cols = torch.searchsorted(zpos, zone_pos.clamp_max(zpos[:, -1:]).reshape(1, -1)).clamp_max(
+            columns - 1
+        )
+        scores = col_scores.gather(-1, zone_cols).view_as(zone_pos)
         kept = self.squeezed_to(view.layer, view.num_layers)
-        top = scores.topk(kept, dim=-1).indices.sort(dim=-1).values + boundary
-        b = top.shape[0]
-        head = torch.arange(boundary, device=top.device).expand(b, boundary)
-        tail = torch.arange(boundary + self.interval, n, device=top.device).expand(b, -1)
-        st["rows"], st["boundary"] = rows[..., self.interval :], boundary + kept
-        idx = torch.cat([head, top, tail], dim=-1)
-        return idx[:, None, :].expand(-1, view.key.shape[1], -1)
+        dropped = scores.topk(self.interval - kept, dim=-1, largest=False).indices
+        st["zone_start"] = zone_pos.amax(dim=-1) + 1
+        return Evict(zone_slots.gather(-1, dropped))

@@ -21,6 +21,11 @@ exactly as in the reference. The reference has no propagation cut, so its ``T`` 
 and the tokens a layer sees; here the schedule uses the prompt length, and a layer left fewer tokens
 than its budget by a propagation policy keeps them all. Defaults are KVCache-Factory's: window 8, kernel 7, max-pooling,
 ``beta`` 20; the retention 0.1 matches the other FastKV baselines.
+
+A *fractional* ``C`` never resolves below ``2 w`` (capped at the prompt), as in
+:class:`~kvpolicy.policies.snapkv.SnapKV`: ``int(L * r)`` on a short prompt would be smaller than
+the window, leaving nothing to select. The floor applies to the average ``C`` the schedule starts
+from; the deepest layers of a pyramid still keep less. A token ``C`` is used exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView
-from kvpolicy.policies.snapkv import check_window_fits, snapkv_keep
+from kvpolicy.policies.snapkv import budget_floor, check_window_fits, snapkv_keep
 from kvpolicy.state import RequestState
 
 
@@ -63,8 +68,9 @@ class PyramidKV(CachePolicy):
     """SnapKV selection with per-layer budgets decreasing linearly with depth.
 
     Attributes:
-        budget: average entries kept per layer and KV head, window included: tokens (int) or a
-            fraction of the prompt (float).
+        budget: average entries kept per layer and KV head, window included: tokens (int, used
+            exactly) or a fraction of the prompt (float, ``int(L * r)`` but at least
+            ``2 * window``, at most ``L``).
         window: observation window (always kept).
         kernel: pooling kernel along the key axis (odd).
         pooling: ``"max"`` or ``"avg"``.
@@ -94,7 +100,8 @@ class PyramidKV(CachePolicy):
         policy (TSP, PyramidInfer) leaves a layer fewer tokens; a layer holding fewer tokens than its
         budget keeps them all.
         """
-        budget = max(resolve_budget(self.budget, prompt_len), min(self.window, prompt_len))
+        # A token budget is at least the window (validated); a fraction is floored at 2 * window.
+        budget = resolve_budget(self.budget, prompt_len, floor=budget_floor(self.window))
         return pyramid_budget(layer, num_layers, budget, min(self.window, budget), prompt_len, self.beta)
 
     def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:

@@ -7,6 +7,12 @@ top ``budget - window`` prefix keys per KV head plus the window itself.
 Defaults are the FastKV reference's (github.com/dongwonjo/FastKV; ``../shared/reference/methods.md``):
 window 8, kernel 7, max-pooling, retention 0.1 of the prompt. Unlike the reference's SnapKV baseline,
 the cache holds KV heads, never keys repeated to every query head (4x less memory at equal budget).
+
+A *fractional* budget never resolves below ``2 * window`` entries (capped at the prompt): at least
+as many selected entries as window entries. The reference's ``int(L * r)`` gives 3 entries on a
+35-token chat prompt at ``r = 0.1``, fewer than the window it always keeps, and the answer is
+garbage; ten percent is a long-context default, not a request to keep nothing. A *token* budget
+is kept exactly (it must hold the window).
 """
 
 from __future__ import annotations
@@ -20,6 +26,15 @@ from kvpolicy.config import Budget, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView
 from kvpolicy.scoring import keep_top_and_window, snapkv_scores
 from kvpolicy.state import RequestState
+
+
+def budget_floor(window: int) -> int:
+    """The fewest entries a fractional budget resolves to for a window-keeping policy.
+
+    Twice the window: the window itself, which is always kept, plus as many entries chosen by score,
+    so the policy still selects something on a short prompt (SnapKV, PyramidKV, H2O).
+    """
+    return 2 * window
 
 
 def check_window_fits(budget: int | float, window: int) -> None:
@@ -43,8 +58,9 @@ class SnapKV(CachePolicy):
     """Keep each layer's most-attended KV entries per KV head, window always kept.
 
     Attributes:
-        budget: entries kept per layer and KV head, window included: tokens (int) or a fraction of
-            the prompt (float). A fraction too small to hold the window keeps the window.
+        budget: entries kept per layer and KV head, window included: tokens (int, kept exactly) or
+            a fraction of the prompt (float, ``int(L * r)`` but at least ``2 * window``, at most
+            ``L``: see :func:`budget_floor`).
         window: observation window (last queries scored against all keys).
         kernel: pooling kernel along the key axis (odd).
         pooling: ``"max"`` (current reference scripts) or ``"avg"`` (earlier ones).
@@ -64,6 +80,9 @@ class SnapKV(CachePolicy):
         check_window_fits(self.budget, self.window)
         return self
 
+    def resolved_budget(self, prompt_len: int) -> int:
+        """Entries to keep for a prompt of ``prompt_len`` tokens (a fraction floored at ``2 * window``)."""
+        return resolve_budget(self.budget, prompt_len, floor=budget_floor(self.window))
+
     def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = resolve_budget(self.budget, view.prompt_len)
-        return snapkv_keep(view, keep, self.window, self.kernel, self.pooling)
+        return snapkv_keep(view, self.resolved_budget(view.prompt_len), self.window, self.kernel, self.pooling)

@@ -9,6 +9,11 @@ paper does, so the cache stays at its budget.
 Selection goes by each entry's *original position*, not its index among the tokens present: after a
 propagation cut (TSP) a token at index 2 may sit at position 900, and it is no sink. An entry is a
 sink when its position is below ``sinks``; the rest are ranked by position, newest first.
+
+A *fractional* budget never resolves below ``sinks + 8`` entries (:data:`MIN_RECENT`; capped at the
+prompt): the reference's ``int(L * r)`` is 3 on a 35-token chat prompt, which keeps only sinks, so
+the recent tokens, the last prompt token among them, vanish and the answer is garbage. A *token*
+budget is kept exactly (it must exceed ``sinks``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import torch
 from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, resolve_budget
-from kvpolicy.interfaces import CachePolicy, DecodeView, LayerView
+from kvpolicy.interfaces import CachePolicy, DecodeView, Evict, LayerView
 from kvpolicy.state import RequestState
+
+#: Recent entries a fractional budget always leaves besides the sinks.
+MIN_RECENT = 8
 
 
 def sink_recent_keep(positions: torch.Tensor, keep: int, sinks: int) -> torch.Tensor:
@@ -40,8 +48,9 @@ class StreamingLLM(CachePolicy):
     """Keep the attention sinks and the most recent tokens.
 
     Attributes:
-        budget: entries kept per layer and KV head, sinks included: tokens (int) or a fraction of
-            the prompt (float).
+        budget: entries kept per layer and KV head, sinks included: tokens (int, kept exactly) or a
+            fraction of the prompt (float, ``int(L * r)`` but at least ``sinks + 8`` recent-window
+            entries, at most ``L``).
         sinks: number of initial prompt positions kept as attention sinks.
         rolling: keep evicting during decoding (sinks + the last ``budget - sinks`` entries), so the
             cache never exceeds its budget. The reference compresses at prefill only (``False``).
@@ -65,15 +74,26 @@ class StreamingLLM(CachePolicy):
     def evicts_during_decode(self) -> bool:
         return self.rolling
 
+    def resolved_budget(self, prompt_len: int) -> int:
+        """Entries kept for a prompt of ``prompt_len`` tokens: a fraction leaves ``MIN_RECENT`` recent ones."""
+        return resolve_budget(self.budget, prompt_len, floor=self.sinks + MIN_RECENT)
+
     def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = resolve_budget(self.budget, view.prompt_len)
+        keep = self.resolved_budget(view.prompt_len)
         if view.num_tokens <= keep:
             return None
         idx = sink_recent_keep(view.positions, keep, self.sinks)  # (B, keep), shared by all heads
         return idx[:, None, :].expand(-1, view.num_kv_heads, -1)
 
-    def on_decode(self, view: DecodeView, state: RequestState) -> torch.Tensor | None:
-        keep = resolve_budget(self.budget, view.prompt_len)
-        if not self.rolling or view.positions.shape[-1] <= keep:
+    def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:
+        """Rolling: once a head holds more than the budget, evict its oldest non-sink entry in place.
+
+        Tensor ops only (no host sync): the decision per head is a ``torch.where`` on its length."""
+        if not self.rolling:
             return None
-        return sink_recent_keep(view.positions, keep, self.sinks)
+        keep = self.resolved_budget(view.prompt_len)
+        pos = view.positions
+        never = torch.iinfo(pos.dtype).max
+        priority = pos.masked_fill((pos < self.sinks) | ~view.valid, never)  # sinks and empty slots stay
+        oldest = priority.argmin(dim=-1)  # (1, H_kv)
+        return Evict(torch.where(view.lengths > keep, oldest, -1)[..., None])

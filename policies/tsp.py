@@ -9,6 +9,10 @@ Defaults are the reference's (github.com/dongwonjo/FastKV; ``../shared/reference
 layer ``N/2 - 1`` (15 of 32 for Llama-3.1-8B), rate 0.2 (``int(L * rate)`` tokens propagate), window
 8, kernel 7, max-pooling. These do not transfer to every model: on SmolLM2-135M layer 14 loses a
 needle that layer 20 keeps, so measure (``kvpolicy calibrate``) before trusting them.
+
+With ``rate`` (a fraction), never fewer than ``2 * window`` tokens propagate (capped at the prompt),
+as with the fractional cache budgets (:func:`kvpolicy.policies.snapkv.budget_floor`): 20 % of a
+35-token prompt is 7 tokens, less than the window itself. A constant ``length`` is used exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, resolve_budget
 from kvpolicy.interfaces import LayerView, Propagate, PropagationDecision, PropagationPolicy
+from kvpolicy.policies.snapkv import budget_floor
 from kvpolicy.scoring import keep_top_and_window, snapkv_scores
 from kvpolicy.state import RequestState
 
@@ -33,8 +38,10 @@ class TSP(PropagationPolicy):
 
     Attributes:
         layer: the TSP layer (0-based); ``None`` means ``N/2 - 1`` for an ``N``-layer model.
-        rate: fraction of the prompt that propagates, ``T = int(L * rate)``, in (0, 1].
-        length: a constant token count instead of ``rate`` (the reference's ``tsp_len``).
+        rate: fraction of the prompt that propagates, ``T = int(L * rate)``, in (0, 1], but at
+            least ``2 * window`` tokens (at most ``L``) so a short prompt keeps something to select.
+        length: a constant token count instead of ``rate`` (the reference's ``tsp_len``), used
+            exactly.
         min_keep: never propagate fewer tokens than this (tokens or fraction of the prompt). The
             ``fastkv`` preset sets it to a token KV budget: later layers cannot cache more tokens
             than they see, and a prompt shorter than the budget is then not cut at all. The
@@ -74,7 +81,10 @@ class TSP(PropagationPolicy):
 
     def tokens_kept(self, prompt_len: int) -> int:
         """How many tokens propagate past the TSP layer for a prompt of ``prompt_len`` tokens."""
-        count = self.length if self.length is not None else int(prompt_len * self.rate)
+        if self.length is not None:
+            count = self.length
+        else:
+            count = resolve_budget(self.rate, prompt_len, floor=budget_floor(self.window))
         if self.min_keep is not None:
             count = max(count, resolve_budget(self.min_keep, prompt_len))
         return max(count, min(self.window, prompt_len))

@@ -35,8 +35,15 @@ class TestBuiltinCachePolicies(CachePolicyConformance):
             SnapKV,
             id="snapkv-small-window",
             budgeted=lambda budget: SnapKV(budget=budget, window=2, kernel=3, pooling="avg"),
+            # A fraction is floored at 2 * window (4 here), above the default's window-only floor.
+            expected_kv=lambda p, length, layer, n: min(length, p.resolved_budget(length)),
         ),
-        ConformanceCase(StreamingLLM, invalid=[{"budget": 0}]),
+        ConformanceCase(
+            StreamingLLM,
+            invalid=[{"budget": 0}],
+            # A fraction is floored at sinks + 8 recent entries.
+            expected_kv=lambda p, length, layer, n: min(length, p.resolved_budget(length)),
+        ),
         ConformanceCase(H2O, invalid=[{"budget": -1}]),
         # Decode-time eviction (StreamingLLM rolling, H2O evict_during_decode) keeps the cache at a
         # budget that a short prompt plus its generation outgrows, so "budget >= prompt keeps all"

@@ -125,10 +125,11 @@ def test_tsp_only_fires_at_its_layer_and_default_layer():
 
 
 def test_budget_fraction_resolves_against_prompt_length_not_tokens_present():
-    # After TSP only 20 of 40 prompt tokens are present; a 0.25 budget keeps int(40 * 0.25) = 10.
-    view = _view(t=20, prompt_len=40)
-    idx = SnapKV(budget=0.25).select(view, RequestState(40, 4, None))  # type: ignore[arg-type]
-    assert idx is not None and idx.shape[-1] == 10
+    # After TSP only 30 of 80 prompt tokens are present; a 0.25 budget keeps int(80 * 0.25) = 20
+    # (above the 2 * window floor of 16; int(30 * 0.25) would be 7, floored to 16).
+    view = _view(t=30, prompt_len=80)
+    idx = SnapKV(budget=0.25).select(view, RequestState(80, 4, None))  # type: ignore[arg-type]
+    assert idx is not None and idx.shape[-1] == 20
 
 
 def test_short_input_is_not_compressed():
