@@ -206,13 +206,14 @@ class DecoderAdapter:
                     states[b].discarded_tokens_per_layer += states[b].tokens_per_layer
                     states[b].tokens_per_layer = []
             ids, counts, propagate = left_pad(chosen), [int(c.shape[0]) for c in chosen], False
-        for state in states:
-            state.cache = cache
         # Decode positions continue at each sequence's logical length (a restarted pass: its own).
         next_positions = torch.tensor(counts, dtype=torch.long, device=ids.device)
         if len(set(counts)) == 1:
             cache.set_next_position(counts[0])
-        return self._logits(h_last), Batch(states, cache, next_positions)
+        batch = Batch(states, cache, next_positions)
+        for state in states:
+            state.batch = batch
+        return self._logits(h_last), batch
 
     @property
     def block_size(self) -> int:
@@ -305,12 +306,20 @@ class DecoderAdapter:
         return out
 
     # -- decode ----------------------------------------------------------------------------------
-    def decode_step(self, token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int) -> torch.Tensor:
+    def decode_step(
+        self, token_ids: torch.Tensor, policy: Policy, batch: Batch | RequestState, step: int
+    ) -> torch.Tensor:
         """Feed one token per sequence ``(B, 1)``; returns next-token logits ``(B, V)``.
+
+        ``batch`` is the prefill's :class:`~kvpolicy.state.Batch` (or one of its request states).
 
         Host-side bookkeeping (cache room, growth) happens here; :meth:`decode_forward` is the
         device work, free of host syncs and static in shape between growths, so it compiles.
         """
+        if isinstance(batch, RequestState):
+            if batch.batch is None:
+                raise ValueError("this request state has no cache: run prefill first")
+            batch = batch.batch
         batch.cache.prepare_append()
         return self.decode_forward(token_ids, policy, batch, step)
 
@@ -412,23 +421,11 @@ def _on_decode(
     """Decode-time eviction: one ``on_decode`` call per sequence, then one in-place cache update.
 
     Sync-free: what policies return is checked on the device and read when the generation ends."""
-    positions = lc.dense(lc.pos_pool)
-    positions = torch.where(lc.valid(), positions, -1)
+    positions = slot_positions(lc)
     evictions: list[torch.Tensor | None] = []
     cache_policy = policy.cache
     for b, state in enumerate(batch.states):
-        view = DecodeView(
-            layer=layer,
-            num_layers=num_layers,
-            prompt_len=state.prompt_len,
-            step=step,
-            query=q[b : b + 1],
-            attention=probs[b : b + 1],
-            positions=positions[b : b + 1],
-            lengths=lc.lengths[b : b + 1],
-            scaling=scaling,
-            _dense=_DenseRows(lc, b),
-        )
+        view = decode_view(lc, b, layer, num_layers, state.prompt_len, step, q, probs, scaling, positions)
         decision = _call(cache_policy, "on_decode", layer, view, state)
         where = f"policy {type(cache_policy).__name__} ({cache_policy.kind!r}) on_decode() at layer {layer}"
         if decision is None:
@@ -457,6 +454,41 @@ def _on_decode(
             if e is not None:
                 slots[b, :, : e.shape[-1]] = e[0]
         lc.evict(slots)
+
+
+def slot_positions(lc: PagedLayer) -> torch.Tensor:
+    """``(B, H, S)`` original position per slot, ``-1`` on empty slots."""
+    return torch.where(lc.valid(), lc.dense(lc.pos_pool), -1)
+
+
+def decode_view(
+    lc: PagedLayer,
+    b: int,
+    layer: int,
+    num_layers: int,
+    prompt_len: int,
+    step: int,
+    q: torch.Tensor,
+    probs: torch.Tensor,
+    scaling: float,
+    positions: torch.Tensor | None = None,
+) -> DecodeView:
+    """Sequence ``b``'s :class:`DecodeView` of a layer's cache after an append (``probs`` from
+    :func:`~kvpolicy.cache.paged_attention`); ``positions`` from :func:`slot_positions`, shared
+    across the batch."""
+    positions = slot_positions(lc) if positions is None else positions
+    return DecodeView(
+        layer=layer,
+        num_layers=num_layers,
+        prompt_len=prompt_len,
+        step=step,
+        query=q[b : b + 1],
+        attention=probs[b : b + 1],
+        positions=positions[b : b + 1],
+        lengths=lc.lengths[b : b + 1],
+        scaling=scaling,
+        _dense=_DenseRows(lc, b),
+    )
 
 
 class _DenseRows:

@@ -259,14 +259,22 @@ class PagedLayer(CacheLayerMixin):
         """``(B, H, slots)`` bool: which slots hold an entry."""
         return torch.arange(self.slots, device=self.lengths.device) < self.lengths[..., None]
 
-    def _uniform_view(self, pool: torch.Tensor) -> torch.Tensor:
+    def _ordered(self, pool: torch.Tensor) -> torch.Tensor:
+        """``pool`` per row in position order, ``(B, H, n, ...)`` with ``n`` the longest row; shorter
+        rows are padded at the end. For inspection and tests: slot order is arbitrary after evictions."""
         n = self.uniform if self.uniform is not None else int(self.lengths.max())
-        return self.dense(pool)[:, :, :n]
+        pos = torch.where(self.valid(), self.dense(self.pos_pool), torch.iinfo(torch.long).max)
+        order = pos.argsort(dim=-1, stable=True)[:, :, :n]
+        if pool is self.pos_pool:
+            out = pos.gather(2, order)
+            return out.masked_fill(out == torch.iinfo(torch.long).max, -1)
+        data = self.dense(pool)
+        return data.gather(2, order[..., None].expand(-1, -1, -1, data.shape[-1]))
 
     @property
     def keys(self) -> torch.Tensor:  # type: ignore[override]
-        """``(B, H, n, d)`` with ``n`` the longest row; shorter rows are padded (see :meth:`valid`)."""
-        return self._uniform_view(self.k_pool)
+        """``(B, H, n, d)`` in position order, ``n`` the longest row (shorter rows padded at the end)."""
+        return self._ordered(self.k_pool)
 
     @keys.setter
     def keys(self, value: object) -> None:  # CacheLayerMixin.__init__ assigns None
@@ -274,7 +282,7 @@ class PagedLayer(CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor:  # type: ignore[override]
-        return self._uniform_view(self.v_pool)
+        return self._ordered(self.v_pool)
 
     @values.setter
     def values(self, value: object) -> None:
@@ -282,8 +290,8 @@ class PagedLayer(CacheLayerMixin):
 
     @property
     def positions(self) -> torch.Tensor:
-        """``(B, H, n)`` original positions, ``-1`` on padding."""
-        return self._uniform_view(self.pos_pool)
+        """``(B, H, n)`` original positions in ascending order, ``-1`` on padding."""
+        return self._ordered(self.pos_pool)
 
     def row_lengths(self, b: int = 0) -> list[int]:
         """Entries each KV head of sequence ``b`` holds (reads the device)."""
@@ -324,7 +332,8 @@ class PagedLayer(CacheLayerMixin):
             pos = torch.full((b,), start + t, dtype=torch.long, device=self.lengths.device)
             self.append(key_states[:, :, t : t + 1], value_states[:, :, t : t + 1], pos)
         self.next_position = start + key_states.shape[2]
-        return self.keys, self.values
+        n = self.uniform
+        return self.dense(self.k_pool)[:, :, :n], self.dense(self.v_pool)[:, :, :n]
 
     def get_mask_sizes(self, *args: object, **kwargs: object) -> tuple[int, int]:
         query = args[0] if args else kwargs.get("cache_position", kwargs.get("query_length", 1))
@@ -447,6 +456,7 @@ class KVPolicyCache(Cache):
         """Host-side bookkeeping before a decode step appends one entry per row to every layer."""
         for layer in self.layers:
             layer.prepare_append()
+            layer.next_position += 1
 
     def set_next_position(self, position: int) -> None:
         for layer in self.layers:

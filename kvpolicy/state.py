@@ -31,7 +31,7 @@ class RequestState:
         tokens_per_layer: tokens each layer processed during prefill (filled by the adapter).
         discarded_tokens_per_layer: tokens per layer of passes whose cache a ``Restart`` discarded
             (GemFilter's filter pass): prefill compute spent that ``tokens_per_layer`` omits.
-        cache: the batch's cache (this request's rows are ``index``), set at the end of prefill.
+        batch: the :class:`Batch` this request decodes in, set at the end of prefill.
     """
 
     prompt_len: int
@@ -40,8 +40,15 @@ class RequestState:
     max_new_tokens: int = 0
     tokens_per_layer: list[int] = field(default_factory=list)
     discarded_tokens_per_layer: list[int] = field(default_factory=list)
-    cache: KVPolicyCache | None = None
+    batch: Batch | None = field(default=None, repr=False)
     _scratch: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def cache(self) -> KVPolicyCache:
+        """The batch's cache (this request's rows are :attr:`index`)."""
+        if self.batch is None:
+            raise RuntimeError("this request has no cache yet: it is set at the end of prefill")
+        return self.batch.cache
 
     def scratch(self, owner: object) -> dict[str, Any]:
         """A dict private to ``owner`` (a policy object) for this request."""

@@ -25,6 +25,7 @@ product is linear, so the scores are the same).
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 from pydantic import Field, model_validator
@@ -83,7 +84,7 @@ def default_filter_layer(num_layers: int) -> int:
     elif num_layers >= n_hi:
         exact = l_hi * num_layers / n_hi
     else:
-        (n0, l0), (n1, l1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= num_layers <= b[0])
+        (n0, l0), (n1, l1) = next((a, b) for a, b in pairwise(points) if a[0] <= num_layers <= b[0])
         exact = l0 + (l1 - l0) * (num_layers - n0) / (n1 - n0)
     return min(num_layers - 2, max(0, math.floor(exact + 0.5)))
 

@@ -72,7 +72,7 @@ class H2O(CachePolicy):
         return self.evict_during_decode
 
     def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = resolve_budget(self.budget, view.prompt_len, floor=2 * self.window)  # snapkv.budget_floor
+        keep = resolve_budget(self.budget, view.prompt_len, floor=2 * self.window)  # SnapKV's budget_floor
         if view.num_tokens <= keep and not self.evict_during_decode:
             return None  # nothing to drop and no running scores to keep
         scores = causal_column_sums(view.query, view.key, view.scaling)  # (B, H_kv, T)

@@ -51,6 +51,7 @@ import warnings
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, resolve_budget
@@ -270,6 +271,7 @@ class PyramidInferSqueeze(CachePolicy):
             "columns": zpos,
             "zone_start": zpos[:, :1].expand(view.num_kv_heads, -1).T.contiguous(),  # (1, H_kv)
             "oldest": 0,  # ring index of the oldest row
+            "reach": reach,  # columns of prompt entries
         }
         return None
 
@@ -282,6 +284,11 @@ class PyramidInferSqueeze(CachePolicy):
         st = state.scratch(self)[view.layer]
         rows, zpos = st["rows"], st["columns"]
         recent, columns = rows.shape[1], rows.shape[2]
+        if st["reach"] + view.step + 1 > columns:  # decoding past the reserve: more columns (host-known)
+            extra = max(self.interval, columns)
+            zpos = torch.cat([zpos, zpos[:, -1:] + 1 + torch.arange(extra, device=zpos.device)], dim=-1)
+            rows = F.pad(rows, (0, extra))
+            st["rows"], st["columns"], columns = rows, zpos, columns + extra
         # The new query's head-mean attention, slot -> column by position.
         attn = view.attention.mean(dim=(1, 2))  # (1, S)
         pos = view.positions[:, 0]  # heads agree on positions here (the cache was kept whole)

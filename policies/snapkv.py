@@ -85,4 +85,5 @@ class SnapKV(CachePolicy):
         return resolve_budget(self.budget, prompt_len, floor=budget_floor(self.window))
 
     def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        return snapkv_keep(view, self.resolved_budget(view.prompt_len), self.window, self.kernel, self.pooling)
+        keep = self.resolved_budget(view.prompt_len)
+        return snapkv_keep(view, keep, self.window, self.kernel, self.pooling)

@@ -18,7 +18,7 @@ from test_scoring import assert_valid_top, naive_keep, naive_window_scores
 
 import kvpolicy
 import kvpolicy.adapters
-from kvpolicy.interfaces import CachePolicy, DecodeView, LayerView, Propagate, Restart
+from kvpolicy.interfaces import CachePolicy, LayerView, Propagate, Restart
 from kvpolicy.policies import (
     H2O,
     TSP,
@@ -192,37 +192,60 @@ def test_h2o_select_matches_naive_heavy_hitters():
     assert torch.equal(idx, naive_keep(naive[..., :32], 16, 8))
 
 
+def decode_on_paged(policy, state, view, idx, steps, seed=0, block_size=4):
+    """Drive ``policy.on_decode`` over a real paged cache (small pages: rows span several) the way
+    the engine does: append, attend, view, evict in place. Yields ``(step, q, layer)`` after each."""
+    from kvpolicy.adapters.base import decode_view
+    from kvpolicy.cache import PagedLayer, paged_attention
+    from kvpolicy.interfaces import Evict
+
+    g = torch.Generator().manual_seed(seed)
+    keys = view.key.gather(2, idx[..., None].expand(-1, -1, -1, view.key.shape[-1]))
+    pos = view.positions[:, None, :].expand(-1, view.num_kv_heads, -1).gather(2, idx)
+    lc = PagedLayer(block_size)
+    lc.store([(keys[0], keys[0], pos[0], None)], reserve=2)
+    h_q = view.query.shape[1]
+    for step in range(steps):
+        q = torch.randn(1, h_q, 1, keys.shape[-1], generator=g)
+        k = torch.randn(1, view.num_kv_heads, 1, keys.shape[-1], generator=g)
+        lc.append(k, k, torch.tensor([view.prompt_len + step]))
+        _, probs = paged_attention(q, lc, view.scaling, want_probs=True)
+        dv = decode_view(lc, 0, view.layer, view.num_layers, view.prompt_len, step, q, probs, view.scaling)
+        held = (dv.key.clone(), dv.positions.clone())  # what the cache held before this step's eviction
+        decision = policy.on_decode(dv, state)
+        if decision is not None:
+            assert isinstance(decision, Evict)
+            lc.evict(decision.slots)
+        yield step, q, lc, held
+
+
+def held_positions(lc, head):
+    n = int(lc.lengths[0, head])
+    return sorted(lc.dense(lc.pos_pool)[0, head, :n].tolist())
+
+
 def test_h2o_decode_eviction_matches_naive_running_scores():
     torch.manual_seed(3)
     view = make_view(t=30)
     policy, state = H2O(budget=12, window=4, evict_during_decode=True), new_state(30)
     idx = policy.select(view, state)
-    keys = view.key.gather(2, idx[..., None].expand(-1, -1, -1, 8))
-    pos = idx.clone()
     # naive: per KV head, a dict entry -> running score, built from the full causal matrix
     cols = naive_probs(view.query, view.key, view.scaling).sum(2).view(1, 2, 3, 30).sum(2)[0]
     naive = [{int(p): float(cols[h, p]) for p in idx[0, h]} for h in range(2)]
-    for step in range(25):
-        q, k = torch.randn(1, 6, 1, 8), torch.randn(1, 2, 1, 8)
-        keys = torch.cat([keys, k], dim=2)
-        pos = torch.cat([pos, torch.full((1, 2, 1), 30 + step)], dim=2)
-        dv = DecodeView(0, 4, 30, step, q, keys, keys, pos, view.scaling)
-        keep = policy.on_decode(dv, state)
+    for step, q, lc, (keys, pos) in decode_on_paged(policy, state, view, idx, 25, seed=3):
         for h in range(2):
-            kr = keys[0, h]
+            live = pos[0, h] >= 0
+            kr = keys[0, h][live]
             probs = (q[0, 3 * h : 3 * h + 3, 0] @ kr.T * view.scaling).softmax(-1).sum(0)
             naive[h][30 + step] = 0.0
-            for j, p in enumerate(pos[0, h].tolist()):
+            for j, p in enumerate(pos[0, h][live].tolist()):
                 naive[h][p] += float(probs[j])
             if len(naive[h]) > 12:
                 old = sorted(naive[h])[:-4]
                 del naive[h][min(old, key=lambda p: naive[h][p])]
-        if keep is not None:
-            keys = keys.gather(2, keep[..., None].expand(-1, -1, -1, 8))
-            pos = pos.gather(2, keep)
-        assert pos.shape[-1] == min(12, 13 + step)
+        assert int(lc.lengths.max()) == int(lc.lengths.min()) == min(12, 13 + step)
         for h in range(2):
-            assert pos[0, h].tolist() == sorted(naive[h])
+            assert held_positions(lc, h) == sorted(naive[h])
 
 
 def test_streamingllm_keeps_sinks_and_recent_by_original_position():
@@ -306,26 +329,26 @@ def test_pyramidinfer_selection_matches_naive():
 
 
 def test_pyramidinfer_squeeze_matches_naive_decode_simulation():
-    g = torch.Generator().manual_seed(4)
     view = make_view(t=12, seed=4)
     policy = PyramidInferSqueeze(recent_ratio=0.25, interval=3, ratio=0.67)  # R = 4, keeps 2 of 3
     state = new_state(12)
+    state.max_new_tokens = 5  # decoding past the reserve must still squeeze right (columns grow)
     assert policy.select(view, state) is None and policy.squeezed_to(0, 4) == 2
-    keys, entries = view.key, list(range(12))
-    # naive: every query's attention row as issued (head-averaged), entries by id
+    entries = list(range(12))
+    # naive: every query's attention row as issued (head-averaged), entries by id (= position)
     full = naive_probs(view.query, view.key, view.scaling).mean(1)[0]
     rows = {i: {e: float(full[i, e]) for e in range(i + 1)} for i in range(12)}
     done = set(range(8))  # the context before the recent window at prefill is final
     squeezes = 0
-    for step in range(20):
-        q, k = torch.randn(1, 6, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
-        keys = torch.cat([keys, k], dim=2)
+    everything = torch.arange(12).expand(1, 2, -1)
+    for step, q, lc, (keys, pos) in decode_on_paged(policy, state, view, everything, 20, seed=4):
+        live = pos[0, 0] >= 0
+        held = pos[0, 0][live].tolist()
+        kr = keys[0][:, live].repeat_interleave(3, dim=0)  # (H_q, n, d)
+        probs = (q[0, :, :, :] @ kr.transpose(-1, -2) * view.scaling).softmax(-1).mean(0)[0]
         entries.append(12 + step)
-        kr = keys.repeat_interleave(3, dim=1)
-        probs = (q @ kr.transpose(-1, -2) * view.scaling).softmax(-1).mean(1)[0, 0]
-        rows[12 + step] = dict(zip(entries, probs.tolist(), strict=True))
-        pos = torch.tensor(entries).expand(1, 2, -1)
-        keep = policy.on_decode(DecodeView(0, 4, 12, step, q, keys, keys, pos, view.scaling), state)
+        assert sorted(held) == entries
+        rows[12 + step] = dict(zip(held, probs.tolist(), strict=True))
         candidates = [e for e in entries[:-4] if e not in done]
         if len(candidates) >= 3:
             zone, recent_rows = candidates[:3], sorted(rows)[-4:]
@@ -337,12 +360,7 @@ def test_pyramidinfer_squeeze_matches_naive_decode_simulation():
             entries = [e for e in entries if e not in zone or e in kept]
             done |= set(kept)
             squeezes += 1
-            assert keep is not None
-        else:
-            assert keep is None
-        if keep is not None:
-            keys = keys.gather(2, keep[..., None].expand(-1, -1, -1, 8))
-            assert pos.gather(2, keep)[0, 0].tolist() == entries
+        assert held_positions(lc, 0) == held_positions(lc, 1) == entries
     assert squeezes == 6 and len(entries) == 32 - 6
 
 

@@ -126,7 +126,7 @@ def test_model_is_unchanged_after_use(prompt_ids):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref = hf_greedy(model, prompt_ids, 10)
-    run(model, prompt_ids, kvpolicy.get_policy("fastkv", tsp_layer=1, kv_budget=16))
+    run(model, prompt_ids, kvpolicy.get_policy("fastkv", tsp_layer=1, tsp_rate=0.2, kv_budget=16))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert hf_greedy(model, prompt_ids, 10) == ref
     assert type(model.model.layers[0].self_attn).forward is type(model.model.layers[0].self_attn).forward
@@ -176,5 +176,6 @@ def test_stats_report_per_layer_costs(tiny_model, prompt_ids):
 
 def test_bfloat16_runs_without_nan(prompt_ids):
     model = tiny_llama().to(torch.bfloat16)
-    out = run(model, prompt_ids, kvpolicy.get_policy("fastkv", tsp_layer=1, kv_budget=20), n=5)
+    # tsp_rate given: with a token budget alone fastkv propagates a constant 2048 tokens (no cut here).
+    out = run(model, prompt_ids, kvpolicy.get_policy("fastkv", tsp_layer=1, tsp_rate=0.2, kv_budget=20), n=5)
     assert len(out.token_ids) == 5
