@@ -225,7 +225,7 @@ class PagedLayer(CacheLayerMixin):
         for j in range(ordered.shape[1]):
             slot = ordered[:, j]
             last = (lengths - 1).clamp_min(0)
-            do = slot >= 0
+            do = (slot >= 0) & (slot < lengths)  # out-of-range slots are ignored (the engine reports them)
             src = self._flat(rows, last)
             dst = self._flat(rows, torch.where(do, slot, last))
             for pool in (self.k_pool, self.v_pool, self.pos_pool):
@@ -239,6 +239,8 @@ class PagedLayer(CacheLayerMixin):
         ``counts`` ``(1, H)`` per head when given), compacted to slots ``0..C-1``. O(C) copies: the
         in-place :meth:`evict` is the fast path."""
         h, c = indices.shape[1], indices.shape[2]
+        # out-of-range indices are clamped (the engine reports them when the generation ends)
+        indices = indices.clamp(0, self.slots - 1)
         rows = (torch.arange(h, device=indices.device) + seq * self.num_heads)[:, None].expand(-1, c)
         src = self._flat(rows.reshape(-1), indices.reshape(-1).to(rows.device))
         dst = self._flat(rows.reshape(-1), torch.arange(c, device=rows.device).repeat(h))
@@ -369,7 +371,7 @@ def evict_rows(state: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) 
     for j in range(ordered.shape[1]):
         slot = ordered[:, j]
         last = (length - 1).clamp_min(0)
-        do = slot >= 0
+        do = (slot >= 0) & (slot < length)
         flat[rows, torch.where(do, slot, last)] = flat[rows, last]
         length -= do.long()
 

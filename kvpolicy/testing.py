@@ -74,7 +74,8 @@ def default_expected_kv(policy: CachePolicy, prompt_len: int, layer: int, num_la
     has one: the window is always kept) and at most the prompt: the SnapKV convention. Pass your
     own to :class:`ConformanceCase` for other schedules (e.g. budgets that vary with depth).
     """
-    budget = resolve_budget(policy.budget, prompt_len)  # type: ignore[attr-defined]
+    resolved = getattr(policy, "resolved_budget", None)  # a policy's own floors, when it says them
+    budget = resolved(prompt_len) if callable(resolved) else resolve_budget(policy.budget, prompt_len)  # type: ignore[attr-defined]
     window = int(getattr(policy, "window", 0) or 0)
     return min(prompt_len, max(budget, window))
 
@@ -261,7 +262,8 @@ def _num_layers(model: Any) -> int:
 
 
 def _check_layer(cache_layer: Any, layer: int, kv_heads: int, tokens: int, what: str) -> int:
-    """Shape and content checks every cached layer must pass; returns the entries per KV head."""
+    """Shape and content checks every cached layer must pass; returns the entries per KV head (the
+    largest, for policies whose heads keep different counts: see :func:`_head_counts`)."""
     keys, values, positions = cache_layer.keys, cache_layer.values, cache_layer.positions
     assert keys.shape[:3] == values.shape[:3] == positions.shape, (
         f"{what}: layer {layer}: keys {tuple(keys.shape)}, values {tuple(values.shape)} and positions "
@@ -270,14 +272,19 @@ def _check_layer(cache_layer: Any, layer: int, kv_heads: int, tokens: int, what:
     assert keys.shape[1] == kv_heads, (
         f"{what}: layer {layer} caches {keys.shape[1]} heads; caches hold KV heads ({kv_heads})"
     )
-    n = keys.shape[2]
-    assert 1 <= n <= tokens, f"{what}: layer {layer} keeps {n} entries of the {tokens} tokens it saw"
-    for head in range(kv_heads):
-        pos = positions[0, head]
-        assert len(set(pos.tolist())) == n, (
-            f"{what}: layer {layer}, KV head {head} keeps an entry twice: {pos.tolist()}"
+    counts = _head_counts(cache_layer)
+    for head, n in enumerate(counts):
+        assert 1 <= n <= tokens, (
+            f"{what}: layer {layer}, KV head {head} keeps {n} entries of the {tokens} it saw"
         )
-    return n
+        pos = positions[0, head, :n].tolist()
+        assert len(set(pos)) == n, f"{what}: layer {layer}, KV head {head} keeps an entry twice: {pos}"
+    return max(counts)
+
+
+def _head_counts(cache_layer: Any) -> list[int]:
+    """Entries each KV head of the first sequence holds."""
+    return [int(n) for n in cache_layer.lengths[0].tolist()]
 
 
 class CachePolicyConformance:

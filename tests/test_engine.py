@@ -1,0 +1,242 @@
+"""The one engine: per-head ragged cache, sync-free decode, one loop for batch 1 and N."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_OPTIONS, tiny_llama
+from torch.overrides import TorchFunctionMode
+
+import kvpolicy
+from kvpolicy.adapters.base import AdapterError
+from kvpolicy.cache import PagedLayer, evict_rows, paged_attention
+from kvpolicy.interfaces import CachePolicy, Evict, LayerView, PerHead
+from kvpolicy.policies.snapkv import snapkv_keep
+from kvpolicy.state import RequestState
+
+#: Tensor methods that wait for the device (or read tensor values on the host).
+SYNCING = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"}
+
+
+class NoHostSync(TorchFunctionMode):
+    """Fails on any call that reads a tensor's values back to the host."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in SYNCING:
+            raise AssertionError(f"host sync in a decode step: Tensor.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+DECODE_PRESETS = {
+    **TINY_OPTIONS,
+    "h2o-evicting": {"kv_budget": 20, "evict_during_decode": True},
+    "streamingllm-rolling": {"kv_budget": 20, "rolling": True},
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_PRESETS))
+def test_decode_step_never_syncs_with_the_host(tiny_model, prompt_ids, name):
+    options = DECODE_PRESETS[name]
+    policy = kvpolicy.get_policy(name.split("-")[0], **options)
+    pre = kvpolicy.prefill(tiny_model, prompt_ids, policy, reserve=40)
+    adapter = kvpolicy.get_adapter(tiny_model)
+    token = pre.next_token
+    with NoHostSync():  # 34 steps: PyramidInfer squeezes twice, H2O / StreamingLLM evict every step
+        for step in range(34):
+            token = adapter.decode_step(token, policy, pre.batch, step).argmax(dim=-1, keepdim=True)
+    pre.batch.raise_deferred()
+    if "evict" in name or "rolling" in name:
+        assert pre.cache.kv_lengths == [20] * 4
+
+
+def test_no_sync_detector_catches_syncs():
+    with pytest.raises(AssertionError, match="item"), NoHostSync():
+        torch.ones(1).item()
+    with pytest.raises(AssertionError, match="__bool__"), NoHostSync():
+        bool(torch.ones(1) > 0)
+
+
+# -- per-head ragged cache ------------------------------------------------------------------------
+class UnevenHeads(CachePolicy):
+    """Test policy: SnapKV's choice, but KV head ``h`` keeps ``budget - step * h`` entries."""
+
+    kind = "uneven_heads_test"
+    budget: int = 24
+    step: int = 7
+
+    def select(self, view: LayerView, state: RequestState) -> PerHead | None:
+        idx = snapkv_keep(view, self.budget, 8, 7, "max")
+        if idx is None:
+            return None
+        heads = view.num_kv_heads
+        counts = torch.tensor([[self.budget - self.step * h for h in range(heads)]])
+        # each head's own first `count` picks, best first, then anything (ignored past the count)
+        return PerHead(idx, counts)
+
+
+def test_per_head_counts_are_stored_exactly(tiny_model, prompt_ids):
+    policy = kvpolicy.compose(cache=UnevenHeads())
+    pre = kvpolicy.prefill(tiny_model, prompt_ids, policy, reserve=0, block_size=8)
+    for layer in pre.cache.layers:
+        assert layer.row_lengths(0) == [24, 17]
+        # memory follows the entries: pages per row are ceil(count / block), not the longest row's
+        assert layer.pages_per_row == [3, 3]
+    pre = kvpolicy.prefill(tiny_model, prompt_ids, kvpolicy.compose(cache=UnevenHeads(step=16)), block_size=8)
+    assert pre.cache.layers[0].pages_per_row == [3, 1]
+    assert pre.cache.kv_head_lengths(0)[0] == [24, 8]
+
+
+def _naive_per_head_decode(model, pre, policy, steps):
+    """Reference: each layer's KV heads as Python lists of their own entries; attention per head."""
+    adapter = kvpolicy.get_adapter(model)
+    store = []
+    for layer in pre.cache.layers:
+        keys, values, n = layer.dense(layer.k_pool)[0], layer.dense(layer.v_pool)[0], layer.row_lengths(0)
+        store.append([[keys[h, : n[h]], values[h, : n[h]]] for h in range(len(n))])
+    token, out = pre.next_token, [int(pre.next_token)]
+    position = pre.state.prompt_len
+    for _ in range(steps):
+
+        def attend(i, attn, q, k, v):
+            heads = store[i]
+            n_rep = q.shape[1] // len(heads)
+            outs = []
+            for h, kv in enumerate(heads):
+                kv[0] = torch.cat([kv[0], k[0, h]])
+                kv[1] = torch.cat([kv[1], v[0, h]])
+                qh = q[0, h * n_rep : (h + 1) * n_rep, 0]  # (n_rep, d)
+                probs = (qh @ kv[0].T * attn.scaling).softmax(-1)
+                outs.append(probs @ kv[1])
+            return torch.cat(outs).reshape(1, 1, -1)
+
+        logits = adapter.decode_pass(token, torch.tensor([[position]]), attend)
+        token = logits.argmax(-1, keepdim=True)
+        out.append(int(token))
+        position += 1
+    return out
+
+
+def test_uneven_heads_decode_exactly_like_a_naive_per_head_reference(tiny_model, prompt_ids):
+    policy = kvpolicy.compose(cache=UnevenHeads())
+    ref_pre = kvpolicy.prefill(tiny_model, prompt_ids, policy, block_size=8)
+    naive = _naive_per_head_decode(tiny_model, ref_pre, policy, steps=15)
+    ours = kvpolicy.generate(tiny_model, None, input_ids=prompt_ids, policy=policy, max_new_tokens=16)
+    assert ours.token_ids == naive
+    assert ours.stats.kv_tokens_per_layer == [20.5] * 4  # the mean over the KV heads (24 and 17)
+
+
+def test_uneven_heads_in_a_batch_equal_each_alone(tiny_model, prompt_ids):
+    policy = kvpolicy.compose(cache=UnevenHeads())
+    prompts = [prompt_ids[0, :n].tolist() for n in (100, 57, 30)]
+    alone = [
+        kvpolicy.generate(tiny_model, None, input_ids=p, policy=policy, max_new_tokens=8) for p in prompts
+    ]
+    together = kvpolicy.generate(tiny_model, None, input_ids=prompts, policy=policy, max_new_tokens=8)
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def test_paged_attention_equals_dense_attention_on_ragged_rows():
+    g = torch.Generator().manual_seed(0)
+    h, d = 2, 8
+    keys = torch.randn(h, 30, d, generator=g)
+    counts = torch.tensor([30, 11])
+    layer = PagedLayer(block_size=4)
+    layer.store([(keys, keys * 2, torch.arange(30).expand(h, -1), counts)], reserve=3)
+    q = torch.randn(1, 4, 1, d, generator=g)
+    out, probs = paged_attention(q, layer, 0.3, want_probs=True)
+    for head in range(h):
+        k = keys[head, : counts[head]]
+        want = ((q[0, 2 * head : 2 * head + 2, 0] @ k.T) * 0.3).softmax(-1)
+        torch.testing.assert_close(probs[0, head, :, : counts[head]], want)
+        assert float(probs[0, head, :, counts[head] :].abs().sum()) == 0.0
+        torch.testing.assert_close(out[0, 0, 2 * head * d : (2 * head + 2) * d], (want @ (2 * k)).reshape(-1))
+
+
+def test_eviction_moves_the_last_entry_into_the_freed_slot():
+    layer = PagedLayer(block_size=2)
+    pos = torch.arange(6).expand(2, -1)
+    layer.store([(torch.randn(2, 6, 4), torch.randn(2, 6, 4), pos, None)], reserve=2)
+    mirror = layer.dense(layer.pos_pool).clone()[..., None].float()
+    slots = torch.tensor([[[1, 3], [-1, 0]]])
+    lengths = layer.lengths.clone()
+    layer.evict(slots)
+    evict_rows(mirror, slots, lengths)
+    assert layer.row_lengths(0) == [4, 5]
+    assert layer.positions[0, 0, :4].tolist() == [0, 2, 4, 5]
+    assert layer.positions[0, 1, :5].tolist() == [1, 2, 3, 4, 5]
+    assert mirror[0, :, :5, 0].long().tolist() == layer.dense(layer.pos_pool)[0, :, :5].tolist()
+
+
+def test_cache_grows_past_its_reserve_without_losing_entries(tiny_model, prompt_ids):
+    policy = kvpolicy.get_policy("snapkv", kv_budget=20)
+    pre = kvpolicy.prefill(tiny_model, prompt_ids, policy, reserve=0, block_size=4)
+    adapter = kvpolicy.get_adapter(tiny_model)
+    token = pre.next_token
+    out = []
+    for step in range(12):
+        token = adapter.decode_step(token, policy, pre.batch, step).argmax(-1, keepdim=True)
+        out.append(int(token))
+    reserved = kvpolicy.generate(tiny_model, None, input_ids=prompt_ids, policy=policy, max_new_tokens=13)
+    assert [int(pre.next_token), *out] == reserved.token_ids
+    assert pre.cache.kv_lengths == [32] * 4
+
+
+# -- decode-time returns are checked without syncing ------------------------------------------------
+class BadEviction(CachePolicy):
+    kind = "bad_eviction_test"
+
+    def select(self, view, state):
+        return None
+
+    def on_decode(self, view, state):
+        return Evict(torch.full((1, view.lengths.shape[1], 1), 10_000))
+
+
+def test_bad_decode_indices_are_reported_at_the_end_naming_policy_and_layer(tiny_model, prompt_ids):
+    with pytest.raises(AdapterError, match=r"BadEviction.*on_decode\(\) at layer 0.*outside"):
+        kvpolicy.generate(
+            tiny_model,
+            None,
+            input_ids=prompt_ids,
+            policy=kvpolicy.compose(cache=BadEviction()),
+            max_new_tokens=3,
+        )
+
+
+def test_bad_decode_index_shape_fails_at_once(tiny_model, prompt_ids):
+    class WrongShape(BadEviction):
+        def on_decode(self, view, state):
+            return Evict(torch.zeros(3, dtype=torch.long))
+
+    with pytest.raises(AdapterError, match=r"WrongShape.*shape"):
+        kvpolicy.generate(
+            tiny_model,
+            None,
+            input_ids=prompt_ids,
+            policy=kvpolicy.compose(cache=WrongShape()),
+            max_new_tokens=3,
+        )
+
+
+def test_one_prompt_is_a_batch_of_one(tiny_model, prompt_ids):
+    policy = kvpolicy.get_policy("fastkv", **TINY_OPTIONS["fastkv"])
+    one = kvpolicy.generate(tiny_model, None, input_ids=prompt_ids, policy=policy, max_new_tokens=6)
+    many = kvpolicy.generate(
+        tiny_model, None, input_ids=[prompt_ids[0].tolist()], policy=policy, max_new_tokens=6
+    )
+    assert isinstance(many, list) and many[0].token_ids == one.token_ids
+    assert many[0].stats.kv_tokens_per_layer == one.stats.kv_tokens_per_layer
+
+
+def test_prefill_memory_does_not_keep_the_previous_layer(prompt_ids):
+    model = tiny_llama()
+    from kvpolicy.adapters import base
+
+    old = base.MLP_CHUNK_TOKENS
+    base.MLP_CHUNK_TOKENS = 16  # chunked MLP gives the same output
+    try:
+        chunked = kvpolicy.prefill(model, prompt_ids, "fullkv").logits
+    finally:
+        base.MLP_CHUNK_TOKENS = old
+    torch.testing.assert_close(chunked, kvpolicy.prefill(model, prompt_ids, "fullkv").logits)
