@@ -175,7 +175,9 @@ def _encode_all(
     chat: bool | None,
     room: int,
 ) -> list[torch.Tensor]:
-    """Every prompt as ``(L,)`` token ids on the embedding's device, checked; one prompt is a list of one."""
+    """Every prompt as ``(L,)`` token ids on the embedding's device, checked; one prompt is a list of
+    one. Errors in a batch name the prompt's index."""
+    batch = prompts is not None or _is_batch(None, input_ids)
     if prompts is not None:
         items, texts = list(prompts), True
     elif isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
@@ -193,7 +195,7 @@ def _encode_all(
             ids = _as_input_ids(model, raw)[0]
             adapter.check_prompt_length(ids.shape[0] + max(room, 0))
         except (TypeError, ValueError) as exc:
-            if len(items) == 1:
+            if not batch:
                 raise
             raise type(exc)(f"prompt {i}: {exc}") from None
         encoded.append(ids)
@@ -292,8 +294,12 @@ def generate(
         raise ValueError(f"pass exactly one of prompt ({'texts' if many else 'text'}) or input_ids")
     pol = _resolve_policy(policy)
     adapter = get_adapter(model)
-    texts = None if prompt is None else (list(prompt) if many else [prompt])  # type: ignore[list-item]
-    encoded = _encode_all(model, adapter, tokenizer, texts, input_ids, chat, max_new_tokens)
+    if prompt is not None and not many:
+        encoded = [_as_input_ids(model, encode_prompt(tokenizer, prompt, chat))[0]]  # type: ignore[arg-type]
+        adapter.check_prompt_length(encoded[0].shape[0] + max_new_tokens)
+    else:
+        texts = None if prompt is None else list(prompt)  # type: ignore[arg-type]
+        encoded = _encode_all(model, adapter, tokenizer, texts, input_ids, chat, max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: -encoded[i].shape[0])
     size = batch_size or len(order)
     gen = None

@@ -149,25 +149,23 @@ def test_eval_batch_size_gives_the_same_records(embedded_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_batches_have_no_nan_from_padding(dtype):
-    """Padding masks use the dtype's own minimum and scores run in fp32: no NaN or inf in a padded
-    half-precision batch, for a cache policy and for TSP."""
-    from kvpolicy.adapters.batched import prefill_batch
-    from kvpolicy.registry import get_adapter
-
+    """Scores run in fp32 and padding never enters attention: finite logits at prefill and at every
+    decode step of a padded half-precision batch, for a cache policy and for TSP."""
     model = tiny_llama().to(dtype)
-    prompts = [torch.tensor(p) for p in _prompts()]
+    prompts = _prompts()
+    adapter = kvpolicy.get_adapter(model)
     for policy in (
         kvpolicy.get_policy("snapkv", kv_budget=20),
         kvpolicy.get_policy("fastkv", kv_budget=20, tsp_layer=1, tsp_rate=0.5),
     ):
-        with torch.no_grad():
-            logits, _, cache = prefill_batch(get_adapter(model), prompts, policy)
-        assert torch.isfinite(logits.float()).all()
-        assert cache.kv_lengths(3) == [7] * 4  # the 7-token prompt is shorter than the budget
-        outs = kvpolicy.generate(
-            model, None, input_ids=[p.tolist() for p in prompts], policy=policy, max_new_tokens=4
-        )
-        assert all(len(o.token_ids) == 4 for o in outs)
+        pre = kvpolicy.prefill(model, prompts, policy, reserve=4)
+        assert torch.isfinite(pre.logits.float()).all()
+        assert pre.cache.kv_lengths_of(3) == [7] * 4  # the 7-token prompt is shorter than the budget
+        token = pre.next_token
+        for step in range(4):
+            logits = adapter.decode_step(token, policy, pre.batch, step)
+            assert torch.isfinite(logits.float()).all(), f"step {step}"
+            token = logits.argmax(-1, keepdim=True)
 
 
 def test_a_2d_tensor_is_a_batch_of_equal_length_prompts(model):
@@ -176,26 +174,5 @@ def test_a_2d_tensor_is_a_batch_of_equal_length_prompts(model):
     batch = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=5)
     alone = [kvpolicy.generate(model, None, input_ids=row, policy=policy, max_new_tokens=5) for row in ids]
     assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
-    with pytest.raises(ValueError, match="prefill takes one prompt, got batch size 3"):
-        kvpolicy.prefill(model, ids, policy)
-
-
-def test_ragged_layer_grows_and_keeps_alignment():
-    from kvpolicy.ragged import RaggedLayer
-
-    layer = RaggedLayer()
-    parts = []
-    for n in (3, 1):
-        k = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 2, n, 1) + 10 * n
-        parts.append((k, k.clone(), torch.arange(n).view(1, 1, n).expand(1, 2, n)))
-    layer.store(parts, reserve=0)
-    assert layer.length == 3 and layer.counts == [3, 1]
-    for step in range(5):  # past the (zero) reserve: the buffers grow
-        new = torch.full((2, 2, 1, 1), 100.0 + step)
-        layer.append(new, new, torch.tensor([3 + step, 1 + step]))
-    assert layer.length == 8 and layer.counts == [8, 6]
-    k, _, pos = layer.sequence(1)
-    assert k[0, 0, :, 0].tolist() == [10.0, 100.0, 101.0, 102.0, 103.0, 104.0]
-    assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 5]
-    mask = layer.attention_mask(torch.float32)[:, 0, 0]
-    assert (mask[1, :2] < -1e30).all() and (mask[1, 2:] == 0).all() and (mask[0] == 0).all()
+    pre = kvpolicy.prefill(model, ids, policy)  # prefill takes the same batch
+    assert len(pre.states) == 3 and pre.next_token[:, 0].tolist() == [o.token_ids[0] for o in alone]

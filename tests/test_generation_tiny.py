@@ -133,15 +133,17 @@ def test_model_is_unchanged_after_use(prompt_ids):
 
 
 def test_cache_appends_without_copying_and_grows_geometrically(tiny_model, prompt_ids):
-    pre = kvpolicy.prefill(tiny_model, prompt_ids, "fullkv", reserve=4)
+    pre = kvpolicy.prefill(tiny_model, prompt_ids, "fullkv", reserve=4, block_size=8)
     layer = pre.cache.layers[0]
-    assert layer.capacity == 104
-    ptr = layer._k.data_ptr()
+    assert layer.capacity == 104  # 100 entries + 4 reserved, in pages of 8
+    ptr = layer.k_pool.data_ptr()
     for _ in range(4):
         layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
-    assert layer._k.data_ptr() == ptr and layer.length == 104 and layer.get_seq_length() == 104
+    assert layer.k_pool.data_ptr() == ptr and layer.row_lengths() == [104, 104]
+    assert layer.get_seq_length() == 104
     layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
     assert layer.capacity == 208 and layer.positions[0, 0, -1].item() == 104
+    assert layer.positions[0, 0].tolist() == list(range(105))  # nothing lost in the growth
 
 
 def test_sampling_is_reproducible_with_seed(tiny_model, prompt_ids):
