@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--temperature", type=float, default=1.0)
     p_gen.add_argument("--top-p", type=float, default=1.0)
     p_gen.add_argument("--seed", type=int)
+    p_gen.add_argument(
+        "--compile", action="store_true", help="compile the decode step (torch.compile; CUDA graphs on CUDA)"
+    )
     p_gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p_gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
 
@@ -173,6 +176,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        compile=args.compile,
         chat=False if args.no_chat else None,
     )
     s = out.stats

@@ -63,6 +63,11 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile kvpolicy's decode step (torch.compile; CUDA graphs on CUDA)",
+    )
+    p.add_argument(
         "--random-weights", metavar="CONFIG", help=f"a config.json path or one of {', '.join(SHAPES)}"
     )
     p.add_argument(
@@ -168,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             include_transformers=not args.no_transformers_baseline,
+            compile=args.compile,
             progress=lambda: progress.advance(task),
         )
     print_rows(console, rows, gen)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kvpolicy.bench.costmodel import ModelShape, speedup_bound
-from kvpolicy.generation import prefill
+from kvpolicy.generation import _decode, _prefill, _Sampler, compiled_decode_step
 from kvpolicy.interfaces import Policy
 from kvpolicy.registry import get_adapter, get_policy
 
@@ -110,58 +110,29 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def run_policy(model: nn.Module, input_ids: torch.Tensor, policy: Policy, gen: int) -> Sample:
-    """Prefill under ``policy`` and ``gen`` greedy decode steps, timed separately. A batch
-    ``(B, L)`` runs through the batched path (:mod:`kvpolicy.adapters.batched`)."""
-    device = input_ids.device
-    if input_ids.shape[0] > 1:
-        return _run_policy_batch(model, input_ids, policy, gen)
-    with _PeakMemory(device) as mem:
-        pre = prefill(model, input_ids, policy, reserve=gen)
-        state = pre.state
-        kv_bytes = sum(state.cache.kv_bytes)
-        kv_lengths = state.cache.kv_lengths  # after prefill, before decode appends
-        decode = None
-        if gen:
-            adapter = get_adapter(model)
-            token = pre.next_token
-            _sync(device)
-            t0 = time.perf_counter()
-            for step in range(gen):
-                token = adapter.decode_step(token, policy, state, step).argmax(dim=-1, keepdim=True)
-            _sync(device)
-            decode = (time.perf_counter() - t0) / gen
-    # Every layer pass counts for the cost model, a discarded filter pass (GemFilter) included.
-    passes = [*state.discarded_tokens_per_layer, *state.tokens_per_layer]
-    return Sample(pre.seconds, decode, mem.peak(), kv_bytes, passes, kv_lengths)
-
-
-def _run_policy_batch(model: nn.Module, input_ids: torch.Tensor, policy: Policy, gen: int) -> Sample:
-    from kvpolicy.adapters.batched import decode_step_batch, prefill_batch
-
+def run_policy(
+    model: nn.Module, input_ids: torch.Tensor, policy: Policy, gen: int, compile: bool = False
+) -> Sample:
+    """Prefill under ``policy`` and ``gen`` greedy decode steps, timed separately, through the same
+    engine and decode loop as :func:`kvpolicy.generate` (timers around it, no copy of the loop). A
+    ``(B, L)`` tensor is a batch (KV bytes are the batch's)."""
     device = input_ids.device
     adapter = get_adapter(model)
+    step_fn = compiled_decode_step(adapter) if compile else adapter.decode_step
     with _PeakMemory(device) as mem:
-        _sync(device)
-        t0 = time.perf_counter()
-        logits, states, cache = prefill_batch(adapter, list(input_ids), policy, reserve=gen)
-        _sync(device)
-        prefill_s = time.perf_counter() - t0
-        kv_bytes = sum(sum(cache.kv_bytes(b)) for b in range(len(states)))
-        kv_lengths = cache.kv_lengths(0)
+        pre = _prefill(adapter, list(input_ids), policy, reserve=gen)
+        cache = pre.cache
+        kv_bytes = sum(sum(cache.kv_bytes_of(b)) for b in range(len(pre.states)))
+        kv_lengths = cache.kv_lengths_of(0)  # after prefill, before decode appends
         decode = None
         if gen:
-            token = logits.argmax(dim=-1, keepdim=True)
-            t0 = time.perf_counter()
-            for step in range(gen):
-                token = decode_step_batch(adapter, token, policy, states, cache, step).argmax(
-                    dim=-1, keepdim=True
-                )
-            _sync(device)
-            decode = (time.perf_counter() - t0) / gen
-    state = states[0]
+            # gen + 1 tokens: the first comes from the prefill logits, then `gen` decode steps
+            _, stats = _decode(pre, policy, step_fn, _Sampler(False, 1.0, 1.0, None), gen + 1, set())
+            decode = stats[0].decode_seconds_per_token
+    # Every layer pass counts for the cost model, a discarded filter pass (GemFilter) included.
+    state = pre.state
     passes = [*state.discarded_tokens_per_layer, *state.tokens_per_layer]
-    return Sample(prefill_s, decode, mem.peak(), kv_bytes, passes, kv_lengths)
+    return Sample(pre.seconds, decode, mem.peak(), kv_bytes, passes, kv_lengths)
 
 
 @torch.no_grad()
@@ -203,6 +174,7 @@ def benchmark(
     warmup: int = 1,
     include_transformers: bool = True,
     progress: Any = None,
+    compile: bool = False,
 ) -> list[Row]:
     """Time every policy against full KV at every length; repeats interleaved across variants.
 
@@ -223,7 +195,7 @@ def benchmark(
                 sample = (
                     run_transformers(model, ids, gen)
                     if policy is None
-                    else run_policy(model, ids, policy, gen)
+                    else run_policy(model, ids, policy, gen, compile=compile)
                 )
                 if rep >= warmup:
                     samples[name].append(sample)

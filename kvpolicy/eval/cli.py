@@ -99,6 +99,9 @@ def _bench_parser(esub: Any, name: str, help_: str) -> argparse.ArgumentParser:
         help="samples generated at once, left-padded (default 1; same answers, faster on a GPU)",
     )
     q.add_argument(
+        "--compile", action="store_true", help="compile the decode step (same answers; faster on a GPU)"
+    )
+    q.add_argument(
         "--shard",
         help="run shard i of n (0-based, e.g. 0/4) in its own folder; 'env' reads RANK/WORLD_SIZE or a "
         "Slurm array; compare merges the shards",
@@ -150,6 +153,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         shard=shard,
         batch_size=args.batch_size,
+        compile=args.compile,
         **extra,
     )
     return 0

@@ -203,6 +203,7 @@ def run_eval(
     strict: bool = False,
     shard: str | tuple[int, int] | None = None,
     batch_size: int = 1,
+    compile: bool = False,
 ) -> EvalResult:
     """Run ``benchmark`` (``needle``, ``ruler`` or ``longbench``) under ``policy`` and store the results.
 
@@ -216,7 +217,7 @@ def run_eval(
     ``shard="i/n"`` runs every n-th sample from i in a folder of its own (:mod:`kvpolicy.eval.shard`);
     ``compare`` merges the shards. ``batch_size`` generates that many samples at once (left-padded;
     the same answers as one at a time, and not part of the run key); per-sample timings are then the
-    batch's.
+    batch's. ``compile`` compiles the decode step (same answers; not part of the run key).
     """
     from rich.console import Console
 
@@ -338,6 +339,7 @@ def run_eval(
                 len(items),
                 label,
                 batch_size,
+                compile,
             )
         except BaseException:
             meta.update(status="interrupted", samples_done=len(records), updated_at=now())
@@ -373,6 +375,7 @@ def _run_items(
     total: int,
     label: str,
     batch_size: int = 1,
+    compile: bool = False,
 ) -> int:
     from rich.progress import (
         BarColumn,
@@ -405,6 +408,7 @@ def _run_items(
                 input_ids=ids if len(ids) > 1 else ids[0],
                 policy=policy,
                 max_new_tokens=new_tokens,
+                compile=compile,
             )
             for (item, b), out in zip(group, outs if len(ids) > 1 else [outs], strict=True):
                 record = _record(item, b, out, task.score(item, b, out.text), n_layers)
