@@ -427,24 +427,20 @@ def _on_decode(
     for b, state in enumerate(batch.states):
         view = decode_view(lc, b, layer, num_layers, state.prompt_len, step, q, probs, scaling, positions)
         decision = _call(cache_policy, "on_decode", layer, view, state)
-        where = f"policy {type(cache_policy).__name__} ({cache_policy.kind!r}) on_decode() at layer {layer}"
         if decision is None:
             evictions.append(None)
         elif isinstance(decision, Evict):
             slots = decision.slots
             _check_static(cache_policy, "on_decode", layer, slots, (1, lc.num_heads))
             bad = (slots < -1) | (slots >= lc.lengths[b : b + 1, :, None])
-            batch.defer(f"{where}: evicted slots outside [-1, length)", bad)
+            batch.defer(layer, 0, bad)
             evictions.append(slots)
         else:
             idx, counts = (
                 (decision.indices, decision.counts) if isinstance(decision, PerHead) else (decision, None)
             )
             _check_static(cache_policy, "on_decode", layer, idx, (1, lc.num_heads))
-            batch.defer(
-                f"{where}: kept slots outside [0, length)",
-                (idx < 0) | (idx >= lc.lengths[b : b + 1, :, None]),
-            )
+            batch.defer(layer, 1, (idx < 0) | (idx >= lc.lengths[b : b + 1, :, None]))
             lc.keep(idx, counts, seq=b)
             evictions.append(None)
     if any(e is not None for e in evictions):

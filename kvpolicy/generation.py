@@ -381,7 +381,7 @@ def _decode(
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - t0
-    batch.raise_deferred()
+    batch.raise_deferred(pol.cache)
     outs = []
     for b, row in enumerate(tokens[:, :generated].tolist()):
         cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
@@ -390,6 +390,11 @@ def _decode(
         stats[b].decode_steps = min(steps, max(cut - 1, 0))
         stats[b].decode_seconds = decode_seconds
     return outs, stats
+
+
+#: ``torch.compile`` backend for ``compile=True`` (``None``: inductor). Tests set ``"eager"`` to check
+#: graph capture (no breaks, no recompiles) without inductor's code generation time.
+COMPILE_BACKEND: str | None = None
 
 
 def compiled_decode_step(adapter: Any) -> Any:
@@ -401,9 +406,12 @@ def compiled_decode_step(adapter: Any) -> Any:
     compiled = getattr(adapter, "_compiled_forward", None)
     if compiled is None:
         cuda = next(adapter.model.parameters()).device.type == "cuda"
-        compiled = torch.compile(
-            adapter.decode_forward, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
-        )
+        options: dict[str, Any] = {"backend": COMPILE_BACKEND} if COMPILE_BACKEND else {}
+        if cuda and not COMPILE_BACKEND:
+            options["mode"] = "reduce-overhead"
+        # Policies and batches are guarded by identity: allow a few dozen before dynamo gives up.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        compiled = torch.compile(adapter.decode_forward, fullgraph=True, **options)
         adapter._compiled_forward = compiled
 
     def step(token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int) -> torch.Tensor:

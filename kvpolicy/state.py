@@ -55,6 +55,10 @@ class RequestState:
         return self._scratch.setdefault(id(owner), {})
 
 
+#: What a deferred check found wrong, by its column in :attr:`Batch.flags`.
+CHECKS = ("evicted slots outside [-1, length)", "kept slots outside [0, length)")
+
+
 @dataclass
 class Batch:
     """Requests decoded together: their states, their shared cache and their next positions.
@@ -63,32 +67,41 @@ class Batch:
         states: one :class:`RequestState` per sequence, in batch order.
         cache: the batch's :class:`~kvpolicy.cache.KVPolicyCache`.
         next_positions: ``(B,)`` device tensor, the logical position of each sequence's next token.
-        checks: device-side validity flags of what decode-time policies returned, read once when
-            the generation ends (:meth:`raise_deferred`), never inside a decode step.
+        flags: ``(layers, len(CHECKS))`` device bools: what decode-time policies returned that was
+            out of range, set in place inside decode steps and read once when the generation ends
+            (:meth:`raise_deferred`), never inside a step.
     """
 
     states: list[RequestState]
     cache: KVPolicyCache
     next_positions: torch.Tensor
-    checks: dict[str, torch.Tensor] = field(default_factory=dict)
+    flags: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.flags is None:
+            layers = len(self.cache.layers)
+            self.flags = torch.zeros(
+                (layers, len(CHECKS)), dtype=torch.bool, device=self.next_positions.device
+            )
 
     @property
     def size(self) -> int:
         return len(self.states)
 
-    def defer(self, message: str, bad: torch.Tensor) -> None:
-        """Remember a device-side flag ``bad`` (bool tensor); :meth:`raise_deferred` reads it later."""
-        flag = bad.any()
-        self.checks[message] = self.checks[message] | flag if message in self.checks else flag
+    def defer(self, layer: int, check: int, bad: torch.Tensor) -> None:
+        """Record device-side flag ``bad`` (a bool tensor) for ``layer``; no host read."""
+        assert self.flags is not None
+        self.flags[layer, check] |= bad.any()
 
-    def raise_deferred(self) -> None:
-        """Raise the first deferred check that failed (one host read for all of them)."""
-        if not self.checks:
-            return
-        flags = torch.stack(list(self.checks.values())).tolist()
-        messages = [m for m, bad in zip(self.checks, flags, strict=True) if bad]
-        self.checks.clear()
-        if messages:
+    def raise_deferred(self, policy: Any) -> None:
+        """Raise for the first deferred check that failed, naming ``policy`` (one host read)."""
+        assert self.flags is not None
+        found = self.flags.nonzero().tolist()
+        self.flags.zero_()
+        if found:
             from kvpolicy.adapters.base import AdapterError
 
-            raise AdapterError(messages[0])
+            layer, check = found[0]
+            raise AdapterError(
+                f"policy {type(policy).__name__} ({policy.kind!r}) on_decode() at layer {layer}: {CHECKS[check]}"
+            )

@@ -433,8 +433,13 @@ class CachePolicyConformance:
         for i, layer in enumerate(pre.cache.layers):
             seen = pre.state.tokens_per_layer[i]
             n = _check_layer(layer, i, kv_heads, seen, f"{policy!r} after {prop!r}")
+            # The budget resolves against the prompt; a layer that fewer tokens reach keeps them all.
             budget = kvpolicy_case.expected_kv(policy, length, i, num_layers)
-            assert n <= max(budget, 1), f"layer {i} keeps {n} entries, over its budget {budget}"
+            want = min(budget, seen)
+            assert n == want, (
+                f"{policy!r} after {prop!r}: layer {i} keeps {n} entries per KV head of the {seen} tokens "
+                f"that reached it, expected {want} (its budget {budget} for a {length}-token prompt)"
+            )
         assert _tokens(kvpolicy_model, kvpolicy_prompt, composed, new_tokens=4)
 
     # (e) bad inputs -------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from kvpolicy.policies.pyramidinfer import (
 )
 from kvpolicy.policies.pyramidkv import pyramid_budget
 from kvpolicy.state import RequestState
+from kvpolicy.testing import one_thread
 
 NEW_PRESETS = ["streamingllm", "h2o", "pyramidkv", "gemfilter", "pyramidinfer"]
 
@@ -124,15 +125,56 @@ def expected_cache(cache: str, tokens: list[int]) -> list[int]:
     return [min(24, t) for t in tokens]
 
 
+def expected_after_decode(cache: str, kv: list[int], steps: int) -> list[int]:
+    """Entries per KV head after ``steps`` decode appends: the evicting caches (StreamingLLM rolling, H2O
+    evict_during_decode) grow to their budget and stay there, PyramidInfer squeezes ``interval`` entries
+    to ``squeezed_to`` every ``interval`` steps, the others grow by one entry a step."""
+    if cache in ("streamingllm", "h2o"):
+        return [min(24, n + steps) for n in kv]
+    if cache == "pyramidinfer_squeeze":
+        squeeze = CACHES[cache]
+        dropped = [
+            (steps // squeeze.interval) * (squeeze.interval - squeeze.squeezed_to(i, len(kv)))
+            for i in range(len(kv))
+        ]
+        return [n + steps - d for n, d in zip(kv, dropped, strict=True)]
+    return [n + steps for n in kv]
+
+
 @pytest.mark.parametrize("cache", list(CACHES))
 @pytest.mark.parametrize("prop", list(PROPAGATIONS))
 def test_every_propagation_composes_with_every_cache(tiny_model, prompt_ids, prop, cache):
+    with one_thread():  # a tiny model: intra-op threads only add overhead
+        _check_composition(tiny_model, prompt_ids, prop, cache)
+
+
+def _check_composition(tiny_model, prompt_ids, prop, cache):
     policy = kvpolicy.compose(PROPAGATIONS[prop], CACHES[cache])
     out = run(tiny_model, prompt_ids, policy)
-    assert len(out.token_ids) == 20
     tokens = expected_tokens(prop)
+    kv = expected_cache(cache, tokens)
     assert out.stats.tokens_per_layer == tokens
-    assert out.stats.kv_tokens_per_layer == expected_cache(cache, tokens)
+    assert out.stats.kv_tokens_per_layer == kv
+    assert out.stats.kv_bytes_per_layer == [n * 2 * 2 * 16 * 4 for n in kv]  # (K+V) x heads x dim x fp32
+    # The same engine step by step gives the same 20 tokens; afterwards every KV head of every layer
+    # holds what the cache policy promises, newest entries at the positions decoding continued at
+    # (the prompt length, or the filtered length after a GemFilter restart).
+    pre = kvpolicy.prefill(tiny_model, prompt_ids, policy, reserve=20)
+    assert pre.cache.kv_head_lengths() == [[n, n] for n in kv]
+    adapter = kvpolicy.get_adapter(tiny_model)
+    token, ids = pre.next_token, [pre.next_token.item()]
+    for step in range(19):
+        token = adapter.decode_step(token, policy, pre.batch, step).argmax(dim=-1, keepdim=True)
+        ids.append(token.item())
+    assert ids == out.token_ids
+    assert pre.cache.kv_head_lengths() == [[n, n] for n in expected_after_decode(cache, kv, 19)]
+    start = 40 if prop == "gemfilter" else 100
+    assert pre.cache.get_seq_length() == start + 19
+    recent = 8 if cache == "h2o" else 19  # H2O keeps its recent window; the others, every new entry
+    for i, layer in enumerate(pre.cache.layers):
+        assert (
+            layer.positions[0, :, -recent:].tolist() == [list(range(start + 19 - recent, start + 19))] * 2
+        ), i
 
 
 # -- keep everything == full ----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -64,12 +65,33 @@ def test_benchmark_interleaves_and_reports_ratios():
     assert len(calls) == 3 * 3  # (warm-up + repeats) x (full, transformers, fastkv)
     by_name = {r.variant: r for r in rows}
     assert set(by_name) == {FULL, HF_BASELINE, "fastkv"}
-    fast = by_name["fastkv"]
+    fast, full = by_name["fastkv"], by_name[FULL]
     assert fast.tokens_per_layer == [200, 200, 50, 50] and fast.kv_tokens_per_layer == [32] * 4
+    assert full.tokens_per_layer == full.kv_tokens_per_layer == [200] * 4
+    # The bound is the cost model's, on these schedules.
+    shape = ModelShape.from_config(model.config)
+    want = speedup_bound(shape, [200] * 4, [200] * 4, [200, 200, 50, 50], [32] * 4, 4, 4)
+    assert fast.bound == pytest.approx({"prefill": want.prefill_speedup, "decode": want.decode_speedup})
     assert fast.bound["prefill"] > 1.0 and fast.bound["decode"] > 1.0
-    assert fast.speedup["prefill"] > 0 and fast.decode_ms_per_token is not None
-    assert by_name[FULL].speedup["prefill"] == pytest.approx(1.0)
-    assert by_name[HF_BASELINE].kv_bytes == by_name[FULL].kv_bytes  # same entries, other cache
+    # KV bytes after prefill: entries x (K+V) x 2 KV heads x head_dim 16 x fp32, over 4 layers.
+    assert fast.kv_bytes == 32 * 2 * 2 * 16 * 4 * 4 and full.kv_bytes == 200 * 2 * 2 * 16 * 4 * 4
+    assert by_name[HF_BASELINE].kv_bytes == full.kv_bytes  # same entries, other cache
+    for row in rows:
+        # Every variant measured prefill and decode: positive, finite, quartiles in order.
+        for stats in (row.prefill_s, row.decode_ms_per_token, row.e2e_s):
+            assert stats is not None and 0 < stats["p25"] <= stats["median"] <= stats["p75"] < math.inf
+        # Two repeats: the median is their mean, so end-to-end = prefill + gen x decode, of the medians.
+        e2e = row.prefill_s["median"] + 4 * row.decode_ms_per_token["median"] / 1000
+        assert row.e2e_s["median"] == pytest.approx(e2e)
+        # Speed-ups are full KV's medians over the row's.
+        assert row.speedup == pytest.approx(
+            {
+                "prefill": full.prefill_s["median"] / row.prefill_s["median"],
+                "decode": full.decode_ms_per_token["median"] / row.decode_ms_per_token["median"],
+                "e2e": full.e2e_s["median"] / row.e2e_s["median"],
+            }
+        )
+    assert full.speedup == {"prefill": 1.0, "decode": 1.0, "e2e": 1.0}
 
 
 def test_benchmark_batches_report_the_batch():

@@ -240,3 +240,48 @@ def test_prefill_memory_does_not_keep_the_previous_layer(prompt_ids):
     finally:
         base.MLP_CHUNK_TOKENS = old
     torch.testing.assert_close(chunked, kvpolicy.prefill(model, prompt_ids, "fullkv").logits)
+
+
+# -- compiled decode ---------------------------------------------------------------------------------
+@pytest.fixture
+def dynamo_eager(monkeypatch):
+    """Compile with dynamo's graph capture only (no inductor codegen): checks fullgraph capture and
+    recompiles quickly; one test below runs inductor itself."""
+    import kvpolicy.generation as generation
+
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(DECODE_PRESETS))
+def test_compiled_decode_equals_eager_and_stops_recompiling(dynamo_eager, name):
+    from torch._dynamo.utils import counters
+
+    from kvpolicy.generation import compiled_decode_step
+
+    model = tiny_llama()  # a fresh adapter: its compiled step starts empty
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+    policy = kvpolicy.get_policy(name.split("-")[0], **DECODE_PRESETS[name])
+    eager = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=40)
+    compiled = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=40, compile=True)
+    assert compiled.token_ids == eager.token_ids
+    # Across steps of a new request the graphs are reused: no frame is compiled again.
+    before = counters["frames"]["ok"]
+    pre = kvpolicy.prefill(model, ids, policy, reserve=40)
+    step_fn, token = compiled_decode_step(kvpolicy.get_adapter(model)), pre.next_token
+    for step in range(40):
+        token = step_fn(token, policy, pre.batch, step).argmax(-1, keepdim=True)
+    assert counters["frames"]["ok"] == before
+
+
+def test_inductor_compiled_decode_equals_eager():
+    torch._dynamo.reset()
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(2))
+    policy = kvpolicy.get_policy("snapkv", kv_budget=20)
+    eager = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=8)
+    compiled = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=8, compile=True)
+    assert compiled.token_ids == eager.token_ids
+    torch._dynamo.reset()

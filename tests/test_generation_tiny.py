@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
+from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy.interfaces import Propagate, PropagationPolicy, Restart
@@ -22,6 +23,33 @@ def hf_greedy(model, ids, n):
 
 def run(model, ids, policy, n=20):
     return kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=n)
+
+
+@torch.no_grad()
+def reference_keys(model, ids, keep_after, keep):
+    """Every layer's keys ``(1, H_kv, n, d)`` and the last-token logits, computed by transformers' own
+    decoder layers and ``DynamicCache`` (not by kvpolicy's adapter): all tokens through layers
+    ``0..keep_after``, then only the tokens ``keep`` (sorted indices) at their *original* positions,
+    causal among themselves (an explicit 4D mask)."""
+    base = model.model
+    h = base.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(base.layers):
+        t = h.shape[1]
+        mask = torch.full((t, t), torch.finfo(h.dtype).min).triu(1)[None, None]
+        h = layer(
+            h,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            position_embeddings=base.rotary_emb(h, pos),
+        )
+        if i == keep_after:
+            h, pos = h[:, keep], pos[:, keep]
+    logits = model.lm_head(base.norm(h[:, -1]))
+    return [layer.keys for layer in cache.layers], logits
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -61,28 +89,46 @@ def test_tsp_counts_and_positions(tiny_model, prompt_ids):
     kept = pre.cache.layers[2].positions[0, 0]
     assert kept.tolist() == pre.cache.layers[3].positions[0, 1].tolist()  # no cache cut: all 30
     assert kept[-8:].tolist() == list(range(92, 100))
-    # Propagated tokens keep their original positions: recomputing layer 2's keys from the model at
-    # those positions reproduces the cache.
-    assert pre.cache.layers[0].next_position == 100
+    assert kept.tolist() != list(range(30))  # TSP picked more than a prefix, or this proves nothing
+    # Propagated tokens keep their original positions: recomputing layer 2's (and 3's) keys from the
+    # model, every token through layers 0-1 then the kept ones at those positions, reproduces the cache.
+    ref, logits = reference_keys(tiny_model, prompt_ids, keep_after=1, keep=kept)
+    for i, layer in enumerate(pre.cache.layers):
+        torch.testing.assert_close(layer.keys, ref[i], msg=lambda m, i=i: f"layer {i}: {m}")
+    torch.testing.assert_close(pre.logits, logits)
+    # Decode continues at the logical length (the prompt's), in every layer.
+    assert [layer.next_position for layer in pre.cache.layers] == [100] * 4
+    assert pre.cache.get_seq_length() == 100 and pre.batch.next_positions.tolist() == [100]
+
+
+#: A scattered, sorted selection that ends at the last prompt token and is no prefix (position 0 is
+#: dropped): renumbering the kept tokens 0..k-1 would give every one of them another position.
+SCATTERED = torch.cat([torch.arange(2, 60, 3), torch.arange(61, 100, 2)])
 
 
 def test_propagated_tokens_keep_original_positions():
-    """A propagation that keeps a prefix of tokens equals running the model on that prefix alone
-    for the kept tokens' keys, which is only true if positions are the originals."""
+    """Tokens that propagate past layer 0 keep their original positions: their keys at later layers
+    equal transformers' own layers run on those tokens at those positions (and differ from what
+    positions renumbered 0..k-1 would give)."""
 
-    class KeepFirst(PropagationPolicy):
-        kind = "test-keep-first"
+    class KeepScattered(PropagationPolicy):
+        kind = "test-keep-scattered"
 
         def propagate(self, view, state):
             if view.layer == 0:
-                return Propagate(torch.arange(60)[None])
+                return Propagate(SCATTERED[None])
             return None
 
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(5))
-    pre = kvpolicy.prefill(model, ids, kvpolicy.compose(KeepFirst()))
-    ref = kvpolicy.prefill(model, ids[:, :60], "fullkv")
-    torch.testing.assert_close(pre.cache.layers[3].keys, ref.cache.layers[3].keys)
+    pre = kvpolicy.prefill(model, ids, kvpolicy.compose(KeepScattered()))
+    assert pre.state.tokens_per_layer == [100, 40, 40, 40]
+    ref, logits = reference_keys(model, ids, keep_after=0, keep=SCATTERED)
+    for i, layer in enumerate(pre.cache.layers):
+        want = torch.arange(100) if i == 0 else SCATTERED
+        assert layer.positions[0].tolist() == [want.tolist()] * 2, f"layer {i}"
+        torch.testing.assert_close(layer.keys, ref[i], msg=lambda m, i=i: f"layer {i}: {m}")
+    torch.testing.assert_close(pre.logits, logits)
     assert pre.cache.layers[0].next_position == 100  # decode continues at the original length
 
 
@@ -179,5 +225,16 @@ def test_stats_report_per_layer_costs(tiny_model, prompt_ids):
 def test_bfloat16_runs_without_nan(prompt_ids):
     model = tiny_llama().to(torch.bfloat16)
     # tsp_rate given: with a token budget alone fastkv propagates a constant 2048 tokens (no cut here).
-    out = run(model, prompt_ids, kvpolicy.get_policy("fastkv", tsp_layer=1, tsp_rate=0.2, kv_budget=20), n=5)
-    assert len(out.token_ids) == 5
+    policy = kvpolicy.get_policy("fastkv", tsp_layer=1, tsp_rate=0.2, kv_budget=20)
+    pre = kvpolicy.prefill(model, prompt_ids, policy, reserve=5)
+    assert pre.cache.layers[0].keys.dtype == torch.bfloat16
+    assert bool(torch.isfinite(pre.logits).all()), "prefill logits"
+    adapter = kvpolicy.get_adapter(model)
+    token, tokens = pre.next_token, [pre.next_token.item()]
+    for step in range(4):
+        logits = adapter.decode_step(token, policy, pre.batch, step)
+        assert bool(torch.isfinite(logits).all()), f"decode step {step}"
+        assert float(logits.float().std()) > 0, f"decode step {step}: constant logits"
+        token = logits.argmax(dim=-1, keepdim=True)
+        tokens.append(token.item())
+    assert tokens == run(model, prompt_ids, policy, n=5).token_ids
