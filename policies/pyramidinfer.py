@@ -270,7 +270,6 @@ class PyramidInferSqueeze(CachePolicy):
             "rows": rows,  # ring of the last R queries' head-mean attention over the columns
             "columns": zpos,
             "zone_start": zpos[:, :1].expand(view.num_kv_heads, -1).T.contiguous(),  # (1, H_kv)
-            "oldest": 0,  # ring index of the oldest row
             "reach": reach,  # columns of prompt entries
         }
         return None
@@ -295,8 +294,11 @@ class PyramidInferSqueeze(CachePolicy):
         col = torch.searchsorted(zpos, pos.clamp_min(0)).clamp_max(columns - 1)
         hit = (zpos.gather(-1, col) == pos) & (pos >= 0)
         row = attn.new_zeros((1, columns + 1)).scatter_add_(-1, torch.where(hit, col, columns), attn)
-        rows[:, st["oldest"]] = row[:, :columns]
-        st["oldest"] = (st["oldest"] + 1) % recent
+        # Ring of rows: the prompt's recent queries fill 0..R-1; decode step s overwrites row s % R
+        # (the oldest), so the oldest row after it is (s + 1) % R. Derived from `step`: no state to
+        # guard on when compiled.
+        rows[:, view.step % recent] = row[:, :columns]
+        oldest = (view.step + 1) % recent
         if (view.step + 1) % self.interval:
             return None
         # Squeeze: the `interval` lowest positions at or after the zone start, per KV head.
@@ -304,7 +306,7 @@ class PyramidInferSqueeze(CachePolicy):
         zone = view.positions.masked_fill((view.positions < st["zone_start"][..., None]) | ~view.valid, never)
         zone_pos, zone_slots = zone.topk(self.interval, dim=-1, largest=False)  # (1, H, interval)
         lin = torch.linspace(1.0, self.distance_weight, recent, device=rows.device)
-        weights = torch.roll(lin, st["oldest"])  # ring index j holds the row of age rank (j - oldest)
+        weights = torch.roll(lin, oldest)  # ring index j holds the row of age rank (j - oldest)
         col_scores = (rows * weights[None, :, None]).sum(dim=1) / recent  # (1, C)
         zone_cols = torch.searchsorted(zpos, zone_pos.clamp_max(zpos[:, -1:]).reshape(1, -1)).clamp_max(
             columns - 1
