@@ -190,7 +190,7 @@ class DecoderAdapter:
         ids, counts, propagate = left_pad(prompts), list(lengths), True
         block = block_size or self.block_size
         while True:
-            cache = KVPolicyCache(self.num_layers, block)
+            cache = KVPolicyCache(self.num_layers, block, self._attn_impl)
             restart, h_last = self._run_layers(ids, counts, policy, states, cache, reserve, propagate)
             if restart is None:
                 break

@@ -451,8 +451,36 @@ class KVPolicyCache(Cache):
     original prompt length even though fewer entries are stored.
     """
 
-    def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE) -> None:
+    def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE, attn_implementation: str = "sdpa") -> None:
         super().__init__(layers=[PagedLayer(block_size) for _ in range(num_layers)])
+        #: the attention backend of the model that filled the cache (what ``model.generate`` will use)
+        self.attn_implementation = attn_implementation
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' decode step: refuse, with a clear error, what its one shared mask cannot
+        express; then append to layer ``layer_idx``."""
+        if layer_idx == 0:
+            self._check_dense_decoding()
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def _check_dense_decoding(self) -> None:
+        lengths = {layer.uniform for layer in self.layers}
+        if None in lengths:
+            raise CacheLayoutError(
+                "the cache's rows (sequence x KV head) hold different numbers of entries, which "
+                "transformers' attention cannot take as one tensor; decode with kvpolicy.generate instead"
+            )
+        masked = self.attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3")
+        if len(lengths) > 1 and (masked or self.layers[0].num_seqs > 1):
+            raise CacheLayoutError(
+                f"the cache's layers hold different numbers of entries ({min(lengths)}..{max(lengths)}: "
+                f"PyramidKV, PyramidInfer, ...), but model.generate builds one attention mask for all "
+                f"layers ({self.attn_implementation!r} attention"
+                f"{', padded batch' if self.layers[0].num_seqs > 1 else ''}); decode with kvpolicy.generate, "
+                f"or load the model with attn_implementation='sdpa' for a single prompt"
+            )
 
     def prepare_append(self) -> None:
         """Host-side bookkeeping before a decode step appends one entry per row to every layer."""

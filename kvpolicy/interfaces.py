@@ -186,6 +186,9 @@ class PropagationPolicy(Settings, ABC):
     def check_model(self, num_layers: int) -> None:
         """Raise ``ValueError`` naming the bad setting if it cannot apply to a model of this depth."""
 
+    def check_composition(self, cache: CachePolicy) -> None:
+        """Raise ``ValueError`` naming the settings if this policy cannot compose with ``cache``."""
+
     def needs_cache(self, view: LayerView, state: RequestState) -> bool:
         """Whether layer ``view.layer`` of this pass needs a KV cache (default ``True``).
 
@@ -214,6 +217,9 @@ class CachePolicy(Settings, ABC):
 
     def check_model(self, num_layers: int) -> None:
         """Raise ``ValueError`` naming the bad setting if it cannot apply to a model of this depth."""
+
+    def check_composition(self, propagation: PropagationPolicy) -> None:
+        """Raise ``ValueError`` naming the settings if this policy cannot compose with ``propagation``."""
 
     @abstractmethod
     def select(self, view: LayerView, state: RequestState) -> Selection:
@@ -247,6 +253,9 @@ class Policy:
             )
         if not isinstance(self.cache, CachePolicy):
             raise TypeError(f"cache must be a CachePolicy, got {type(self.cache).__name__}: {self.cache!r}")
+        # Components that depend on each other's settings say so (the core knows none by name).
+        self.propagation.check_composition(self.cache)
+        self.cache.check_composition(self.propagation)
 
     def check_model(self, num_layers: int) -> None:
         self.propagation.check_model(num_layers)

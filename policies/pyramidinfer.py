@@ -244,6 +244,15 @@ class PyramidInferSqueeze(CachePolicy):
     decay: float = Field(1.0, ge=0.0, le=1.0)
     distance_weight: float = Field(1.2, gt=0.0)
 
+    def check_composition(self, propagation: PropagationPolicy) -> None:
+        """After PyramidInfer's prefill pruning the recent window is the one it never pruned: the two
+        ``recent_ratio`` settings must agree (a hand-made ``compose()`` could silently mismatch them)."""
+        if isinstance(propagation, PyramidInfer) and propagation.recent_ratio != self.recent_ratio:
+            raise ValueError(
+                f"PyramidInferSqueeze(recent_ratio={self.recent_ratio}) does not match "
+                f"PyramidInfer(recent_ratio={propagation.recent_ratio}); give both the same recent_ratio"
+            )
+
     def squeezed_to(self, layer: int, num_layers: int) -> int:
         """Entries each squeeze keeps of ``interval`` at this layer."""
         return max(1, int(self.interval * self.ratio * cosine_schedule(layer, num_layers, self.decay)))

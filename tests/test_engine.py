@@ -285,3 +285,83 @@ def test_inductor_compiled_decode_equals_eager():
     compiled = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=8, compile=True)
     assert compiled.token_ids == eager.token_ids
     torch._dynamo.reset()
+
+
+# -- model.generate on the cache ------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_model_generate_on_layers_of_different_lengths_is_right_or_refused(attn, prompt_ids):
+    from kvpolicy.cache import CacheLayoutError
+
+    model = tiny_llama(attn=attn)
+    policy = kvpolicy.get_policy("pyramidkv", kv_budget=20)  # 32, 24, 16, 8 entries per layer
+    ours = kvpolicy.generate(model, None, input_ids=prompt_ids, policy=policy, max_new_tokens=6).token_ids
+    pre = kvpolicy.prefill(model, prompt_ids, policy, reserve=6)
+    ids = torch.cat([prompt_ids, pre.next_token], dim=-1)
+    run = lambda: model.generate(  # noqa: E731
+        ids, attention_mask=torch.ones_like(ids), past_key_values=pre.cache, max_new_tokens=5, do_sample=False
+    )
+    if attn == "sdpa":
+        assert (
+            run()[0, 100:].tolist() == ours
+        )  # no mask in a one-prompt decode: each layer attends to its own
+    else:
+        with pytest.raises(
+            CacheLayoutError, match=r"different numbers of entries.*'eager'.*kvpolicy.generate"
+        ):
+            run()
+
+
+def test_model_generate_refuses_ragged_heads(prompt_ids, tiny_model):
+    from kvpolicy.cache import CacheLayoutError
+
+    pre = kvpolicy.prefill(tiny_model, prompt_ids, kvpolicy.compose(cache=UnevenHeads()), reserve=4)
+    ids = torch.cat([prompt_ids, pre.next_token], dim=-1)
+    with pytest.raises(CacheLayoutError, match=r"rows .* different numbers of entries"):
+        tiny_model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=pre.cache, max_new_tokens=3
+        )
+
+
+def test_squeeze_recent_ratio_must_match_pyramidinfer():
+    from kvpolicy.policies.pyramidinfer import PyramidInfer, PyramidInferSqueeze
+
+    with pytest.raises(
+        ValueError, match=r"PyramidInferSqueeze\(recent_ratio=0.01\).*PyramidInfer\(recent_ratio=0.2\)"
+    ):
+        kvpolicy.compose(PyramidInfer(recent_ratio=0.2), PyramidInferSqueeze())
+    kvpolicy.compose(PyramidInfer(recent_ratio=0.2), PyramidInferSqueeze(recent_ratio=0.2))
+
+
+@pytest.mark.parametrize(
+    "indices, problem",
+    [
+        (torch.tensor([[5, 3, 9]]), "strictly increasing"),
+        (torch.tensor([[3, 3, 9]]), "strictly increasing"),
+        (torch.tensor([[3, 9, 100]]), r"in \[0, 100\)"),
+        (torch.tensor([3, 9]), "shape"),
+    ],
+)
+def test_propagate_indices_are_checked(tiny_model, prompt_ids, indices, problem):
+    from kvpolicy.interfaces import Propagate, PropagationPolicy
+
+    class Bad(PropagationPolicy):
+        kind = "bad_propagate_test"
+
+        def propagate(self, view, state):
+            return Propagate(indices) if view.layer == 0 else None
+
+    with pytest.raises(AdapterError, match=rf"Bad.*propagate\(\) at layer 0.*{problem}"):
+        kvpolicy.prefill(tiny_model, prompt_ids, kvpolicy.compose(Bad()))
+
+
+def test_restart_indices_are_checked(tiny_model, prompt_ids):
+    from kvpolicy.interfaces import PropagationPolicy, Restart
+
+    class BadRestart(PropagationPolicy):
+        kind = "bad_restart_test"
+
+        def propagate(self, view, state):
+            return Restart(torch.tensor([[9, 2, 40]])) if view.layer == 1 else None
+
+    with pytest.raises(AdapterError, match=r"BadRestart.*strictly increasing"):
+        kvpolicy.prefill(tiny_model, prompt_ids, kvpolicy.compose(BadRestart()))
