@@ -451,13 +451,20 @@ class KVPolicyCache(Cache):
     original prompt length even though fewer entries are stored.
     """
 
-    def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE, attn_implementation: str = "sdpa") -> None:
+    def __init__(
+        self, num_layers: int, block_size: int = BLOCK_SIZE, attn_implementation: str = "sdpa"
+    ) -> None:
         super().__init__(layers=[PagedLayer(block_size) for _ in range(num_layers)])
         #: the attention backend of the model that filled the cache (what ``model.generate`` will use)
         self.attn_implementation = attn_implementation
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' decode step: refuse, with a clear error, what its one shared mask cannot
         express; then append to layer ``layer_idx``."""
