@@ -34,8 +34,10 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, window: int, scalin
     b, h_q, t, d = query.shape
     h_kv = key.shape[1]
     n_rep = h_q // h_kv
-    q = query[:, :, t - window :, :].float().reshape(b, h_kv, n_rep * window, d)
-    scores = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # (B, H_kv, n_rep*w, T)
+    # Matmul in the model's dtype (fp32 accumulation inside), fp32 only for the small score tensor:
+    # never an fp32 copy of the layer's keys.
+    q = query[:, :, t - window :, :].to(key.dtype).reshape(b, h_kv, n_rep * window, d)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # (B, H_kv, n_rep*w, T)
     scores = scores.view(b, h_kv, n_rep, window, t)
     # Query i of the window sits at index t - window + i and may not see keys after it.
     q_idx = torch.arange(t - window, t, device=key.device).view(window, 1)

@@ -16,15 +16,23 @@ from collections.abc import Iterator
 import torch
 
 #: Query rows per chunk, at most.
-CHUNK = 256
-#: Attention probabilities materialised at once, at most (64 Mi float32, 256 MiB): long prompts get
-#: fewer rows per chunk.
+CHUNK = 4096
+#: Attention probabilities materialised at once on a CPU (64 Mi float32, 256 MiB).
 MAX_CHUNK_ELEMENTS = 1 << 26
+#: On a GPU: this share of the free device memory, at most 4 GiB of float32 probabilities.
+GPU_FREE_SHARE = 0.125
 
 
-def rows_per_chunk(num_query_heads: int, num_keys: int) -> int:
-    """Query rows per chunk: :data:`CHUNK`, fewer if ``rows · H_q · T`` exceeds :data:`MAX_CHUNK_ELEMENTS`."""
-    return max(1, min(CHUNK, MAX_CHUNK_ELEMENTS // max(1, num_query_heads * num_keys)))
+def rows_per_chunk(num_query_heads: int, num_keys: int, device: torch.device | None = None) -> int:
+    """Query rows per chunk, sized from memory: ``rows · H_q · T`` float32 probabilities (and their
+    softmax temporaries) fit :data:`MAX_CHUNK_ELEMENTS` on a CPU, or :data:`GPU_FREE_SHARE` of the
+    free memory on a GPU (read once per layer at prefill, never while decoding). At 128K keys and 32
+    query heads that is ~16 rows per 256 MiB, hundreds on a GPU with room, instead of a fixed count."""
+    budget = MAX_CHUNK_ELEMENTS
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = max(budget, min(int(free * GPU_FREE_SHARE) // 16, 1 << 30))  # ~4 float32 copies live
+    return max(1, min(CHUNK, budget // max(1, num_query_heads * num_keys)))
 
 
 def grouped_attention_probs(
@@ -45,8 +53,8 @@ def grouped_attention_probs(
     b, h_q, t_q, d = query.shape
     h_kv, t_k = key.shape[1], key.shape[2]
     n_rep = h_q // h_kv
-    q = query.float().reshape(b, h_kv, n_rep * t_q, d)
-    scores = torch.matmul(q, key.float().transpose(-1, -2)).mul_(scaling).view(b, h_kv, n_rep, t_q, t_k)
+    q = query.to(key.dtype).reshape(b, h_kv, n_rep * t_q, d)  # model dtype in, fp32 scores out
+    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling).view(b, h_kv, n_rep, t_q, t_k)
     if offset is not None:
         q_idx = torch.arange(offset, offset + t_q, device=key.device).view(t_q, 1)
         k_idx = torch.arange(t_k, device=key.device).view(1, t_k)
@@ -73,12 +81,11 @@ def causal_column_sums(
         ``(B, H_kv, T)`` float32.
     """
     b, h_q, t, _ = query.shape
-    chunk = chunk or rows_per_chunk(h_q, t)
-    key32 = key.float()
-    out = key32.new_zeros((b, key.shape[1], t))
+    chunk = chunk or rows_per_chunk(h_q, t, key.device)
+    out = key.new_zeros((b, key.shape[1], t), dtype=torch.float32)
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
-        probs = grouped_attention_probs(query[:, :, start:end], key32[:, :, :end], scaling, start)
+        probs = grouped_attention_probs(query[:, :, start:end], key[:, :, :end], scaling, start)
         out[..., :end] += probs.sum(dim=(2, 3))
     return out
 
@@ -94,12 +101,11 @@ def recent_query_attention(
     :func:`causal_column_sums`.
     """
     t = query.shape[2]
-    chunk = chunk or rows_per_chunk(query.shape[1], t)
-    key32 = key.float()
+    chunk = chunk or rows_per_chunk(query.shape[1], t, key.device)
     first = t - recent
     for start in range(first, t, chunk):
         end = min(start + chunk, t)
-        probs = grouped_attention_probs(query[:, :, start:end], key32, scaling, start)
+        probs = grouped_attention_probs(query[:, :, start:end], key, scaling, start)
         yield start - first, probs.mean(dim=(1, 2))
 
 
