@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 
 CONTRIB := contrib/kvpolicy-keynorm
 
-.PHONY: setup demo test lint docs
+.PHONY: setup demo test lint docs test-floor
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(CONTRIB)/pyproject.toml
@@ -34,3 +34,20 @@ test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(PY) -m pytest -q $(CONTRIB)/tests
 	$(MAKE) docs
+
+# The oldest supported dependencies (pyproject's lower bounds) in their own venv: kvpolicy subclasses
+# transformers' Cache API, which changes across 5.x. Its own model cache: a GGUF converted by one
+# transformers version is not read right by another.
+TRANSFORMERS_FLOOR ?= 5.18.0
+FLOOR_VENV ?= .venv-floor
+FLOOR_PINS ?= transformers==$(TRANSFORMERS_FLOOR) pydantic==2.7.0 accelerate==1.2.0 gguf==0.13.0
+FLOOR_TESTS ?= tests/test_generation_tiny.py tests/test_engine.py -k "not compile"
+
+$(FLOOR_VENV)/.installed: pyproject.toml
+	python3 -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(FLOOR_VENV)/bin/python -m pip install -q -e '.[dev]' $(FLOOR_PINS)
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed
+	KVPOLICY_CACHE=$(CURDIR)/.kvpolicy-cache/floor $(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" $(FLOOR_TESTS)

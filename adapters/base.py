@@ -66,7 +66,8 @@ class DecoderAdapter:
         self._apply_rotary: Callable[..., Any] = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         self._attn_impl = impl
-        self._attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, _eager_attention)
+        get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)  # transformers 5.1+
+        self._attn_fn = (get_interface or ALL_ATTENTION_FUNCTIONS.get)(impl, _eager_attention)
         # Decode attention over the paged cache: flash-attention's paged kernel where the model runs
         # FlashAttention on CUDA and flash-attn is installed, else the torch path (any device, dtype).
         self._paged_kernel: Callable[..., torch.Tensor] | None = None

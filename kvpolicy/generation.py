@@ -7,6 +7,7 @@ entries the compressed cache holds. :func:`prefill` also hands back a transforme
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,16 @@ class Prefill:
     def next_token(self) -> torch.Tensor:
         """Greedy next token per sequence, ``(B, 1)``."""
         return self.logits.argmax(dim=-1, keepdim=True)
+
+    def generate_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """The cache as ``model.generate``'s keyword: ``cache`` from transformers 5.24 (where
+        ``past_key_values`` is deprecated), ``past_key_values`` before (which reject ``cache``)."""
+        return {cache_keyword(model): self.cache}
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """``"cache"`` where the model's forward takes it (transformers 5.24+), else ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _resolve_policy(policy: Policy | str | None) -> Policy:

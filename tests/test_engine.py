@@ -298,7 +298,11 @@ def test_model_generate_on_layers_of_different_lengths_is_right_or_refused(attn,
     pre = kvpolicy.prefill(model, prompt_ids, policy, reserve=6)
     ids = torch.cat([prompt_ids, pre.next_token], dim=-1)
     run = lambda: model.generate(  # noqa: E731
-        ids, attention_mask=torch.ones_like(ids), past_key_values=pre.cache, max_new_tokens=5, do_sample=False
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=5,
+        do_sample=False,
+        **pre.generate_kwargs(model),
     )
     if attn == "sdpa":
         assert (
@@ -318,7 +322,7 @@ def test_model_generate_refuses_ragged_heads(prompt_ids, tiny_model):
     ids = torch.cat([prompt_ids, pre.next_token], dim=-1)
     with pytest.raises(CacheLayoutError, match=r"rows .* different numbers of entries"):
         tiny_model.generate(
-            ids, attention_mask=torch.ones_like(ids), past_key_values=pre.cache, max_new_tokens=3
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, **pre.generate_kwargs(tiny_model)
         )
 
 

@@ -159,11 +159,11 @@ def test_model_generate_continues_from_prefill_cache(tiny_model, prompt_ids, pol
     theirs = tiny_model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=pre.cache,
         max_new_tokens=15,
         min_new_tokens=15,
         do_sample=False,
         pad_token_id=0,
+        **pre.generate_kwargs(tiny_model),
     )
     assert theirs[0, prompt_ids.shape[1] :].tolist() == ours
 

@@ -71,7 +71,8 @@ def test_adapter_keys_equal_the_models_own_cache(family, ids):
     model = tiny_qwen(family)
     adapter = kvpolicy.get_adapter(model)
     assert type(adapter) is (Qwen2Adapter if family == "qwen2" else Qwen3Adapter)
-    ref = model(ids, use_cache=True).past_key_values
+    out = model(ids, use_cache=True)
+    ref = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.24
     pre = kvpolicy.prefill(model, ids, "fullkv")
     for i, layer in enumerate(pre.cache.layers):
         torch.testing.assert_close(layer.keys, ref.layers[i].keys)  # q/k norm, bias and RoPE included

@@ -75,9 +75,9 @@ def test_model_generate_matches_kvpolicy_generate(real_model, sample):
     theirs = model.generate(
         full_ids,
         attention_mask=torch.ones_like(full_ids),
-        past_key_values=pre.cache,
         max_new_tokens=23,
         do_sample=False,
+        **pre.generate_kwargs(model),
     )[0, ids.shape[1] :].tolist()
     assert theirs == ours.token_ids
 

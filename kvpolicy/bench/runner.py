@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kvpolicy.bench.costmodel import ModelShape, speedup_bound
-from kvpolicy.generation import _decode, _prefill, _Sampler, compiled_decode_step
+from kvpolicy.generation import _decode, _prefill, _Sampler, cache_keyword, compiled_decode_step
 from kvpolicy.interfaces import Policy
 from kvpolicy.registry import get_adapter, get_policy
 
@@ -145,7 +145,8 @@ def run_transformers(model: nn.Module, input_ids: torch.Tensor, gen: int) -> Sam
         cache = DynamicCache(config=model.config)
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        key = cache_keyword(model)  # `cache` from transformers 5.24, `past_key_values` before
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{key: cache})
         _sync(device)
         prefill_s = time.perf_counter() - t0
         kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * model.dtype.itemsize
@@ -156,7 +157,7 @@ def run_transformers(model: nn.Module, input_ids: torch.Tensor, gen: int) -> Sam
             t0 = time.perf_counter()
             for step in range(gen):
                 pos = torch.tensor([[position + step]], device=device)
-                out = model(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True)
+                out = model(input_ids=token, position_ids=pos, use_cache=True, **{key: cache})
                 token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             _sync(device)
             decode = (time.perf_counter() - t0) / gen
