@@ -89,7 +89,7 @@ def test_import_failure_is_one_warning_and_everything_else_generates(site):
     assert again == []
     model, ids = tiny_llama(), torch.arange(40)[None]
     for policy in (
-        kvpolicy.get_policy("fastkv", tsp_layer=1, kv_budget=16),
+        kvpolicy.get_policy("fastkv", tsp_layer=1, tsp_rate=0.5, kv_budget=16),
         kvpolicy.policy_from_dict({"propagation": {"kind": "all"}, "cache": {"kind": "xfirst", "budget": 6}}),
     ):
         with one_thread():

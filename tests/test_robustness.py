@@ -63,7 +63,7 @@ def test_many_generations_do_not_grow_memory():
     policies = [
         kvpolicy.get_policy("fullkv"),
         kvpolicy.get_policy("snapkv", kv_budget=0.2),
-        kvpolicy.get_policy("fastkv", tsp_layer=1, kv_budget=16),
+        kvpolicy.get_policy("fastkv", tsp_layer=1, tsp_rate=0.5, kv_budget=16),
     ]
     ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(0))
 
