@@ -45,7 +45,7 @@ def test_decode_step_never_syncs_with_the_host(tiny_model, prompt_ids, name):
     with NoHostSync():  # 34 steps: PyramidInfer squeezes twice, H2O / StreamingLLM evict every step
         for step in range(34):
             token = adapter.decode_step(token, policy, pre.batch, step).argmax(dim=-1, keepdim=True)
-    pre.batch.raise_deferred()
+    pre.batch.raise_deferred(policy.cache)
     if "evict" in name or "rolling" in name:
         assert pre.cache.kv_lengths == [20] * 4
 
