@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -35,6 +37,8 @@ def reference_keys(model, ids, keep_after, keep):
     h = base.embed_tokens(ids)
     pos = torch.arange(ids.shape[1])[None]
     cache = DynamicCache(config=model.config)
+    # the decoder layer's cache keyword: `cache` from transformers 5.24, `past_key_values` before
+    key = "cache" if "cache" in inspect.signature(base.layers[0].forward).parameters else "past_key_values"
     for i, layer in enumerate(base.layers):
         t = h.shape[1]
         mask = torch.full((t, t), torch.finfo(h.dtype).min).triu(1)[None, None]
@@ -42,8 +46,8 @@ def reference_keys(model, ids, keep_after, keep):
             h,
             attention_mask=mask,
             position_ids=pos,
-            cache=cache,
             use_cache=True,
+            **{key: cache},
             position_embeddings=base.rotary_emb(h, pos),
         )
         if i == keep_after:
