@@ -99,7 +99,10 @@ def test_keep_everything_equals_full(family, policy, ids):
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_compressing_policies_run(family, ids):
     model = tiny_qwen(family)
-    for name, overrides in [("fastkv", {"tsp_layer": 1, "tsp_rate": 0.5, "kv_budget": 24}), ("h2o", {"kv_budget": 24})]:
+    for name, overrides in [
+        ("fastkv", {"tsp_layer": 1, "tsp_rate": 0.5, "kv_budget": 24}),
+        ("h2o", {"kv_budget": 24}),
+    ]:
         pre = kvpolicy.prefill(model, ids, kvpolicy.get_policy(name, **overrides))
         assert pre.cache.kv_lengths == [24] * 4
         assert pre.cache.layers[0].keys.shape == (1, 2, 24, 16)
