@@ -185,15 +185,17 @@ def _encode_all(
     input_ids: Any,
     chat: bool | None,
     room: int,
+    batch: bool | None = None,
 ) -> list[torch.Tensor]:
     """Every prompt as ``(L,)`` token ids on the embedding's device, checked; one prompt is a list of
     one. Errors in a batch name the prompt's index."""
-    batch = prompts is not None or _is_batch(None, input_ids)
+    many = _is_batch(None, input_ids)
+    batch = (prompts is not None or many) if batch is None else batch
     if prompts is not None:
         items, texts = list(prompts), True
     elif isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         items, texts = list(input_ids), False  # a (B, L) tensor: its rows
-    elif _is_batch(None, input_ids):
+    elif many:
         items, texts = list(input_ids), False
     else:
         items, texts = [input_ids], False
@@ -305,12 +307,8 @@ def generate(
         raise ValueError(f"pass exactly one of prompt ({'texts' if many else 'text'}) or input_ids")
     pol = _resolve_policy(policy)
     adapter = get_adapter(model)
-    if prompt is not None and not many:
-        encoded = [_as_input_ids(model, encode_prompt(tokenizer, prompt, chat))[0]]  # type: ignore[arg-type]
-        adapter.check_prompt_length(encoded[0].shape[0] + max_new_tokens)
-    else:
-        texts = None if prompt is None else list(prompt)  # type: ignore[arg-type]
-        encoded = _encode_all(model, adapter, tokenizer, texts, input_ids, chat, max_new_tokens)
+    texts = None if prompt is None else (list(prompt) if many else [prompt])  # type: ignore[arg-type]
+    encoded = _encode_all(model, adapter, tokenizer, texts, input_ids, chat, max_new_tokens, batch=many)
     order = sorted(range(len(encoded)), key=lambda i: -encoded[i].shape[0])
     size = batch_size or len(order)
     gen = None
