@@ -421,21 +421,23 @@ def _on_decode(
 ) -> None:
     """Decode-time eviction: one ``on_decode`` call per sequence, then one in-place cache update.
 
-    Sync-free: what policies return is checked on the device and read when the generation ends."""
-    positions = slot_positions(lc)
+    Sync-free: what policies return is checked on the device and read when the generation ends.
+    Every op here runs per layer per step, so a batch of one takes its tensors as they are (no
+    slicing, no re-assembly of the slots to evict)."""
+    positions = lc.slot_positions()
+    single = batch.size == 1
     evictions: list[torch.Tensor | None] = []
     cache_policy = policy.cache
     for b, state in enumerate(batch.states):
-        view = decode_view(lc, b, layer, num_layers, state.prompt_len, step, q, probs, scaling, positions)
+        view = decode_view(
+            lc, b, layer, num_layers, state.prompt_len, step, q, probs, scaling, positions, whole=single
+        )
         decision = _call(cache_policy, "on_decode", layer, view, state)
         if decision is None:
             evictions.append(None)
         elif isinstance(decision, Evict):
-            slots = decision.slots
-            _check_static(cache_policy, "on_decode", layer, slots, (1, lc.num_heads))
-            bad = (slots < -1) | (slots >= lc.lengths[b : b + 1, :, None])
-            batch.defer(layer, 0, bad)
-            evictions.append(slots)
+            _check_static(cache_policy, "on_decode", layer, decision.slots, (1, lc.num_heads))
+            evictions.append(decision.slots)
         else:
             idx, counts = (
                 (decision.indices, decision.counts) if isinstance(decision, PerHead) else (decision, None)
@@ -444,18 +446,23 @@ def _on_decode(
             batch.defer(layer, 1, (idx < 0) | (idx >= lc.lengths[b : b + 1, :, None]))
             lc.keep(idx, counts, seq=b)
             evictions.append(None)
-    if any(e is not None for e in evictions):
+    if single:
+        slots = evictions[0]
+    elif any(e is not None for e in evictions):
         width = max(e.shape[-1] for e in evictions if e is not None)
         slots = torch.full((batch.size, lc.num_heads, width), -1, dtype=torch.long, device=lc.lengths.device)
         for b, e in enumerate(evictions):
             if e is not None:
                 slots[b, :, : e.shape[-1]] = e[0]
-        lc.evict(slots)
+    else:
+        slots = None
+    if slots is not None:
+        batch.defer(layer, 0, lc.evict(slots))
 
 
 def slot_positions(lc: PagedLayer) -> torch.Tensor:
     """``(B, H, S)`` original position per slot, ``-1`` on empty slots."""
-    return torch.where(lc.valid(), lc.dense(lc.pos_pool), -1)
+    return lc.slot_positions()
 
 
 def decode_view(
@@ -469,20 +476,22 @@ def decode_view(
     probs: torch.Tensor,
     scaling: float,
     positions: torch.Tensor | None = None,
+    whole: bool = False,
 ) -> DecodeView:
     """Sequence ``b``'s :class:`DecodeView` of a layer's cache after an append (``probs`` from
     :func:`~kvpolicy.cache.paged_attention`); ``positions`` from :func:`slot_positions`, shared
-    across the batch."""
-    positions = slot_positions(lc) if positions is None else positions
+    across the batch. ``whole``: the batch is this one sequence (its tensors are passed unsliced)."""
+    positions = lc.slot_positions() if positions is None else positions
+    pick = (lambda t: t) if whole else (lambda t: t[b : b + 1])
     return DecodeView(
         layer=layer,
         num_layers=num_layers,
         prompt_len=prompt_len,
         step=step,
-        query=q[b : b + 1],
-        attention=probs[b : b + 1],
-        positions=positions[b : b + 1],
-        lengths=lc.lengths[b : b + 1],
+        query=pick(q),
+        attention=pick(probs),
+        positions=pick(positions),
+        lengths=pick(lc.lengths),
         scaling=scaling,
         _dense=_DenseRows(lc, b),
     )

@@ -141,6 +141,16 @@ class PagedLayer(CacheLayerMixin):
             owner.to(device),
             rank.to(device),
         )
+        self._index_slots()
+
+    def _index_slots(self) -> None:
+        """Flat pool index of every (row, slot), so addressing a slot is one gather (decode steps
+        address one slot per row per layer; fewer ops is what a CPU or an uncompiled GPU step pays)."""
+        blk = self.block_size
+        within = torch.arange(blk, device=self.block_table.device)
+        self._slot_flat = (self.block_table[:, :, None] * blk + within).reshape(-1)  # (R * slots,)
+        rows = self.block_table.shape[0]
+        self._row_start = torch.arange(rows, device=self.block_table.device) * self.slots  # (R,)
 
     def _grow(self, extra: int) -> None:
         """Give every row ``extra`` more pages (host-triggered: ``room`` is known without a sync)."""
@@ -169,13 +179,16 @@ class PagedLayer(CacheLayerMixin):
         self.block_table, self.page_owner, self.page_rank = table, owner, rank
         self.pages_per_row = [p + extra for p in self.pages_per_row]
         self.room += extra * blk
+        self._index_slots()
 
     # -- addressing --------------------------------------------------------------------------------
     def _flat(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Flat pool index (into ``pool.view(-1, ...)``) of ``slots`` of ``rows`` (same shapes)."""
-        blk = self.block_size
-        page = self.block_table[rows, torch.div(slots, blk, rounding_mode="floor")]
-        return page * blk + slots % blk
+        return self._slot_flat[self._row_start[rows] + slots]
+
+    def _flat_each(self, slots: torch.Tensor) -> torch.Tensor:
+        """Flat pool index of one slot per row, ``slots`` ``(R,)``."""
+        return self._slot_flat[self._row_start + slots]
 
     @property
     def slots(self) -> int:
@@ -198,8 +211,7 @@ class PagedLayer(CacheLayerMixin):
     def write(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
         """Device-side part of an append (after :meth:`prepare_append`): one entry per row, written
         in its row's next slot. ``key``/``value`` ``(B, H, 1, d)``, ``positions`` ``(B,)``."""
-        rows = torch.arange(self.num_seqs * self.num_heads, device=self.lengths.device)
-        flat = self._flat(rows, self.lengths.view(-1))
+        flat = self._flat_each(self.lengths.view(-1))
         d = self.k_pool.shape[-1]
         self.k_pool.view(-1, d).index_copy_(0, flat, key.reshape(-1, d).to(self.k_pool.dtype))
         dv = self.v_pool.shape[-1]
@@ -213,26 +225,42 @@ class PagedLayer(CacheLayerMixin):
         self.prepare_append()
         self.write(key, value, positions)
 
-    def evict(self, slots: torch.Tensor) -> None:
+    def evict(self, slots: torch.Tensor) -> torch.Tensor:
         """Free ``slots`` ``(B, H, k)`` of each row in place (``-1``: nothing); no host sync.
 
-        Each freed slot takes the row's last entry, so a row's entries stay in slots ``0..length-1``.
+        Each freed slot takes the row's last entry, so a row's entries stay in slots ``0..length-1``,
+        and the vacated slot's position becomes ``-1`` (empty slots always read ``-1``).
         Policies mirror the same moves on their own slot-indexed state with :func:`evict_rows`.
+
+        Returns ``(B, H)`` bool: rows given a slot outside ``[-1, length)`` (ignored here; the engine
+        reports them when the generation ends).
         """
         lengths = self.lengths.view(-1)
-        rows = torch.arange(lengths.shape[0], device=lengths.device)
-        ordered = slots.reshape(lengths.shape[0], -1).sort(dim=-1, descending=True).values
+        ordered = slots.reshape(lengths.shape[0], -1)
+        if ordered.shape[1] > 1:  # highest first, so a later move never takes an already freed slot
+            ordered = ordered.sort(dim=-1, descending=True).values
+        bad = None
+        positions = self.pos_pool.view(-1)
+        null = self._slot_flat.new_full((), self.pos_pool.numel() - 1)  # a null-page slot: always -1
         for j in range(ordered.shape[1]):
             slot = ordered[:, j]
+            do = (slot >= 0) & (slot < lengths)
+            if j:  # a slot given twice is freed once (after the first move it holds another entry)
+                do = do & (slot != ordered[:, j - 1])
+            wrong = (slot != -1) & ~do
+            bad = wrong if bad is None else bad | wrong
             last = (lengths - 1).clamp_min(0)
-            do = (slot >= 0) & (slot < lengths)  # out-of-range slots are ignored (the engine reports them)
-            src = self._flat(rows, last)
-            dst = self._flat(rows, torch.where(do, slot, last))
+            src = self._flat_each(last)
+            dst = self._flat_each(torch.where(do, slot, last))
             for pool in (self.k_pool, self.v_pool, self.pos_pool):
                 flat = pool.view(-1, *pool.shape[2:])
-                flat.index_copy_(0, dst, flat[src])
+                flat.index_copy_(0, dst, flat.index_select(0, src))
+            positions.index_fill_(0, torch.where(do, src, null), -1)
             lengths -= do.long()
         self.uniform = None
+        return (bad if bad is not None else torch.zeros_like(lengths, dtype=torch.bool)).view(
+            self.num_seqs, self.num_heads
+        )
 
     def keep(self, indices: torch.Tensor, counts: torch.Tensor | None = None, seq: int = 0) -> None:
         """Keep only the entries at slot ``indices`` ``(1, H, C)`` of sequence ``seq`` (its first
@@ -244,10 +272,17 @@ class PagedLayer(CacheLayerMixin):
         rows = (torch.arange(h, device=indices.device) + seq * self.num_heads)[:, None].expand(-1, c)
         src = self._flat(rows.reshape(-1), indices.reshape(-1).to(rows.device))
         dst = self._flat(rows.reshape(-1), torch.arange(c, device=rows.device).repeat(h))
-        for pool in (self.k_pool, self.v_pool, self.pos_pool):
-            flat = pool.view(-1, *pool.shape[2:])
-            flat.index_copy_(0, dst, flat[src].clone())
+        picked = [pool.view(-1, *pool.shape[2:])[src] for pool in (self.k_pool, self.v_pool, self.pos_pool)]
+        row_slots = torch.arange(self.slots, device=rows.device)
+        all_rows = rows[:, :1].expand(-1, self.slots).reshape(-1)
+        self.pos_pool.view(-1).index_fill_(0, self._flat(all_rows, row_slots.repeat(h)), -1)
+        for pool, data in zip((self.k_pool, self.v_pool, self.pos_pool), picked, strict=True):
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, dst, data)
         new = counts[0] if counts is not None else torch.full((h,), c, device=rows.device)
+        if counts is not None:  # a head keeping fewer than C: its slots from its count on are empty
+            beyond = torch.arange(c, device=rows.device)[None, :] >= new.to(rows.device)[:, None]
+            gone = self._flat(rows[beyond], torch.arange(c, device=rows.device).expand(h, -1)[beyond])
+            self.pos_pool.view(-1).index_fill_(0, gone, -1)
         self.lengths[seq] = new.to(self.lengths)
         self.uniform = None
 
@@ -260,6 +295,11 @@ class PagedLayer(CacheLayerMixin):
     def valid(self) -> torch.Tensor:
         """``(B, H, slots)`` bool: which slots hold an entry."""
         return torch.arange(self.slots, device=self.lengths.device) < self.lengths[..., None]
+
+    def slot_positions(self) -> torch.Tensor:
+        """``(B, H, slots)`` original position of each slot's entry, ``-1`` on empty slots (an
+        invariant every write, eviction and compaction keeps, so no mask is needed)."""
+        return self.dense(self.pos_pool)
 
     def _ordered(self, pool: torch.Tensor) -> torch.Tensor:
         """``pool`` per row in position order, ``(B, H, n, ...)`` with ``n`` the longest row; shorter
@@ -365,15 +405,20 @@ def evict_rows(state: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) 
     """
     b, h, s = state.shape[:3]
     flat = state.view(b * h, s, -1)
-    length = lengths.reshape(-1).clone()
-    rows = torch.arange(b * h, device=state.device)
-    ordered = slots.reshape(b * h, -1).sort(dim=-1, descending=True).values
+    length = lengths.reshape(-1)
+    ordered = slots.reshape(b * h, -1)
+    if ordered.shape[1] > 1:
+        ordered = ordered.sort(dim=-1, descending=True).values
     for j in range(ordered.shape[1]):
         slot = ordered[:, j]
         last = (length - 1).clamp_min(0)
         do = (slot >= 0) & (slot < length)
-        flat[rows, torch.where(do, slot, last)] = flat[rows, last]
-        length -= do.long()
+        if j:
+            do = do & (slot != ordered[:, j - 1])
+        src = last[:, None, None].expand(-1, 1, flat.shape[-1])
+        dst = torch.where(do, slot, last)[:, None, None].expand(-1, 1, flat.shape[-1])
+        flat.scatter_(1, dst, flat.gather(1, src))
+        length = length - do.long()
 
 
 def paged_attention(
@@ -392,21 +437,19 @@ def paged_attention(
         (zero on empty slots) or ``None``. Reads each stored entry once; scores in float32.
     """
     b, h_q, _, d = query.shape
-    rows, blk = layer.num_seqs * layer.num_heads, layer.block_size
+    rows = layer.num_seqs * layer.num_heads
     n_rep = h_q // layer.num_heads
     q = query.reshape(rows, n_rep, d)
     q_pages = torch.cat([q, q.new_zeros((1, n_rep, d))])[layer.page_owner]  # (P+1, n_rep, d)
     scores = torch.bmm(q_pages, layer.k_pool.transpose(1, 2)).float() * scaling  # (P+1, n_rep, blk)
-    lengths = torch.cat([layer.lengths.view(-1), layer.lengths.new_zeros(1)])
-    slot = layer.page_rank[:, None] * blk + torch.arange(blk, device=scores.device)[None, :]
-    valid = slot < lengths[layer.page_owner][:, None]  # (P+1, blk)
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    empty = (layer.pos_pool < 0)[:, None, :]  # (P+1, 1, blk): empty slots hold position -1
+    scores = scores.masked_fill(empty, float("-inf"))
     owner = layer.page_owner[:, None].expand(-1, n_rep)
     page_max = scores.amax(dim=-1)  # (P+1, n_rep)
     row_max = scores.new_full((rows + 1, n_rep), float("-inf")).scatter_reduce(
         0, owner, page_max, reduce="amax", include_self=True
     )
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    row_max = row_max.nan_to_num(neginf=0.0)  # rows without entries (the null row)
     weights = torch.exp(scores - row_max[layer.page_owner][..., None])  # (P+1, n_rep, blk)
     denom = scores.new_zeros((rows + 1, n_rep)).index_add_(0, layer.page_owner, weights.sum(dim=-1))
     part = torch.bmm(weights.to(layer.v_pool.dtype), layer.v_pool)  # (P+1, n_rep, d_v)
@@ -415,9 +458,8 @@ def paged_attention(
     out = (out[:rows].float() / denom[:rows, :, None]).to(query.dtype)
     probs = None
     if want_probs:
-        norm = weights / denom[layer.page_owner][..., None]  # (P+1, n_rep, blk)
-        per_row = norm[layer.block_table]  # (R, M, n_rep, blk)
-        probs = per_row.permute(0, 2, 1, 3).reshape(b, layer.num_heads, n_rep, layer.slots)
+        per_row = weights[layer.block_table].permute(0, 2, 1, 3).reshape(rows, n_rep, layer.slots)
+        probs = (per_row / denom[:rows, :, None]).view(b, layer.num_heads, n_rep, layer.slots)
     return out.reshape(b, 1, h_q * out.shape[-1]), probs
 
 

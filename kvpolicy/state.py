@@ -56,7 +56,7 @@ class RequestState:
 
 
 #: What a deferred check found wrong, by its column in :attr:`Batch.flags`.
-CHECKS = ("evicted slots outside [-1, length)", "kept slots outside [0, length)")
+CHECKS = ("evicted slots outside [-1, length) or repeated", "kept slots outside [0, length)")
 
 
 @dataclass
@@ -83,6 +83,8 @@ class Batch:
             self.flags = torch.zeros(
                 (layers, len(CHECKS)), dtype=torch.bool, device=self.next_positions.device
             )
+        # one 0-d view per (layer, check): a deferred check is then two ops (any, or_), no indexing
+        self._flag_views = [list(row.unbind(0)) for row in self.flags.unbind(0)]
 
     @property
     def size(self) -> int:
@@ -90,8 +92,7 @@ class Batch:
 
     def defer(self, layer: int, check: int, bad: torch.Tensor) -> None:
         """Record device-side flag ``bad`` (a bool tensor) for ``layer``; no host read."""
-        assert self.flags is not None
-        self.flags[layer, check] |= bad.any()
+        self._flag_views[layer][check].logical_or_(bad.any())
 
     def raise_deferred(self, policy: Any) -> None:
         """Raise for the first deferred check that failed, naming ``policy`` (one host read)."""

@@ -165,7 +165,22 @@ def test_eviction_moves_the_last_entry_into_the_freed_slot():
     assert layer.row_lengths(0) == [4, 5]
     assert layer.positions[0, 0, :4].tolist() == [0, 2, 4, 5]
     assert layer.positions[0, 1, :5].tolist() == [1, 2, 3, 4, 5]
-    assert mirror[0, :, :5, 0].long().tolist() == layer.dense(layer.pos_pool)[0, :, :5].tolist()
+    stored = layer.slot_positions()[0]
+    assert mirror[0, 0, :4, 0].long().tolist() == stored[0, :4].tolist()
+    assert mirror[0, 1, :5, 0].long().tolist() == stored[1, :5].tolist()
+    # vacated and never-used slots read position -1 (what attention and policies mask on)
+    assert stored[0, 4:].tolist() == [-1] * (stored.shape[1] - 4)
+    assert stored[1, 5:].tolist() == [-1] * (stored.shape[1] - 5)
+
+
+def test_bad_and_repeated_evictions_are_flagged_not_applied():
+    layer = PagedLayer(block_size=4)
+    layer.store([(torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.arange(6).expand(2, -1), None)])
+    bad = layer.evict(torch.tensor([[[7], [-2]]]))
+    assert bad.tolist() == [[True, True]]
+    assert layer.row_lengths(0) == [6, 6]
+    assert layer.evict(torch.tensor([[[2, 2], [-1, 5]]])).tolist() == [[True, False]]
+    assert layer.row_lengths(0) == [5, 5]
 
 
 def test_cache_grows_past_its_reserve_without_losing_entries(tiny_model, prompt_ids):
