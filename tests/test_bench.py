@@ -1,4 +1,5 @@
-"""The cost model on hand-checked numbers, and the benchmark runner end to end on a tiny model."""
+"""The cost model on hand-checked numbers, the machine measurement, and the benchmark runner end to end
+on a tiny model."""
 
 from __future__ import annotations
 
@@ -11,10 +12,31 @@ from conftest import tiny_llama
 
 import kvpolicy
 from kvpolicy.bench import ModelShape, decode_bytes_per_token, prefill_flops, speedup_bound
-from kvpolicy.bench.cli import parse_policy_spec, random_model
-from kvpolicy.bench.runner import FULL, HF_BASELINE, benchmark
+from kvpolicy.bench.cli import markdown_table, parse_policy_spec, random_model
+from kvpolicy.bench.costmodel import prefill_peak_bytes, weight_bytes
+from kvpolicy.bench.machine import Machine, measure_machine
+from kvpolicy.bench.runner import (
+    FULL,
+    HF_BASELINE,
+    HF_COMPILED,
+    benchmark,
+    run_transformers,
+    run_transformers_compiled,
+)
 
 SHAPE = ModelShape(hidden=8, intermediate=16, layers=2, q_heads=2, kv_heads=1, head_dim=4, vocab=10)
+#: Round machine limits (1 GB/s read, 2 GB/s GEMV, 1 TFLOP/s) so the absolute figures check by hand.
+MACHINE = Machine(
+    device="cpu",
+    dtype="torch.float32",
+    read_bytes_per_s=1e9,
+    matmul_flops_per_s=1e12,
+    gemv_bytes_per_s=2e9,
+    read_bytes=0,
+    matmul_size=0,
+    gemv_bytes=0,
+    seconds=0.0,
+)
 
 
 def test_prefill_flops_by_hand():
@@ -29,6 +51,40 @@ def test_decode_bytes_by_hand():
     weights = (2 * layer_params + 8 * 10) * 2
     kv = (5 + 7) * 2 * 1 * 4 * 2
     assert decode_bytes_per_token(SHAPE, [5, 7], 2) == weights + kv
+    # A batch reads the weights once and every sequence's KV.
+    assert decode_bytes_per_token(SHAPE, [5, 7], 2, batch=3) == weights + 3 * kv
+
+
+def test_prefill_peak_bytes_by_hand():
+    # weights: 2 layers x 592 + final norm 8 + embedding and LM head 2 x 8 x 10, fp16
+    assert weight_bytes(SHAPE, 2) == (2 * 592 + 8 + 160) * 2 == 2704
+    got = prefill_peak_bytes(SHAPE, 10, 2, 2, [5, 7], mlp_chunk_tokens=4)
+    kv = 2 * (5 + 7) * 2 * 1 * 4 * 2  # batch x entries x (K, V) x kv_heads x head_dim x fp16
+    rows = 2 * 10
+    qkv = rows * (2 + 2 * 1) * 4 * 2
+    hidden = rows * 2 * 8 * 2  # residual stream and its normed copy
+    mlp = 4 * 3 * 16 * 2  # one chunk of 4 rows: gate, up, product
+    attn = rows * 2 * (4 * 2 + 4)  # SDPA output and fp32 log-sum-exp per query head
+    logits = 2 * 10 * 2
+    assert got == 2704 + kv + qkv + hidden + mlp + attn + logits == 5272
+    assert (
+        prefill_peak_bytes(SHAPE, 10, 2, 2, [5, 7], mlp_chunk_tokens=4, include_weights=False) == 5272 - 2704
+    )
+    # A chunk larger than the batch's rows is the rows.
+    small = prefill_peak_bytes(SHAPE, 10, 2, 2, [5, 7], mlp_chunk_tokens=4096, include_weights=False)
+    assert small == 5272 - 2704 - mlp + rows * 3 * 16 * 2
+
+
+def test_measure_machine_is_positive_and_finite():
+    import torch
+
+    m = measure_machine(
+        "cpu", torch.float32, read_bytes=32 * 2**20, gemv_bytes=8 * 2**20, matmul_sizes=(64, 128)
+    )
+    for rate in (m.read_bytes_per_s, m.matmul_flops_per_s, m.gemv_bytes_per_s):
+        assert 0 < rate < math.inf
+    assert m.read_bytes == 32 * 2**20 and m.matmul_size in (64, 128) and 0 < m.gemv_bytes <= 8 * 2**20
+    assert m.dtype == "torch.float32" and m.seconds > 0
 
 
 def test_bound_is_one_for_identical_schedules_and_grows_with_cuts():
@@ -60,7 +116,14 @@ def test_benchmark_interleaves_and_reports_ratios():
     policy = kvpolicy.get_policy("fastkv", tsp_layer=1, tsp_rate=0.25, kv_budget=32)
     calls = []
     rows = benchmark(
-        model, {200: ids}, {"fastkv": policy}, gen=4, repeats=2, warmup=1, progress=lambda: calls.append(1)
+        model,
+        {200: ids},
+        {"fastkv": policy},
+        gen=4,
+        repeats=2,
+        warmup=1,
+        progress=lambda: calls.append(1),
+        machine=MACHINE,
     )
     assert len(calls) == 3 * 3  # (warm-up + repeats) x (full, transformers, fastkv)
     by_name = {r.variant: r for r in rows}
@@ -92,6 +155,24 @@ def test_benchmark_interleaves_and_reports_ratios():
             }
         )
     assert full.speedup == {"prefill": 1.0, "decode": 1.0, "e2e": 1.0}
+    # Absolute figures, by hand: weights (4 layers x 36992 + LM head 64 x 128) x fp32 = 624640 bytes;
+    # KV per layer (kept + gen/2) x (K, V) x 2 heads x 16 x fp32 = 256 bytes an entry; at 1 GB/s.
+    weights = (4 * (64 * 16 * 12 + 3 * 64 * 128 + 2 * 64) + 64 * 128) * 4
+    assert weights == 624640
+    assert full.decode_bound_ms == pytest.approx((weights + 4 * 202 * 256) / 1e9 * 1000)
+    assert fast.decode_bound_ms == pytest.approx((weights + 4 * 34 * 256) / 1e9 * 1000)
+    assert fast.decode_gemv_bound_ms == pytest.approx(fast.decode_bound_ms / 2)  # GEMV at 2 GB/s
+    for row in rows:
+        assert row.batch == 1
+        assert row.decode_bound_share == pytest.approx(
+            row.decode_bound_ms / row.decode_ms_per_token["median"]
+        )
+        flops = prefill_flops(shape, row.tokens_per_layer)
+        assert row.prefill_tflops == pytest.approx(flops / row.prefill_s["median"] / 1e12)
+        assert row.prefill_flops_share == pytest.approx(row.prefill_tflops)  # peak 1 TFLOP/s
+        kept = [k + 4 for k in row.kv_tokens_per_layer]  # the cache reserves the decode tokens
+        assert row.peak_bound_bytes == prefill_peak_bytes(shape, 200, 1, 4, kept, include_weights=False)
+    assert fast.peak_bound_bytes < full.peak_bound_bytes
 
 
 def test_benchmark_batches_report_the_batch():
@@ -102,11 +183,116 @@ def test_benchmark_batches_report_the_batch():
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(0)).expand(3, -1)
     policy = kvpolicy.get_policy("snapkv", kv_budget=32)
-    rows = benchmark(model, {120: ids}, {"snapkv": policy}, gen=3, repeats=1, warmup=0)
+    rows = benchmark(model, {120: ids}, {"snapkv": policy}, gen=3, repeats=1, warmup=0, machine=MACHINE)
     by_name = {r.variant: r for r in rows}
     assert by_name[HF_BASELINE].kv_bytes == by_name[FULL].kv_bytes
     assert by_name["snapkv"].kv_bytes * 120 == by_name[FULL].kv_bytes * 32
     assert by_name["snapkv"].kv_tokens_per_layer == [32] * 4
+    # Decode bound of the batch: weights once (624640 bytes) + 3 sequences x 4 layers x (32 + 3/2)
+    # entries x 256 bytes, at 1 GB/s; the speed-up bound uses the same batch bytes.
+    snap = by_name["snapkv"]
+    assert snap.batch == 3
+    assert snap.decode_bound_ms == pytest.approx((624640 + 3 * 4 * 33.5 * 256) / 1e6)
+    full_bytes = 624640 + 3 * 4 * (120 + 1.5) * 256
+    assert by_name[FULL].decode_bound_ms == pytest.approx(full_bytes / 1e6)
+    assert snap.bound["decode"] == pytest.approx(full_bytes / (624640 + 3 * 4 * 33.5 * 256))
+    shape = ModelShape.from_config(model.config)
+    assert snap.prefill_tflops == pytest.approx(
+        3 * prefill_flops(shape, snap.tokens_per_layer) / snap.prefill_s["median"] / 1e12
+    )
+
+
+def test_transformers_compiled_baseline_matches_dynamic_cache(monkeypatch):
+    """StaticCache + compiled decode (eager backend here: no inductor in CI) gives the DynamicCache
+    baseline's greedy tokens and KV, and runs as a bench variant."""
+    import torch
+
+    import kvpolicy.generation
+
+    monkeypatch.setattr(kvpolicy.generation, "COMPILE_BACKEND", "eager")
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 60), generator=torch.Generator().manual_seed(1))
+    dynamic = run_transformers(model, ids, 5)
+    static = run_transformers_compiled(model, ids, 5)
+    assert static.tokens == dynamic.tokens and len(static.tokens) == 2 and len(static.tokens[0]) == 6
+    assert static.kv_bytes == dynamic.kv_bytes == 2 * 60 * 2 * 2 * 16 * 4 * 4
+    assert static.decode_s_per_token is not None and static.decode_s_per_token > 0
+    rows = benchmark(  # the same shapes: the compiled forward is reused, not traced again
+        model,
+        {60: ids},
+        {},
+        gen=5,
+        repeats=1,
+        warmup=0,
+        include_transformers_compiled=True,
+        machine=MACHINE,
+    )
+    by_name = {r.variant: r for r in rows}
+    assert set(by_name) == {FULL, HF_BASELINE, HF_COMPILED}
+    compiled = by_name[HF_COMPILED]
+    assert compiled.kv_tokens_per_layer == [60] * 4 and compiled.kv_bytes == by_name[FULL].kv_bytes
+    assert compiled.decode_bound_ms == pytest.approx(by_name[FULL].decode_bound_ms)
+    # The cache of this shape is reused (reset) across runs, and its bytes count in the peak:
+    # 2 sequences x 2 KV heads x 65 positions x 16 x fp32, K and V, 4 layers.
+    assert compiled.peak_bytes is not None and compiled.peak_bytes >= 2 * 2 * 65 * 16 * 4 * 2 * 4
+    table = markdown_table(rows, 5)
+    assert "| `transformers (StaticCache + compile)` | 60 |" in table
+    assert "prefill TFLOP/s (of peak) | decode bound ms (reached) | peak MiB (bound) |" in table
+
+
+def test_bench_cli_writes_machine_and_absolute_columns(tmp_path, monkeypatch):
+    """The CLI on a random tiny shape (tokenizer and text stubbed out, machine limits fixed): the JSON
+    keeps its keys and gains the measured machine and the absolute figures; the table its columns."""
+    import torch
+
+    import kvpolicy.bench.cli as bench_cli
+    import kvpolicy.generation
+    import kvpolicy.models
+    from kvpolicy.cli import main
+
+    monkeypatch.setattr(kvpolicy.generation, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(kvpolicy.models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(bench_cli, "measure_machine", lambda device, dtype: MACHINE)
+    monkeypatch.setattr(
+        bench_cli,
+        "_inputs",
+        lambda tokenizer, model, lengths, batch_size=1: {
+            n: torch.randint(0, 64, (batch_size, n), generator=torch.Generator().manual_seed(n))
+            for n in lengths
+        },
+    )
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+        "max_position_embeddings": 256,
+    }
+    shape_file = tmp_path / "shape.json"
+    shape_file.write_text(json.dumps(cfg))
+    out = tmp_path / "bench.json"
+    argv = ["bench", "e2e", "--random-weights", str(shape_file), "--policy", "snapkv:kv_budget=16"]
+    argv += ["--lengths", "64", "--gen", "2", "--repeats", "1", "--warmup", "0", "--transformers-compiled"]
+    assert main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] and data["machine"]["measured"]["read_bytes_per_s"] == 1e9
+    names = {r["variant"] for r in data["results"]}
+    assert names == {FULL, HF_BASELINE, HF_COMPILED, "snapkv:kv_budget=16"}
+    for r in data["results"]:
+        for key in ("prefill_s", "decode_ms_per_token", "kv_bytes", "speedup", "bound", "peak_bytes"):
+            assert key in r
+        assert r["batch"] == 1 and r["decode_bound_ms"] > 0 and r["decode_bound_share"] > 0
+        assert r["prefill_tflops"] > 0 and r["prefill_flops_share"] > 0 and r["peak_bound_bytes"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith(
+        "| variant | length | prefill s | prefill speed-up (bound) | decode ms/token | "
+        "decode speed-up (bound) | e2e s | KV MiB | prefill TFLOP/s (of peak) | "
+        "decode bound ms (reached) | peak MiB (bound) |"
+    )
+    assert "| `snapkv:kv_budget=16` | 64 |" in table
 
 
 def test_random_weights_shape_file(tmp_path):

@@ -1,17 +1,28 @@
 """``kvpolicy bench prefill|e2e``: latency and memory per policy and length, with ratios to full KV
-measured in the same run and the cost model's bound beside them."""
+measured in the same run and the cost model's bound beside them, and absolute figures against the
+machine's own limits (read bandwidth, matmul peak) measured at the start of the run."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvpolicy.bench.runner import FULL, HF_BASELINE, Row, benchmark, machine_description, rows_to_json
+from kvpolicy.bench.machine import Machine, measure_machine
+from kvpolicy.bench.runner import (
+    FULL,
+    HF_BASELINE,
+    HF_COMPILED,
+    Row,
+    benchmark,
+    machine_description,
+    rows_to_json,
+)
 from kvpolicy.interfaces import Policy
 
 #: Model shapes benchmarkable without weights (nothing can be downloaded on benchmark machines).
@@ -72,6 +83,15 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     )
     p.add_argument(
         "--no-transformers-baseline", action="store_true", help="skip plain transformers + DynamicCache"
+    )
+    p.add_argument(
+        "--transformers-compiled",
+        action="store_true",
+        help=(
+            "also run plain transformers with StaticCache and torch.compile of the decode forward "
+            "(its recommended fast path; off by default: compiling takes minutes on a CPU, and the "
+            "warm-up repeats pay for it)"
+        ),
     )
     p.add_argument(
         "--out", type=Path, help="write results as JSON here (a PNG plot and a Markdown table go beside it)"
@@ -159,10 +179,16 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_from_args(args)
     gen = args.gen if args.mode == "e2e" else 0
     inputs = _inputs(tokenizer, model, args.lengths, args.batch_size)
-    n_variants = len(policies) + 1 + (0 if args.no_transformers_baseline else 1)
+    n_variants = (
+        len(policies) + 1 + (0 if args.no_transformers_baseline else 1) + int(args.transformers_compiled)
+    )
     console = Console()
     if not console.is_terminal:
         console.width = 200
+    device = model.get_input_embeddings().weight.device
+    with console.status("measuring the machine (read bandwidth, matmul peak, GEMV)"):
+        machine = measure_machine(device, next(model.parameters()).dtype)
+    print_machine(console, machine)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmark", total=len(inputs) * (args.warmup + args.repeats) * n_variants)
         rows = benchmark(
@@ -173,12 +199,13 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             include_transformers=not args.no_transformers_baseline,
+            include_transformers_compiled=args.transformers_compiled,
             compile=args.compile,
             progress=lambda: progress.advance(task),
+            machine=machine,
         )
     print_rows(console, rows, gen)
     if args.out:
-        device = model.get_input_embeddings().weight.device
         record = {
             "mode": args.mode,
             "model": args.random_weights or args.model or "SmolLM2-135M-Instruct (embedded)",
@@ -187,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "repeats": args.repeats,
             "warmup": args.warmup,
-            "machine": machine_description(device),
+            "machine": {**machine_description(device), "measured": asdict(machine)},
             "results": rows_to_json(rows),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +223,15 @@ def run(args: argparse.Namespace) -> int:
         plot = plot_speedups(rows, args.out.with_suffix(".png"))
         console.print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0
+
+
+def print_machine(console: Any, machine: Machine) -> None:
+    console.print(
+        f"machine ({machine.device}, {machine.dtype}): streaming read "
+        f"{machine.read_bytes_per_s / 1e9:.1f} GB/s, matmul {machine.matmul_flops_per_s / 1e12:.3f} "
+        f"TFLOP/s (n={machine.matmul_size}), GEMV {machine.gemv_bytes_per_s / 1e9:.1f} GB/s "
+        f"(measured in {machine.seconds:.1f} s)"
+    )
 
 
 def print_rows(console: Any, rows: list[Row], gen: int) -> None:
@@ -207,7 +243,9 @@ def print_rows(console: Any, rows: list[Row], gen: int) -> None:
     cols = ["variant", "length", "prefill s", "prefill speed-up"]
     if gen:
         cols += ["decode ms/tok", "decode speed-up", "e2e s"]
-    cols += ["KV MiB", "peak MiB*"]
+    cols += ["KV MiB", "peak MiB*", "peak bound MiB", "prefill TFLOP/s (of peak)"]
+    if gen:
+        cols += ["decode bound ms (reached)"]
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
@@ -215,11 +253,17 @@ def print_rows(console: Any, rows: list[Row], gen: int) -> None:
         if gen:
             cells += [_fmt(r.decode_ms_per_token, "{:.1f}"), _ratio(r, "decode"), _fmt(r.e2e_s, "{:.2f}")]
         cells += [f"{r.kv_bytes / 2**20:.1f}", "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"]
+        cells += [_mib(r.peak_bound_bytes), _tflops(r)]
+        if gen:
+            cells += [_decode_bound(r)]
         table.add_row(*cells)
     console.print(table)
     console.print(
         "* peak memory: CUDA allocator peak above the model on a GPU; on a CPU, growth of the process's "
-        "peak RSS during the run (coarse: the allocator reuses freed memory)."
+        "peak RSS during the run (coarse: the allocator reuses freed memory). Its bound is the least a "
+        "prefill must hold, without the weights (costmodel.prefill_peak_bytes). TFLOP/s: cost-model "
+        "prefill FLOPs per measured second, share of the measured matmul peak. Decode bound: the cost "
+        "model's bytes per step at the measured streaming read bandwidth, share of it reached."
     )
 
 
@@ -229,6 +273,11 @@ def markdown_table(rows: list[Row], gen: int) -> str:
     if gen:
         head += ["decode ms/token", "decode speed-up (bound)", "e2e s"]
     head += ["KV MiB"]
+    # Absolute figures against the machine measured in the same run (after the ratio columns).
+    head += ["prefill TFLOP/s (of peak)"]
+    if gen:
+        head += ["decode bound ms (reached)"]
+    head += ["peak MiB (bound)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r.variant}`", str(r.length), f"{r.prefill_s['median']:.3f}", _md_ratio(r, "prefill")]
@@ -236,9 +285,33 @@ def markdown_table(rows: list[Row], gen: int) -> str:
             decode = r.decode_ms_per_token["median"] if r.decode_ms_per_token else float("nan")
             e2e = r.e2e_s["median"] if r.e2e_s else float("nan")
             cells += [f"{decode:.1f}", _md_ratio(r, "decode"), f"{e2e:.2f}"]
-        cells += [f"{r.kv_bytes / 2**20:.1f}"]
+        cells += [f"{r.kv_bytes / 2**20:.1f}", _tflops(r)]
+        if gen:
+            cells += [_decode_bound(r)]
+        peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
+        cells += [f"{peak} ({_mib(r.peak_bound_bytes)})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def _tflops(row: Row) -> str:
+    """Prefill TFLOP/s reached and its share of the measured matmul peak: ``0.051 (68%)``."""
+    if row.prefill_tflops is None:
+        return "-"
+    share = f" ({row.prefill_flops_share:.0%})" if row.prefill_flops_share is not None else ""
+    return f"{row.prefill_tflops:.3g}{share}"
+
+
+def _decode_bound(row: Row) -> str:
+    """Decode bound in ms per token and the share of it the measurement reached: ``12.3 (45%)``."""
+    if row.decode_bound_ms is None:
+        return "-"
+    share = f" ({row.decode_bound_share:.0%})" if row.decode_bound_share is not None else ""
+    return f"{row.decode_bound_ms:.2f}{share}"
 
 
 def _md_ratio(row: Row, key: str) -> str:
@@ -246,7 +319,7 @@ def _md_ratio(row: Row, key: str) -> str:
     if measured is None:
         return "-"
     bound = row.bound.get(key)
-    if row.variant in (FULL, HF_BASELINE) or not bound:
+    if row.variant in (FULL, HF_BASELINE, HF_COMPILED) or not bound:
         return f"{measured:.2f}x"
     return f"{measured:.2f}x ({bound:.2f}x, {measured / bound:.0%})"
 
@@ -263,7 +336,7 @@ def _ratio(row: Row, key: str) -> str:
     measured = row.speedup.get(key)
     if measured is None:
         return "-"
-    if row.variant in (FULL, HF_BASELINE):
+    if row.variant in (FULL, HF_BASELINE, HF_COMPILED):
         return f"{measured:.2f}x"
     bound = row.bound.get(key)
     share = f" ({measured / bound:.0%} of bound {bound:.2f}x)" if bound else ""

@@ -3,7 +3,9 @@
 Prefill is compute-bound at long contexts, so its cost is counted in FLOPs per layer, with the token
 count each layer actually processes (TSP, PyramidInfer and GemFilter change it). Decode reads every
 weight and every cached KV entry once per token, so its cost is counted in bytes read. The ratio of
-full-KV cost to the policy's cost is the speed-up bound.
+full-KV cost to the policy's cost is the speed-up bound. Divided by what the machine measured
+(:mod:`kvpolicy.bench.machine`), the same counts give absolute bounds in seconds. Prefill memory is
+counted term by term in :func:`prefill_peak_bytes`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    tied_embeddings: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -36,6 +39,7 @@ class ModelShape:
             kv_heads=config.num_key_value_heads,
             head_dim=head_dim,
             vocab=config.vocab_size,
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
 
     @property
@@ -61,14 +65,71 @@ def prefill_flops(shape: ModelShape, tokens_per_layer: Sequence[int]) -> float:
 
 
 def decode_bytes_per_token(
-    shape: ModelShape, kv_tokens_per_layer: Sequence[int], bytes_per_elem: int, generated: int = 0
+    shape: ModelShape,
+    kv_tokens_per_layer: Sequence[int],
+    bytes_per_elem: int,
+    generated: int = 0,
+    batch: int = 1,
 ) -> float:
     """Bytes one decode step reads: all layer weights and the LM head, plus each layer's KV cache
-    (``generated / 2`` tokens appended on average over a run of ``generated`` steps)."""
+    (``generated / 2`` tokens appended on average over a run of ``generated`` steps).
+
+    For a batch of ``batch`` sequences the weights are read once per step and the KV of every
+    sequence once; ``kv_tokens_per_layer`` is one sequence's (the bench repeats one prompt, so every
+    sequence keeps the same counts)."""
     weights = (shape.layers * shape.layer_params + shape.hidden * shape.vocab) * bytes_per_elem
     per_entry = 2 * shape.kv_heads * shape.head_dim * bytes_per_elem
     kv = sum(c + generated / 2 for c in kv_tokens_per_layer) * per_entry
-    return float(weights + kv)
+    return float(weights + batch * kv)
+
+
+def weight_bytes(shape: ModelShape, bytes_per_elem: int) -> int:
+    """Bytes of all parameters: decoder layers, final norm, embedding and (unless tied) LM head."""
+    tables = shape.hidden * shape.vocab * (1 if shape.tied_embeddings else 2)
+    return (shape.layers * shape.layer_params + shape.hidden + tables) * bytes_per_elem
+
+
+def prefill_peak_bytes(
+    shape: ModelShape,
+    length: int,
+    batch: int,
+    bytes_per_elem: int,
+    kept_kv_tokens_per_layer: Sequence[int],
+    mlp_chunk_tokens: int = 4096,
+    include_weights: bool = True,
+) -> int:
+    """The least memory a prefill of ``batch`` prompts of ``length`` tokens must hold at its peak
+    (in the last layer, when every earlier layer's kept KV exists and the layer's activations are
+    full-length). Terms, all in the model dtype unless noted:
+
+    * weights (:func:`weight_bytes`), unless ``include_weights=False``: the bench's measured peak is
+      the growth above what was allocated before the run (CUDA allocator peak minus the allocation at
+      the start; on a CPU, peak-RSS growth), which excludes the model, so it compares with the bound
+      without weights;
+    * the kept KV of all layers: ``sum(kept_kv_tokens_per_layer) x 2 (K, V) x kv_heads x head_dim``
+      per sequence (pass the counts after decode, kept + generated, for a run whose cache reserves
+      room for its decode tokens);
+    * one layer's full-length projections: q, k and v, ``(q_heads + 2 kv_heads) x head_dim`` per
+      token;
+    * the hidden states: the residual stream and its normed copy, ``2 x hidden`` per token;
+    * one MLP chunk: ``min(mlp_chunk_tokens, batch x length)`` token rows of gate, up and their
+      product, ``3 x intermediate`` per row (the engine runs the MLP in chunks of that many rows);
+    * the attention workspace of a fused SDPA kernel (flash / memory-efficient): its output,
+      ``q_heads x head_dim`` per token, and the per-row log-sum-exp, ``q_heads`` fp32 per token (the
+      math fallback would materialise ``q_heads x length^2`` scores; not counted: it is avoidable);
+    * the last position's logits, ``vocab`` per sequence.
+
+    Everything per token is times ``batch x length``. Allocator slack, fragmentation and temporaries
+    a fused implementation would avoid are not counted: a lower bound, not a prediction."""
+    e, rows = bytes_per_elem, batch * length
+    weights = weight_bytes(shape, e) if include_weights else 0
+    kv = batch * sum(kept_kv_tokens_per_layer) * 2 * shape.kv_heads * shape.head_dim * e
+    qkv = rows * (shape.q_heads + 2 * shape.kv_heads) * shape.head_dim * e
+    hidden = rows * 2 * shape.hidden * e
+    mlp = min(mlp_chunk_tokens, rows) * 3 * shape.intermediate * e
+    attn = rows * shape.q_heads * (shape.head_dim * e + 4)
+    logits = batch * shape.vocab * e
+    return int(weights + kv + qkv + hidden + mlp + attn + logits)
 
 
 @dataclass(frozen=True)
@@ -85,10 +146,12 @@ def speedup_bound(
     policy_kv: Sequence[int],
     bytes_per_elem: int,
     generated: int = 0,
+    batch: int = 1,
 ) -> Bound:
-    """The speed-ups over full KV this cost model allows for the policy's schedule."""
+    """The speed-ups over full KV this cost model allows for the policy's schedule (for ``batch``
+    sequences: prefill FLOPs scale with the batch and cancel; decode reads the weights once)."""
     return Bound(
         prefill_speedup=prefill_flops(shape, full_tokens) / prefill_flops(shape, policy_tokens),
-        decode_speedup=decode_bytes_per_token(shape, full_kv, bytes_per_elem, generated)
-        / decode_bytes_per_token(shape, policy_kv, bytes_per_elem, generated),
+        decode_speedup=decode_bytes_per_token(shape, full_kv, bytes_per_elem, generated, batch)
+        / decode_bytes_per_token(shape, policy_kv, bytes_per_elem, generated, batch),
     )
