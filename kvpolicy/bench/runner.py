@@ -17,6 +17,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,6 +194,12 @@ def run_transformers(model: nn.Module, input_ids: torch.Tensor, gen: int) -> Sam
     return Sample(prefill_s, decode, mem.peak(), int(kv), [length] * n_layers, [length] * n_layers, tokens)
 
 
+#: The StaticCache baseline's compiled forward and kept cache, per model, held beside the model (never
+#: on it: the bench leaves the user's model as it found it) and dropped with it.
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+_STATIC: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], Any]] = weakref.WeakKeyDictionary()
+
+
 def static_compile_options(device: torch.device) -> dict[str, Any]:
     """``torch.compile`` options for the StaticCache baseline: the backend in
     :data:`kvpolicy.generation.COMPILE_BACKEND` if set (tests set ``"eager"``: no inductor), else
@@ -204,14 +211,14 @@ def static_compile_options(device: torch.device) -> dict[str, Any]:
 
 
 def _compiled_forward(model: nn.Module, options: dict[str, Any]) -> Any:
-    """``torch.compile(model.forward, fullgraph=True)``, one per model and options, kept on the model
+    """``torch.compile(model.forward, fullgraph=True)``, one per model and options, kept per model
     so that repeats reuse the compiled graphs (the warm-up repeats pay for compiling)."""
     key = tuple(sorted(options.items()))
-    cached = getattr(model, "_kvpolicy_bench_compiled", None)
+    cached = _COMPILED.get(model)
     if cached is None or cached[0] != key:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         cached = (key, torch.compile(model.forward, fullgraph=True, **options))
-        model._kvpolicy_bench_compiled = cached
+        _COMPILED[model] = cached
     return cached[1]
 
 
@@ -221,7 +228,7 @@ def _static_cache(model: nn.Module, batch: int, max_len: int, create: bool = Fal
     other, so only one shape's cache is held at a time)."""
     from transformers import StaticCache
 
-    kept = getattr(model, "_kvpolicy_bench_static_cache", None)
+    kept = _STATIC.get(model)
     if kept is not None and kept[0] == (batch, max_len):
         cache = kept[1]
         cache.reset()
@@ -229,10 +236,10 @@ def _static_cache(model: nn.Module, batch: int, max_len: int, create: bool = Fal
         held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in layers)
         return cache, held
     if not create:
-        model._kvpolicy_bench_static_cache = None  # free the other shape's cache before this run
+        _STATIC.pop(model, None)  # free the other shape's cache before this run
         return None, 0
     cache = StaticCache(config=model.config, max_cache_len=max_len)
-    model._kvpolicy_bench_static_cache = ((batch, max_len), cache)
+    _STATIC[model] = ((batch, max_len), cache)
     return cache, 0
 
 
@@ -244,7 +251,7 @@ def run_transformers_compiled(model: nn.Module, input_ids: torch.Tensor, gen: in
     with every prompt), decode compiled; timed like :func:`run_transformers`.
 
     The cache holds ``length + gen`` positions from the start. As ``generate`` does, one cache per
-    shape is kept (on the model) and reset between runs, so its addresses stay fixed and CUDA graphs
+    shape is kept (per model) and reset between runs, so its addresses stay fixed and CUDA graphs
     recorded in the warm-up replay; a reused cache is allocated before the run, so its bytes are added
     to the measured peak (it is held throughout the run). KV bytes count the prompt's entries, as for
     ``DynamicCache``."""
