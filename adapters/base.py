@@ -14,6 +14,7 @@ family subclasses :class:`DecoderAdapter` and overrides what differs (e.g. per-h
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from kvpolicy.state import Batch, RequestState
 # Attention backends that apply causality themselves when given no mask.
 _MASKLESS_CAUSAL = {"sdpa", "flash_attention_2", "flash_attention_3"}
 _FLASH = {"flash_attention_2", "flash_attention_3"}
-#: Token rows per MLP chunk during prefill (bounds the intermediate activations).
+#: Token rows per chunk of the prefill's q/k/v projections and MLP (bounds their temporaries).
 MLP_CHUNK_TOKENS = 4096
 
 
@@ -63,7 +64,9 @@ class DecoderAdapter:
         self.layers = list(self.base.layers)
         attn0 = self.layers[0].self_attn
         # The rotary helper lives in each family's modeling module; use that family's own function.
-        self._apply_rotary: Callable[..., Any] = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
+        self._apply_rotary: Callable[..., Any] | None = getattr(
+            sys.modules[type(attn0).__module__], "apply_rotary_pos_emb", None
+        )
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         self._attn_impl = impl
         get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)  # transformers 5.1+
@@ -147,7 +150,30 @@ class DecoderAdapter:
             h = h.to(device)
             cos_sin = tuple(t.to(device) for t in cos_sin)
             positions = positions.to(device) if positions is not None else None
-        return h, cos_sin, positions, self.project_qkv(layer.self_attn, layer.input_layernorm(h), *cos_sin)
+        return h, cos_sin, positions, self._chunked_qkv(layer, h, cos_sin)
+
+    def _chunked_qkv(
+        self, layer: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``project_qkv`` of the layer's input norm, in chunks of :data:`MLP_CHUNK_TOKENS` token rows
+        for long prompts: the normed input, the unrotated projections and RoPE's temporaries (about
+        three times the queries) then exist for one chunk at a time, never for the whole prompt."""
+        attn = layer.self_attn
+        b, t = h.shape[0], h.shape[1]
+        step = max(1, MLP_CHUNK_TOKENS // b)
+        if t <= step:
+            return self.project_qkv(attn, layer.input_layernorm(h), *cos_sin)
+        out: list[torch.Tensor] = []
+        for start in range(0, t, step):
+            end = min(start + step, t)
+            parts = self.project_qkv(
+                attn, layer.input_layernorm(h[:, start:end]), *(c[:, start:end] for c in cos_sin)
+            )
+            if not out:  # (B, H, T, d) each, filled chunk by chunk
+                out = [p.new_empty((b, p.shape[1], t, p.shape[3])) for p in parts]
+            for whole, part in zip(out, parts, strict=True):
+                whole[:, :, start:end] = part
+        return out[0], out[1], out[2]
 
     def _mlp_block(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """Residual MLP block, in place and in chunks of :data:`MLP_CHUNK_TOKENS` token rows.
@@ -163,6 +189,59 @@ class DecoderAdapter:
             part = flat[start : start + MLP_CHUNK_TOKENS]
             part += layer.mlp(layer.post_attention_layernorm(part))
         return h
+
+    # -- one layer, as the loops call it (the generic adapter calls the model's layer whole instead) --
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_tokens(ids)
+
+    def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> Any:
+        """Rotary tables for ``positions`` (what :meth:`_prefill_layer` / :meth:`_decode_layer` take)."""
+        return self.base.rotary_emb(h, positions)
+
+    def _prefill_layer(
+        self,
+        i: int,
+        layer: nn.Module,
+        h: torch.Tensor,
+        cos_sin: Any,
+        positions: torch.Tensor,
+        counts: list[int],
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Layer ``i`` over the present tokens (left-padded, ``counts`` real ones per sequence): the
+        residual stream after it, the rotary tables and positions (moved to the layer's device), and
+        the layer's post-RoPE ``(q, k, v)`` for the policies."""
+        attn = layer.self_attn
+        h, cos_sin, positions, (q, k, v) = self._enter_layer(layer, h, cos_sin, positions)
+        h = h + attn.o_proj(self._attend_prefill(attn, q, k, v, counts))
+        return self._mlp_block(layer, h), cos_sin, positions, (q, k, v)
+
+    def _decode_layer(
+        self,
+        i: int,
+        layer: nn.Module,
+        h: torch.Tensor,
+        cos_sin: Any,
+        positions: torch.Tensor,
+        lc: PagedLayer,
+        want_probs: bool,
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor | None]:
+        """Layer ``i`` for one new token per sequence: append its k/v to ``lc``, attend over the paged
+        cache; returns the residual stream, rotary tables, the query and (``want_probs``) the slot
+        probabilities decode-time policies score with."""
+        attn = layer.self_attn
+        h, cos_sin, _, (q, k, v) = self._enter_layer(layer, h, cos_sin)
+        lc.write(k, v, positions)
+        if self._paged_kernel is not None and not want_probs:
+            out, probs = self._paged_kernel(q, lc, attn.scaling), None
+        else:
+            out, probs = paged_attention(q, lc, attn.scaling, want_probs=want_probs)
+        h = h + attn.o_proj(out.to(h.dtype))
+        return self._mlp_block(layer, h), cos_sin, q, probs
+
+    def routing(self) -> Any:
+        """Context in which prefill and decode run (the generic adapter routes the model's attention
+        through kvpolicy there); a no-op for adapters that call the projections themselves."""
+        return contextlib.nullcontext()
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         h = self.base.norm(h_last.to(module_device(self.base.norm)))
@@ -190,30 +269,31 @@ class DecoderAdapter:
         states = [self._new_state(n, b, reserve) for b, n in enumerate(lengths)]
         ids, counts, propagate = left_pad(prompts), list(lengths), True
         block = block_size or self.block_size
-        while True:
-            cache = KVPolicyCache(self.num_layers, block, self._attn_impl)
-            restart, h_last = self._run_layers(ids, counts, policy, states, cache, reserve, propagate)
-            if restart is None:
-                break
-            # Restart (GemFilter): each sequence reruns on the tokens it selected (or, where it did not
-            # filter, on its whole prompt, with a fresh state), fresh positions 0..k-1, no propagation.
-            chosen = []
-            for b, decision in enumerate(restart):
-                if decision is None:
-                    chosen.append(prompts[b])
-                    states[b] = self._new_state(lengths[b], b, reserve)
-                else:
-                    chosen.append(prompts[b][decision.indices[0].to(prompts[b].device)])
-                    states[b].discarded_tokens_per_layer += states[b].tokens_per_layer
-                    states[b].tokens_per_layer = []
-            ids, counts, propagate = left_pad(chosen), [int(c.shape[0]) for c in chosen], False
-        # Decode positions continue at each sequence's logical length (a restarted pass: its own).
-        next_positions = torch.tensor(counts, dtype=torch.long, device=ids.device)
-        if len(set(counts)) == 1:
-            cache.set_next_position(counts[0])
-        batch = Batch(states, cache, next_positions)
-        for state in states:
-            state.batch = batch
+        with self.routing():
+            while True:
+                cache = KVPolicyCache(self.num_layers, block, self._attn_impl)
+                restart, h_last = self._run_layers(ids, counts, policy, states, cache, reserve, propagate)
+                if restart is None:
+                    break
+                # Restart (GemFilter): each sequence reruns on the tokens it selected (or, where it did not
+                # filter, on its whole prompt, with a fresh state), fresh positions 0..k-1, no propagation.
+                chosen = []
+                for b, decision in enumerate(restart):
+                    if decision is None:
+                        chosen.append(prompts[b])
+                        states[b] = self._new_state(lengths[b], b, reserve)
+                    else:
+                        chosen.append(prompts[b][decision.indices[0].to(prompts[b].device)])
+                        states[b].discarded_tokens_per_layer += states[b].tokens_per_layer
+                        states[b].tokens_per_layer = []
+                ids, counts, propagate = left_pad(chosen), [int(c.shape[0]) for c in chosen], False
+            # Decode positions continue at each sequence's logical length (a restarted pass: its own).
+            next_positions = torch.tensor(counts, dtype=torch.long, device=ids.device)
+            if len(set(counts)) == 1:
+                cache.set_next_position(counts[0])
+            batch = Batch(states, cache, next_positions)
+            for state in states:
+                state.batch = batch
         return self._logits(h_last), batch
 
     @property
@@ -239,15 +319,13 @@ class DecoderAdapter:
         """The prefill layer loop: returns per-sequence restart requests (or None) and the last
         position's hidden state ``(B, 1, D)``."""
         width = ids.shape[1]
-        h = self.base.embed_tokens(ids)
+        h = self._embed(ids)
         positions = _positions(counts, width, ids.device)
-        cos_sin = self.base.rotary_emb(h, positions)
+        cos_sin = self._rotary(h, positions)
         uncached: list[int] = []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h, cos_sin, positions, (q, k, v) = self._enter_layer(layer, h, cos_sin, positions)
-            h = h + attn.o_proj(self._attend_prefill(attn, q, k, v, counts))
-            h = self._mlp_block(layer, h)
+            h, cos_sin, positions, (q, k, v) = self._prefill_layer(i, layer, h, cos_sin, positions, counts)
 
             parts, decisions = [], []
             for b, state in enumerate(states):
@@ -282,7 +360,7 @@ class DecoderAdapter:
             del q, k, v, parts  # this layer's full-length KV is released before the next layer runs
             if any(isinstance(d, Propagate) for d in decisions):
                 h, positions, counts, width = _repack(h, positions, counts, width, decisions)
-                cos_sin = self.base.rotary_emb(h, positions)
+                cos_sin = self._rotary(h, positions)
         _check_cached(policy, uncached)
         return None, h[:, -1:, :]
 
@@ -322,7 +400,8 @@ class DecoderAdapter:
                 raise ValueError("this request state has no cache: run prefill first")
             batch = batch.batch
         batch.cache.prepare_append()
-        return self.decode_forward(token_ids, policy, batch, step)
+        with self.routing():
+            return self.decode_forward(token_ids, policy, batch, step)
 
     @torch.no_grad()
     def decode_forward(
@@ -332,21 +411,13 @@ class DecoderAdapter:
         cache = batch.cache
         evict = policy.cache.evicts_during_decode
         positions = batch.next_positions
-        h = self.base.embed_tokens(token_ids)
-        cos_sin = self.base.rotary_emb(h, positions[:, None])
+        h = self._embed(token_ids)
+        cos_sin = self._rotary(h, positions[:, None])
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h, cos_sin, _, (q, k, v) = self._enter_layer(layer, h, cos_sin)
             lc = cache.layers[i]
-            lc.write(k, v, positions)
-            if self._paged_kernel is not None and not evict:
-                out, probs = self._paged_kernel(q, lc, attn.scaling), None
-            else:
-                out, probs = paged_attention(q, lc, attn.scaling, want_probs=evict)
-            h = h + attn.o_proj(out.to(h.dtype))
+            h, cos_sin, q, probs = self._decode_layer(i, layer, h, cos_sin, positions, lc, evict)
             if probs is not None:
-                _on_decode(policy, i, step, q, probs, lc, batch, attn.scaling, self.num_layers)
-            h = self._mlp_block(layer, h)
+                _on_decode(policy, i, step, q, probs, lc, batch, layer.self_attn.scaling, self.num_layers)
         positions += 1
         return self._logits(h)
 
@@ -359,8 +430,8 @@ class DecoderAdapter:
         """One forward of ``token_ids`` ``(B, 1)`` at ``positions`` ``(B, 1)`` with a caller's attention
         ``attend(layer, attn_module, q, k, v) -> (B, 1, H_q * d)`` (the bench's plain-transformers
         baselines and tests use it); returns logits ``(B, V)``."""
-        h = self.base.embed_tokens(token_ids)
-        cos_sin = self.base.rotary_emb(h, positions)
+        h = self._embed(token_ids)
+        cos_sin = self._rotary(h, positions)
         for i, layer in enumerate(self.layers):
             h, cos_sin, _, (q, k, v) = self._enter_layer(layer, h, cos_sin)
             h = h + layer.self_attn.o_proj(attend(i, layer.self_attn, q, k, v))

@@ -27,7 +27,7 @@ common=(--random-weights "$SHAPE" --dtype "$DTYPE" --device "$DEVICE" --policy "
 # 2. end to end, batch 1, eager decode, then compiled decode (CUDA graphs): paper 2.87x decode
 "$KVPOLICY" bench e2e "${common[@]}" --lengths $LENGTHS_LONG --gen "$GEN" --out "$OUT/e2e-b1-eager.json"
 "$KVPOLICY" bench e2e "${common[@]}" --lengths $LENGTHS_LONG --gen "$GEN" --compile --no-transformers-baseline \
-    --out "$OUT/e2e-b1-compiled.json"
+    --transformers-compiled --out "$OUT/e2e-b1-compiled.json"
 # 3. batch 8 at 8K / 32K, compiled decode
 "$KVPOLICY" bench e2e "${common[@]}" --lengths $LENGTHS_BATCH --gen "$GEN" --batch-size 8 --compile \
     --no-transformers-baseline --out "$OUT/e2e-b8-compiled.json"

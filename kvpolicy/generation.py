@@ -425,7 +425,8 @@ def compiled_decode_step(adapter: Any) -> Any:
 
     def step(token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int) -> torch.Tensor:
         batch.cache.prepare_append()
-        return compiled(token_ids, policy, batch, step)
+        with adapter.routing():
+            return compiled(token_ids, policy, batch, step)
 
     return step
 

@@ -55,6 +55,10 @@ class LayerView:
     value: torch.Tensor
     scaling: float
     _window_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: Results one policy of a composition computed from this layer that the other may reuse (the
+    #: cache policy is asked first, then the propagation policy). Keys: tuples starting with the
+    #: producing policy's ``kind``; values depend only on this view and the key.
+    shared: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:

@@ -128,7 +128,12 @@ def _solve_decay(target: float, num_layers: int, recent_ratio: float) -> float:
 
 
 def pyramidinfer_scores(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, recent: int, distance_weight: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    recent: int,
+    distance_weight: float,
+    block: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Context scores: attention of the last ``recent`` queries, head-averaged, distance-weighted.
 
@@ -139,18 +144,29 @@ def pyramidinfer_scores(
         recent: ``R``, the trailing queries that score (``1 <= R < T``).
         distance_weight: weight of the last query row; row ``i`` of ``R`` gets
             ``linspace(1, distance_weight, R)[i]``.
+        block: optional ``(B, R, C)`` float32 to fill, in the same pass, with the recent queries'
+            attention over the ``C`` keys from the recent window on (what the decode squeeze keeps),
+            so the two PyramidInfer policies compute the recent attention once per layer.
 
     Returns:
         ``(B, T - R)`` float32: the weighted mean over the ``R`` rows of their attention to each
         context token (the keys before the recent ones).
     """
     t = key.shape[2]
+    boundary = t - recent
     weights = torch.linspace(1.0, distance_weight, recent, device=key.device)
     out = key.new_zeros((key.shape[0], t), dtype=torch.float32)
     for first, probs in recent_query_attention(query, key, scaling, recent):
         rows = weights[first : first + probs.shape[1], None]
         out += (probs * rows).sum(dim=1)
-    return out[:, : t - recent] / recent
+        if block is not None:
+            reach = min(block.shape[2], t - boundary)
+            block[:, first : first + probs.shape[1], :reach] = probs[..., boundary : boundary + reach]
+    return out[:, :boundary] / recent
+
+
+def _shared_key(recent: int, distance_weight: float) -> tuple[str, int, float]:
+    return ("pyramidinfer", recent, distance_weight)
 
 
 class PyramidInfer(PropagationPolicy):
@@ -214,7 +230,9 @@ class PyramidInfer(PropagationPolicy):
         keep = int(context * fraction)
         if fraction >= 1.0 or context <= floor or keep <= floor:
             return None
-        scores = pyramidinfer_scores(view.query, view.key, view.scaling, recent, self.distance_weight)
+        scores = view.shared.get(_shared_key(recent, self.distance_weight))  # the squeeze's pass
+        if scores is None:
+            scores = pyramidinfer_scores(view.query, view.key, view.scaling, recent, self.distance_weight)
         scores = scores.masked_fill(view.positions[:, :context] < self.sinks, float("inf"))
         top = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
         tail = torch.arange(context, tokens, device=top.device).expand(top.shape[0], recent)
@@ -270,8 +288,13 @@ class PyramidInferSqueeze(CachePolicy):
         columns = min(recent + max_new, (max_new // self.interval + 1) * self.interval)
         rows = view.key.new_zeros((1, recent, columns), dtype=torch.float32)
         reach = min(recent, columns)
-        for first, probs in recent_query_attention(view.query, view.key, view.scaling, recent):
-            rows[:, first : first + probs.shape[1], :reach] = probs[..., boundary : boundary + reach]
+        # One pass over the recent queries fills the squeeze's rows and PyramidInfer's context
+        # scores, which its propagation policy (asked after this) takes from `view.shared`.
+        scores = pyramidinfer_scores(
+            view.query, view.key, view.scaling, recent, self.distance_weight, block=rows
+        )
+        if recent < tokens:
+            view.shared[_shared_key(recent, self.distance_weight)] = scores
         prompt_part = view.positions[:, boundary : boundary + reach]
         generated = view.positions[:, -1:] + 1 + torch.arange(columns - reach, device=prompt_part.device)
         zpos = torch.cat([prompt_part, generated], dim=-1)  # (1, C) position of each column, ascending

@@ -492,6 +492,29 @@ def test_pyramidinfer_squeeze_bounds_cache_growth(tiny_model, prompt_ids):
     assert state.cache.kv_lengths == [n + 100 - 12 for n in prefill_lengths]
 
 
+def test_pyramidinfer_computes_its_recent_attention_once_per_layer(tiny_model, prompt_ids, monkeypatch):
+    """The squeeze (cache policy, asked first) and the pruning (propagation) share one pass over the
+    recent queries; the pruning alone (with another cache policy) still computes its own, identically."""
+    import kvpolicy.policies.pyramidinfer as pi
+
+    calls = []
+    real = pi.recent_query_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(pi, "recent_query_attention", counting)
+    policy = kvpolicy.get_policy("pyramidinfer", min_context=8, recent_ratio=0.1)  # R = 11: one chunk
+    both = kvpolicy.prefill(tiny_model, prompt_ids, policy)
+    assert len(calls) == 4  # the squeeze's pass on each of the 4 layers; the pruning reuses it
+    calls.clear()
+    alone = kvpolicy.compose(policy.propagation, kvpolicy.get_policy("fullkv").cache)
+    pruned_alone = kvpolicy.prefill(tiny_model, prompt_ids, alone)
+    assert len(calls) == 2  # its own pass where it prunes: layers 1 and 2 (s(0) = 1; the last never)
+    assert pruned_alone.state.tokens_per_layer == both.state.tokens_per_layer
+
+
 # -- GemFilter's second pass ----------------------------------------------------------------------
 class CountingCache(CachePolicy):
     """Full cache that counts how often it is asked (to see the filter pass build no cache)."""

@@ -249,7 +249,7 @@ def test_prefill_memory_does_not_keep_the_previous_layer(prompt_ids):
     from kvpolicy.adapters import base
 
     old = base.MLP_CHUNK_TOKENS
-    base.MLP_CHUNK_TOKENS = 16  # chunked MLP gives the same output
+    base.MLP_CHUNK_TOKENS = 16  # chunked projections and MLP give the same output
     try:
         chunked = kvpolicy.prefill(model, prompt_ids, "fullkv").logits
     finally:
@@ -384,3 +384,51 @@ def test_restart_indices_are_checked(tiny_model, prompt_ids):
 
     with pytest.raises(AdapterError, match=r"BadRestart.*strictly increasing"):
         kvpolicy.prefill(tiny_model, prompt_ids, kvpolicy.compose(BadRestart()))
+
+
+# -- compiled decode on the embedded model ----------------------------------------------------------------
+EMBEDDED_COMPILE = {
+    "fullkv": {},
+    "fastkv": {"tsp_layer": 20},
+    "h2o-evicting": {"evict_during_decode": True},
+    "streamingllm-rolling": {"rolling": True},
+    "pyramidinfer": {},
+}
+
+
+@pytest.fixture(scope="module")
+def embedded_prompt(real_model):
+    """About 700 tokens of real text and a question: long enough for every budget to cut."""
+    from kvpolicy.eval import needle
+
+    _, tokenizer = real_model
+    haystack = needle.load_haystack(needle.find_haystack_dir())
+    return torch.tensor([needle.build_sample(tokenizer, 700, 0.5, haystack).input_ids])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EMBEDDED_COMPILE))
+def test_compiled_decode_equals_eager_on_the_embedded_model(dynamo_eager, real_model, embedded_prompt, name):
+    """Graph capture of the real model's 30-layer decode step (fullgraph, no breaks) for each distinct
+    decode path: greedy tokens equal eager (dynamo's capture, eager kernels: minutes less than inductor)."""
+    model, _ = real_model
+    policy = kvpolicy.get_policy(name.split("-")[0], **EMBEDDED_COMPILE[name])
+    eager = kvpolicy.generate(model, None, input_ids=embedded_prompt, policy=policy, max_new_tokens=12)
+    compiled = kvpolicy.generate(
+        model, None, input_ids=embedded_prompt, policy=policy, max_new_tokens=12, compile=True
+    )
+    assert compiled.token_ids == eager.token_ids
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decode_equals_eager_on_the_embedded_model(real_model, embedded_prompt):
+    """Inductor's generated kernels on the real model (about a minute of compiling on 2 cores)."""
+    model, _ = real_model
+    torch._dynamo.reset()
+    policy = kvpolicy.get_policy("snapkv")
+    eager = kvpolicy.generate(model, None, input_ids=embedded_prompt, policy=policy, max_new_tokens=12)
+    compiled = kvpolicy.generate(
+        model, None, input_ids=embedded_prompt, policy=policy, max_new_tokens=12, compile=True
+    )
+    torch._dynamo.reset()
+    assert compiled.token_ids == eager.token_ids
