@@ -499,6 +499,21 @@ def _on_decode(
     single = batch.size == 1
     evictions: list[torch.Tensor | None] = []
     cache_policy = policy.cache
+    if cache_policy.decodes_batched:  # one call for the whole batch
+        lens = tuple(state.prompt_len for state in batch.states)
+        view = decode_view(lc, 0, layer, num_layers, lens[0], step, q, probs, scaling, positions, whole=True)
+        view.prompt_lens = lens
+        decision = _call(cache_policy, "on_decode", layer, view, batch)  # type: ignore[arg-type]
+        if decision is None:
+            return
+        if not isinstance(decision, Evict):
+            raise AdapterError(
+                f"policy {type(cache_policy).__name__} ({cache_policy.kind!r}) on_decode() at layer {layer}: "
+                f"a policy with decodes_batched returns Evict or None, got {type(decision).__name__}"
+            )
+        _check_static(cache_policy, "on_decode", layer, decision.slots, (batch.size, lc.num_heads))
+        batch.defer(layer, 0, lc.evict(decision.slots))
+        return
     for b, state in enumerate(batch.states):
         view = decode_view(
             lc, b, layer, num_layers, state.prompt_len, step, q, probs, scaling, positions, whole=single

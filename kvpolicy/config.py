@@ -7,8 +7,10 @@ one policy object serve interleaved requests and threads (design-notes §5).
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 #: A KV or token budget: an ``int`` is a token count (>= 1), a ``float`` a fraction of the prompt
@@ -50,3 +52,18 @@ class Settings(BaseModel):
     def to_dict(self) -> dict:
         """The JSON-ready form, tagged with the component kind."""
         return {"kind": self.kind, **self.model_dump(mode="json")}
+
+
+def budgets_per_row(
+    store: dict[Any, Any], prompt_lens: tuple[int, ...], budget: Callable[[int], int], device: Any
+) -> Any:
+    """Each row's budget ``budget(prompt_len)`` for a batched decode view: an int when the rows
+    agree, else a ``(B, 1)`` long tensor on ``device``, made once and kept in ``store`` (a decode step
+    then builds nothing on the host)."""
+    values = [budget(n) for n in prompt_lens]
+    if len(set(values)) == 1:
+        return values[0]
+    key = ("budgets", tuple(values))
+    if key not in store:
+        store[key] = torch.tensor(values, device=device)[:, None]
+    return store[key]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -114,6 +114,12 @@ class DecodeView:
     lengths: torch.Tensor
     scaling: float
     _dense: Any = field(default=None, repr=False)
+    #: the prompt length of each row (``(prompt_len,)`` for a one-sequence view).
+    prompt_lens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.prompt_lens:
+            self.prompt_lens = (self.prompt_len,)
 
     @property
     def num_slots(self) -> int:
@@ -228,6 +234,13 @@ class CachePolicy(Settings, ABC):
     @abstractmethod
     def select(self, view: LayerView, state: RequestState) -> Selection:
         """Indices into the tokens present at this layer, per KV head, or ``None`` for all."""
+
+    #: ``True``: :meth:`on_decode` takes the whole batch in one call (the view has ``B`` rows,
+    #: ``view.prompt_lens`` one per row, and ``state`` is the :class:`~kvpolicy.state.Batch`, whose
+    #: ``scratch`` is the batch's and whose ``states`` are its requests) and returns only
+    #: :class:`Evict` ``(B, H_kv, k)`` or ``None``. One call per layer instead of one per sequence:
+    #: a decode step is dozens of small ops per call, which a batch of eight multiplies by eight.
+    decodes_batched: ClassVar[bool] = False
 
     def on_decode(self, view: DecodeView, state: RequestState) -> DecodeDecision:
         """Slots to evict (:class:`Evict`) or to keep after a decode step, or ``None``."""

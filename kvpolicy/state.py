@@ -83,12 +83,18 @@ class Batch:
             self.flags = torch.zeros(
                 (layers, len(CHECKS)), dtype=torch.bool, device=self.next_positions.device
             )
+        self._scratch: dict[int, dict[Any, Any]] = {}
         # one 0-d view per (layer, check): a deferred check is then two ops (any, or_), no indexing
         self._flag_views = [list(row.unbind(0)) for row in self.flags.unbind(0)]
 
     @property
     def size(self) -> int:
         return len(self.states)
+
+    def scratch(self, owner: object) -> dict[Any, Any]:
+        """A dict private to ``owner`` (a policy object) for this batch of requests (what a policy
+        with ``decodes_batched`` keeps across decode steps; per-request state stays in ``states``)."""
+        return self._scratch.setdefault(id(owner), {})
 
     def defer(self, layer: int, check: int, bad: torch.Tensor) -> None:
         """Record device-side flag ``bad`` (a bool tensor) for ``layer``; no host read."""

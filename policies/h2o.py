@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from kvpolicy.cache import evict_rows
-from kvpolicy.config import Budget, resolve_budget
+from kvpolicy.config import Budget, budgets_per_row, resolve_budget
 from kvpolicy.interfaces import CachePolicy, DecodeView, Evict, LayerView
 from kvpolicy.policies.attention import causal_column_sums
 from kvpolicy.policies.snapkv import check_window_fits
 from kvpolicy.scoring import keep_top_and_window
-from kvpolicy.state import RequestState
+from kvpolicy.state import Batch, RequestState
 
 
 def h2o_keep(scores: torch.Tensor, keep: int, window: int) -> torch.Tensor | None:
@@ -81,25 +81,39 @@ class H2O(CachePolicy):
             state.scratch(self)[view.layer] = scores if idx is None else scores.gather(-1, idx)
         return idx
 
-    def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:
+    decodes_batched = True
+
+    def on_decode(self, view: DecodeView, state: RequestState | Batch) -> Evict | None:
         """Add the new token's attention to the running scores; past the budget, evict each head's
         lowest-scoring entry outside the recent window, in place (tensor ops only: no host sync).
 
-        Running scores are kept per cache *slot* (``(1, H_kv, S)``) and follow the cache's in-place
-        moves (:func:`kvpolicy.cache.evict_rows`)."""
+        One call per layer for the whole batch (``decodes_batched``): running scores are kept per
+        cache *slot* (``(B, H_kv, S)``, the batch's scratch), built at the first step from each
+        request's prefill scores, and follow the cache's in-place moves
+        (:func:`kvpolicy.cache.evict_rows`)."""
         if not self.evict_during_decode:
             return None
         running = state.scratch(self)
-        scores = running[view.layer]
-        if scores.shape[-1] != view.num_slots:  # first step, or the cache grew: widen to its slots
-            scores = F.pad(scores, (0, view.num_slots - scores.shape[-1]))
+        scores = running.get(("decode", view.layer))
+        slots = view.num_slots
+        if scores is None:  # first step: each request's prefill scores, by slot
+            requests = getattr(state, "states", None) or [state]
+            parts = [r.scratch(self).pop(view.layer) for r in requests]
+            scores = torch.cat([F.pad(p, (0, slots - p.shape[-1])) for p in parts])
+        elif scores.shape[-1] != slots:  # the cache grew: widen to its slots
+            scores = F.pad(scores, (0, slots - scores.shape[-1]))
         newest = view.lengths[..., None] - 1  # the new entry's slot starts from zero
         scores = scores.scatter(-1, newest, 0.0) + view.attention.sum(dim=2)
-        keep = resolve_budget(self.budget, view.prompt_len, floor=2 * self.window)
+        keep = budgets_per_row(
+            running,
+            view.prompt_lens,
+            lambda n: resolve_budget(self.budget, n, floor=2 * self.window),
+            view.lengths.device,
+        )
         pos = view.positions
         recent = pos > pos.amax(dim=-1, keepdim=True) - self.window
         candidates = scores.masked_fill(recent | ~view.valid, float("inf"))
-        slots = torch.where(view.lengths > keep, candidates.argmin(dim=-1), -1)[..., None]
-        evict_rows(scores[..., None], slots, view.lengths)
-        running[view.layer] = scores
-        return Evict(slots)
+        evict = torch.where(view.lengths > keep, candidates.argmin(dim=-1), -1)[..., None]
+        evict_rows(scores[..., None], evict, view.lengths)
+        running[("decode", view.layer)] = scores
+        return Evict(evict)

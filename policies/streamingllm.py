@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from kvpolicy.config import Budget, resolve_budget
+from kvpolicy.config import Budget, budgets_per_row, resolve_budget
 from kvpolicy.interfaces import CachePolicy, DecodeView, Evict, LayerView
-from kvpolicy.state import RequestState
+from kvpolicy.state import Batch, RequestState
 
 #: Recent entries a fractional budget always leaves besides the sinks.
 MIN_RECENT = 8
@@ -85,15 +85,20 @@ class StreamingLLM(CachePolicy):
         idx = sink_recent_keep(view.positions, keep, self.sinks)  # (B, keep), shared by all heads
         return idx[:, None, :].expand(-1, view.num_kv_heads, -1)
 
-    def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:
+    decodes_batched = True
+
+    def on_decode(self, view: DecodeView, state: RequestState | Batch) -> Evict | None:
         """Rolling: once a head holds more than the budget, evict its oldest non-sink entry in place.
 
-        Tensor ops only (no host sync): the decision per head is a ``torch.where`` on its length."""
+        Tensor ops only (no host sync): the decision per head is a ``torch.where`` on its length. One
+        call per layer for the whole batch (``decodes_batched``; each row's budget from its prompt)."""
         if not self.rolling:
             return None
-        keep = self.resolved_budget(view.prompt_len)
+        keep = budgets_per_row(
+            state.scratch(self), view.prompt_lens, self.resolved_budget, view.lengths.device
+        )
         pos = view.positions
         never = torch.iinfo(pos.dtype).max
         priority = pos.masked_fill((pos < self.sinks) | ~view.valid, never)  # sinks and empty slots stay
-        oldest = priority.argmin(dim=-1)  # (1, H_kv)
+        oldest = priority.argmin(dim=-1)  # (B, H_kv)
         return Evict(torch.where(view.lengths > keep, oldest, -1)[..., None])

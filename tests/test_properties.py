@@ -40,15 +40,24 @@ def generate(model, ids, policy, new_tokens):
 
 
 # -- (a) a batch equals each prompt alone ---------------------------------------------------------
+#: Presets as the tiny tests run them, plus the batched decode-time evictions with fractional budgets
+#: (rows of different prompt lengths evict at different budgets in one call).
+BATCH_PRESETS = {
+    **TINY_OPTIONS,
+    "h2o-evicting": {"kv_budget": 0.5, "evict_during_decode": True},
+    "streamingllm-rolling": {"kv_budget": 0.5, "rolling": True},
+}
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(
     lengths=st.lists(LENGTHS, min_size=2, max_size=4),
-    preset=st.sampled_from(sorted(TINY_OPTIONS)),
+    preset=st.sampled_from(sorted(BATCH_PRESETS)),
     seed=SEEDS,
     new_tokens=NEW_TOKENS,
 )
 def test_batch_equals_each_prompt_alone(tiny_model, lengths, preset, seed, new_tokens):
-    policy = kvpolicy.get_policy(preset, **TINY_OPTIONS[preset])
+    policy = kvpolicy.get_policy(preset.split("-")[0], **BATCH_PRESETS[preset])
     prompts = [prompt(n, seed + i) for i, n in enumerate(lengths)]
     alone = [generate(tiny_model, p, policy, new_tokens) for p in prompts]
     batch = generate(tiny_model, prompts, policy, new_tokens)
