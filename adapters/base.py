@@ -244,8 +244,15 @@ class DecoderAdapter:
         return contextlib.nullcontext()
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        h = self.base.norm(h_last.to(module_device(self.base.norm)))
+        norm = self._final_norm
+        h = norm(h_last.to(module_device(norm, default=h_last.device)))
         return self.model.lm_head(h.to(module_device(self.model.lm_head)))[:, -1, :]
+
+    @property
+    def _final_norm(self) -> nn.Module:
+        """The norm after the last layer (``norm``; Phi names it ``final_layernorm``)."""
+        norm = getattr(self.base, "norm", None)
+        return norm if norm is not None else self.base.final_layernorm
 
     # -- prefill ---------------------------------------------------------------------------------
     @torch.no_grad()

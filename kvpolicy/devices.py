@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 
-def module_device(module: nn.Module) -> torch.device:
-    """The device ``module`` computes on.
+def module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    """The device ``module`` computes on (``default`` for a module without weights, e.g. OLMo's
+    parameter-free layer norm: it computes wherever its input is).
 
     Under accelerate's ``device_map`` a module carries a hook whose ``execution_device`` says where it
     runs; with offloading (``"cpu"``/``"disk"`` in the map) its weights sit on the meta device until
@@ -18,9 +19,12 @@ def module_device(module: nn.Module) -> torch.device:
         device = getattr(getattr(candidate, "_hf_hook", None), "execution_device", None)
         if device is not None:
             return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    for param in module.parameters():
+    params = list(module.parameters())
+    for param in params:
         if param.device.type != "meta":
             return param.device
+    if not params and default is not None:
+        return default
     raise ValueError(
         f"{type(module).__name__} has only meta-device weights and no accelerate hook to load them"
     )

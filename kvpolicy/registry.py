@@ -296,6 +296,15 @@ def get_adapter(model: nn.Module) -> Any:
         if entry.obj.supports(model):
             return entry.obj(model)
     supported = sorted({arch for e in registry.adapters.values() for arch in e.obj.architectures})
+    reasons = [
+        f"{e.obj.name}: {why}"
+        for e in registry.adapters.values()
+        if (why := getattr(e.obj, "why_not", lambda _m: None)(model))
+    ]
+    generic = [e.obj.covers for e in registry.adapters.values() if getattr(e.obj, "covers", None)]
     raise RegistryError(
-        f"unsupported model class {type(model).__name__}; supported architectures: {', '.join(supported)}"
+        f"unsupported model class {type(model).__name__}"
+        + (f" ({'; '.join(reasons)})" if reasons else "")
+        + f"; supported architectures: {', '.join(supported)}"
+        + (f", and {'; '.join(generic)}" if generic else "")
     )

@@ -1,0 +1,122 @@
+"""The generic adapter (issue 13, first part) on many architectures, from tiny random configs built
+offline (no download).
+
+For each family: kvpolicy with full KV reproduces plain transformers' greedy output token for token
+(the model's own layers run whole; kvpolicy sees their queries and keys through its routed attention
+function), SnapKV and FastKV hold their budgets on every layer and KV head, and the model's config is
+as it was afterwards. Architectures it cannot drive are refused at ``get_adapter`` naming the class and
+the reason. Hybrid sliding-window models run only while prompt plus generation fit in the window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import kvpolicy
+from kvpolicy.adapters.generic import GenericAdapter
+from kvpolicy.registry import RegistryError
+
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+}
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_local_experts": 4}
+
+#: model_type -> extra config settings, for the families the generic adapter drives.
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},
+    "phi3": {},
+    "phi": {},
+    "olmo": {},
+    "olmo2": {},
+    "olmoe": MOE,
+    "granite": {"embedding_multiplier": 2.0, "logits_scaling": 4.0, "residual_multiplier": 0.5},
+    "glm": {},
+    "glm4": {},
+    "smollm3": {},
+    "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 32},
+    "qwen3_moe": MOE,
+    "mixtral": MOE,
+    "starcoder2": {},
+    "gemma": {},
+    "gemma3_text": {"sliding_window": 512, "query_pre_attn_scalar": 16},
+    "cohere": {},
+    "cohere2": {},
+    "helium": {},
+    "exaone4": {},
+    "arcee": {},
+    "apertus": {},
+    "seed_oss": {},
+    "ernie4_5": {},
+    "hunyuan_v1_dense": {},
+}
+
+#: model_type -> (extra settings, attention implementation, what the refusal says).
+REFUSED: dict[str, tuple[dict, str, str]] = {
+    "gemma2": ({}, "eager", "soft-caps attention logits"),
+    "gpt_oss": (MOE, "eager", "attention sinks"),
+    "deepseek_v3": ({"n_routed_experts": 4, "num_experts_per_tok": 2}, "eager", "latent (MLA) attention"),
+    "jamba": (MOE, "eager", "not standard attention"),
+    "stablelm": ({}, "sdpa", "do not pass keyword arguments to the attention function"),
+}
+
+
+def tiny_model(model_type: str, extra: dict, attn: str = "sdpa") -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY, **extra})
+    config._attn_implementation = attn
+    config.eos_token_id = None  # random weights: generate the full length
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def greedy_with(adapter: GenericAdapter, ids: torch.Tensor, policy_name: str, new: int) -> list[int]:
+    policy = kvpolicy.get_policy(policy_name)
+    logits, batch = adapter.prefill([ids[0]], policy, reserve=new)
+    token = logits.argmax(-1, keepdim=True)
+    out = [int(token)]
+    for step in range(new - 1):
+        token = adapter.decode_step(token, policy, batch, step).argmax(-1, keepdim=True)
+        out.append(int(token))
+    return out
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_generic_adapter_equals_transformers_and_holds_budgets(model_type):
+    model = tiny_model(model_type, FAMILIES[model_type])
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 40:].tolist()
+    adapter = GenericAdapter(model)
+    assert greedy_with(adapter, ids, "fullkv", 12) == want
+    assert model.config._attn_implementation == "sdpa"  # the model is as it was
+    if kvpolicy.get_adapter(model).name == "generic":  # families without an adapter of their own
+        out = kvpolicy.generate(model, None, input_ids=ids, policy="fullkv", max_new_tokens=12)
+        assert out.token_ids == want
+    snap = kvpolicy.get_policy("snapkv", kv_budget=12)
+    fast = kvpolicy.get_policy("fastkv", kv_budget=12, tsp_layer=1, tsp_rate=0.5)
+    for policy in (snap, fast):
+        _, batch = adapter.prefill([ids[0]], policy)
+        assert batch.cache.kv_head_lengths() == [[12, 12]] * 4
+    assert batch.states[0].tokens_per_layer == [40, 40, 20, 20]  # TSP after layer 1
+
+
+@pytest.mark.parametrize("model_type", list(REFUSED))
+def test_unsupported_architectures_are_refused_naming_class_and_reason(model_type):
+    extra, attn, reason = REFUSED[model_type]
+    model = tiny_model(model_type, extra, attn)
+    with pytest.raises((RegistryError, ValueError)) as err:
+        kvpolicy.get_adapter(model)
+    assert type(model).__name__ in str(err.value)
+    assert reason in str(err.value)
