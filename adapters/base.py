@@ -238,6 +238,13 @@ class DecoderAdapter:
         h = h + attn.o_proj(out.to(h.dtype))
         return self._mlp_block(layer, h), cos_sin, q, probs
 
+    def _keep(
+        self, i: int, policy: Policy, view: LayerView, state: RequestState
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What layer ``i`` caches for one sequence: the cache policy's selection (the generic adapter
+        keeps exactly the window on sliding-window layers instead)."""
+        return _kept(policy, i, view, state)
+
     def routing(self) -> Any:
         """Context in which prefill and decode run (the generic adapter routes the model's attention
         through kvpolicy there); a no-op for adapters that call the projections themselves."""
@@ -351,7 +358,7 @@ class DecoderAdapter:
                 if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
                     parts.append(None)
                 else:
-                    parts.append(_kept(policy, i, view, state))
+                    parts.append(self._keep(i, policy, view, state))
                 decision = None
                 if propagate and i < self.num_layers - 1:
                     decision = _call(policy.propagation, "propagate", i, view, state)

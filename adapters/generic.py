@@ -33,6 +33,8 @@ from torch import nn
 
 from kvpolicy.adapters.base import DecoderAdapter
 from kvpolicy.cache import PagedLayer, paged_attention
+from kvpolicy.interfaces import LayerView
+from kvpolicy.state import RequestState
 
 #: The attention implementation kvpolicy registers (under this name) and routes through.
 ROUTED = "kvpolicy"
@@ -44,6 +46,7 @@ class _LayerCall:
 
     adapter: GenericAdapter
     counts: list[int] | None = None  # prefill: real tokens per (left-padded) sequence
+    token_positions: torch.Tensor | None = None  # prefill: (B, T) original positions
     cache: PagedLayer | None = None  # decode: the layer's cache
     positions: torch.Tensor | None = None  # decode: (B,) position of the new token
     want_probs: bool = False
@@ -67,6 +70,9 @@ def _routed_attention(
     adapter = call.adapter
     if call.cache is None:  # prefill
         call.qkv = (query, key, value)
+        window = adapter.windows[module.layer_idx]
+        if window and call.token_positions is not None and query.shape[2] > 1:
+            return adapter._attend_window(module, query, key, value, call, int(window)), None
         return adapter._attend_prefill(module, query, key, value, call.counts or []), None
     call.cache.write(key, value, call.positions)
     call.qkv = (query, key, value)
@@ -166,10 +172,14 @@ class GenericAdapter(DecoderAdapter):
             and "layer_type" in inspect.signature(rotary.forward).parameters,
         )
         self._layer_kwargs = inspect.signature(type(self.layers[0]).forward).parameters
-        self._probe()
+        #: each layer's sliding window (``None``: full attention): ``config.layer_types`` says which
+        #: layers slide (Gemma 3, Cohere 2, Qwen2 with ``use_sliding_window``, ...); without it a set
+        #: ``config.sliding_window`` applies to every layer (Mistral v0.1, Phi-3, Starcoder2).
         window = getattr(config, "sliding_window", None)
-        sliding = any(getattr(layer.self_attn, "sliding_window", None) for layer in self.layers)
-        self.sliding_window: int | None = window if sliding and isinstance(window, int) else None
+        window = int(window) if isinstance(window, int) and window > 0 else None
+        types = self.layer_types or ["sliding_attention" if window else "full_attention"] * self.num_layers
+        self.windows: list[int | None] = [window if t == "sliding_attention" else None for t in types]
+        self._probe()
 
     def _probe(self) -> None:
         """Run two tokens through the first layer: its attention must come through kvpolicy's routed
@@ -187,14 +197,6 @@ class GenericAdapter(DecoderAdapter):
             raise ValueError(
                 f"{type(self.model).__name__}: its decoder layers do not pass keyword arguments to the "
                 f"attention function, so kvpolicy cannot see their queries and keys (generic adapter)"
-            )
-
-    def check_prompt_length(self, length: int) -> None:
-        super().check_prompt_length(length)
-        if self.sliding_window is not None and length > self.sliding_window:
-            raise ValueError(
-                f"prompt of {length} tokens exceeds {type(self.model).__name__}'s sliding window "
-                f"({self.sliding_window}); the generic adapter does not run sliding-window layers yet"
             )
 
     @contextlib.contextmanager
@@ -237,6 +239,46 @@ class GenericAdapter(DecoderAdapter):
         out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=tables, kvpolicy=call)
         return out[0] if isinstance(out, tuple) else out
 
+    def _attend_window(
+        self,
+        module: nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        call: _LayerCall,
+        window: int,
+    ) -> torch.Tensor:
+        """Sliding-window attention over *original* positions (after TSP a token at index 2 may sit at
+        position 900): query ``p`` sees keys at positions ``(p - window, p]``, as transformers' sliding
+        mask does. Per sequence, over its real tokens."""
+        width = q.shape[2]
+        out = q.new_zeros((q.shape[0], width, q.shape[1] * v.shape[-1]))
+        assert call.token_positions is not None
+        for b, c in enumerate(call.counts or [width] * q.shape[0]):
+            lo = width - c
+            pos = call.token_positions[b, lo:].to(q.device)
+            gap = pos[:, None] - pos[None, :]
+            allowed = (gap >= 0) & (gap < window)
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[None, None]
+            out[b : b + 1, lo:] = self._attend(
+                module, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], False, mask
+            )
+        return out
+
+    def _keep(
+        self, i: int, policy: Any, view: LayerView, state: RequestState
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Sliding-window layers keep exactly the entries the next token can see (the last
+        ``window - 1`` positions); the cache policy compresses the full-attention layers only."""
+        window = self.windows[i]
+        if window is None:
+            return super()._keep(i, policy, view, state)
+        pos = view.positions[0]
+        keep = (pos >= int(pos.max()) + 2 - window).nonzero().squeeze(-1)  # the next query is at max + 1
+        k, v = view.key[0][:, keep], view.value[0][:, keep]
+        return k, v, pos[keep][None, :].expand(k.shape[0], -1), None
+
     def _prefill_layer(
         self,
         i: int,
@@ -246,7 +288,7 @@ class GenericAdapter(DecoderAdapter):
         positions: torch.Tensor,
         counts: list[int],
     ) -> tuple[torch.Tensor, Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        call = _LayerCall(self, counts=counts)
+        call = _LayerCall(self, counts=counts, token_positions=positions)
         h = self._call_layer(i, layer, h, cos_sin, positions, call)
         if call.qkv is None:
             raise RuntimeError(
@@ -265,9 +307,16 @@ class GenericAdapter(DecoderAdapter):
         lc: PagedLayer,
         want_probs: bool,
     ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor | None]:
-        call = _LayerCall(self, cache=lc, positions=positions, want_probs=want_probs)
+        window = self.windows[i]
+        call = _LayerCall(self, cache=lc, positions=positions, want_probs=want_probs and window is None)
         h = self._call_layer(i, layer, h, cos_sin, positions[:, None], call)
         assert call.qkv is not None
+        if window is not None:  # roll: the next token (position p + 1) sees positions > p + 1 - window
+            slot_pos = lc.slot_positions()
+            never = torch.iinfo(slot_pos.dtype).max
+            oldest = slot_pos.masked_fill(slot_pos < 0, never).argmin(dim=-1, keepdim=True)  # (B, H, 1)
+            stale = slot_pos.gather(-1, oldest) <= (positions + 1 - window)[:, None, None]
+            lc.evict(torch.where(stale, oldest, -1))
         return h, cos_sin, call.qkv[0], call.probs
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:

@@ -12,22 +12,13 @@ from kvpolicy.adapters.base import DecoderAdapter
 
 
 class LlamaAdapter(DecoderAdapter):
-    """``LlamaForCausalLM`` and ``MistralForCausalLM``."""
+    """``LlamaForCausalLM`` and ``MistralForCausalLM`` without a sliding window (a Mistral v0.1 with
+    one is served by the generic adapter, which runs sliding-window layers)."""
 
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM")
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        window = getattr(self.config, "sliding_window", None)
-        # Mistral v0.1 uses sliding-window attention, which this loop does not apply: refuse prompts
-        # longer than the window instead of silently attending past it (see check_prompt_length).
-        self.sliding_window: int | None = window if isinstance(window, int) and window > 0 else None
-
-    def check_prompt_length(self, length: int) -> None:
-        super().check_prompt_length(length)
-        if self.sliding_window is not None and length > self.sliding_window:
-            raise ValueError(
-                f"prompt of {length} tokens exceeds this Mistral model's sliding window "
-                f"({self.sliding_window}); kvpolicy's Llama adapter does not implement sliding-window attention"
-            )
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        window = getattr(model.config, "sliding_window", None)
+        return super().supports(model) and not (isinstance(window, int) and window > 0)

@@ -16,27 +16,16 @@ from kvpolicy.adapters.base import DecoderAdapter
 
 
 class Qwen2Adapter(DecoderAdapter):
-    """``Qwen2ForCausalLM`` (Qwen2, Qwen2.5)."""
+    """``Qwen2ForCausalLM`` (Qwen2, Qwen2.5) without sliding-window layers (with
+    ``use_sliding_window`` the generic adapter serves it: it runs sliding-window layers)."""
 
     name = "qwen2"
     architectures = ("Qwen2ForCausalLM",)
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        layer_types = getattr(self.config, "layer_types", None) or []
-        window = getattr(self.config, "sliding_window", None)
-        # Sliding-window layers (use_sliding_window=True) are not implemented by the shared loop:
-        # refuse prompts longer than the window instead of silently attending past it.
-        sliding = "sliding_attention" in layer_types and isinstance(window, int) and window > 0
-        self.sliding_window: int | None = window if sliding else None
-
-    def check_prompt_length(self, length: int) -> None:
-        super().check_prompt_length(length)
-        if self.sliding_window is not None and length > self.sliding_window:
-            raise ValueError(
-                f"prompt of {length} tokens exceeds this model's sliding window ({self.sliding_window}); "
-                f"kvpolicy's Qwen adapter does not implement sliding-window attention"
-            )
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        layer_types = getattr(model.config, "layer_types", None) or []
+        return super().supports(model) and "sliding_attention" not in layer_types
 
 
 class Qwen3Adapter(Qwen2Adapter):

@@ -65,7 +65,8 @@ def test_tsp_layer_outside_the_model(tiny_model, prompt_ids):
 def test_unsupported_architecture_lists_supported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(
-        RegistryError, match=r"unsupported model class GPT2LMHeadModel; supported.*LlamaForCausalLM"
+        RegistryError,
+        match=r"unsupported model class GPT2LMHeadModel \(generic: .*no model.layers.*\); supported.*LlamaForCausalLM",
     ):
         kvpolicy.generate(model, None, input_ids=[1, 2, 3], max_new_tokens=2)
 

@@ -5,7 +5,9 @@ For each family: kvpolicy with full KV reproduces plain transformers' greedy out
 (the model's own layers run whole; kvpolicy sees their queries and keys through its routed attention
 function), SnapKV and FastKV hold their budgets on every layer and KV head, and the model's config is
 as it was afterwards. Architectures it cannot drive are refused at ``get_adapter`` naming the class and
-the reason. Hybrid sliding-window models run only while prompt plus generation fit in the window.
+the reason. Sliding-window models (hybrid or not) run prompts longer than their window: sliding layers
+attend over original positions within the window and keep exactly the window, full layers are what
+the cache policy compresses.
 """
 
 from __future__ import annotations
@@ -108,8 +110,47 @@ def test_generic_adapter_equals_transformers_and_holds_budgets(model_type):
     fast = kvpolicy.get_policy("fastkv", kv_budget=12, tsp_layer=1, tsp_rate=0.5)
     for policy in (snap, fast):
         _, batch = adapter.prefill([ids[0]], policy)
-        assert batch.cache.kv_head_lengths() == [[12, 12]] * 4
+        tokens = batch.states[0].tokens_per_layer
+        for lengths, window, n in zip(batch.cache.kv_head_lengths(), adapter.windows, tokens, strict=True):
+            # full-attention layers hold the budget; sliding ones (Gemma 3, Cohere 2, Exaone 4 hybrids,
+            # windows far above this prompt here) what the next token sees
+            assert lengths == ([12, 12] if window is None else [min(n, window - 1)] * 2)
     assert batch.states[0].tokens_per_layer == [40, 40, 20, 20]  # TSP after layer 1
+
+
+#: model_type -> settings with a 16-token window; prompts of 40 tokens pass it.
+SLIDING: dict[str, dict] = {
+    "gemma3_text": {"sliding_window": 16, "query_pre_attn_scalar": 16, "sliding_window_pattern": 2},
+    "cohere2": {"sliding_window": 16},
+    "exaone4": {"sliding_window": 16},
+    "mistral": {"sliding_window": 16},  # every layer slides (Mistral v0.1)
+    "ministral": {"sliding_window": 16},
+    "qwen2": {"sliding_window": 16, "use_sliding_window": True, "max_window_layers": 2},
+    "phi3": {"sliding_window": 16},
+    "starcoder2": {"sliding_window": 16},
+}
+
+
+@pytest.mark.parametrize("model_type", list(SLIDING))
+def test_sliding_window_layers_equal_transformers_past_the_window(model_type):
+    model = tiny_model(model_type, SLIDING[model_type])
+    assert kvpolicy.get_adapter(model).name == "generic"
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 40:].tolist()
+    out = kvpolicy.generate(model, None, input_ids=ids, policy="fullkv", max_new_tokens=12)
+    assert out.token_ids == want
+    adapter = kvpolicy.get_adapter(model)
+    sliding = [w is not None for w in adapter.windows]
+    assert any(sliding)
+    # SnapKV compresses the full-attention layers; sliding layers keep their window (15 entries: the
+    # positions the next token sees besides itself), whatever the budget.
+    pre = kvpolicy.prefill(model, ids, kvpolicy.get_policy("snapkv", kv_budget=12))
+    for lengths, slides in zip(pre.cache.kv_head_lengths(), sliding, strict=True):
+        assert lengths == ([15, 15] if slides else [12, 12])
+    # Decoding keeps the window bounded: 15 + 1 appended - 1 rolled out per step.
+    fast = kvpolicy.get_policy("fastkv", kv_budget=12, tsp_layer=1, tsp_rate=0.5)
+    assert len(kvpolicy.generate(model, None, input_ids=ids, policy=fast, max_new_tokens=6).token_ids) == 6
 
 
 @pytest.mark.parametrize("model_type", list(REFUSED))
