@@ -177,21 +177,30 @@ def run_transformers(model: nn.Module, input_ids: torch.Tensor, gen: int) -> Sam
         kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * model.dtype.itemsize
         decode = tokens = None
         if gen:
-            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-            generated = [token]
-            position = input_ids.shape[1]
-            t0 = time.perf_counter()
-            for step in range(gen):
-                pos = torch.tensor([[position + step]], device=device)
-                out = model(input_ids=token, position_ids=pos, use_cache=True, **{key: cache})
-                token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-                generated.append(token)
-            _sync(device)
-            decode = (time.perf_counter() - t0) / gen
-            tokens = torch.cat(generated, dim=1).tolist()
+            decode, tokens = _greedy(model, out.logits, input_ids.shape[1], gen, {key: cache})
     n_layers = model.config.num_hidden_layers
     length = input_ids.shape[1]
     return Sample(prefill_s, decode, mem.peak(), int(kv), [length] * n_layers, [length] * n_layers, tokens)
+
+
+def _greedy(
+    forward: Any, logits: torch.Tensor, start: int, gen: int, cache: dict[str, Any], cudagraphs: bool = False
+) -> tuple[float, list[list[int]]]:
+    """The plain-transformers baselines' greedy decode loop: ``gen`` steps of ``forward`` (the model,
+    or its compiled forward) from the prefill ``logits``; returns seconds per step and the tokens."""
+    device = logits.device
+    token = logits[:, -1].argmax(dim=-1, keepdim=True)
+    generated = [token]
+    t0 = time.perf_counter()
+    for step in range(gen):
+        pos = torch.tensor([[start + step]], device=device)
+        if cudagraphs:  # the previous step's outputs are consumed: the graph may reuse them
+            torch.compiler.cudagraph_mark_step_begin()
+        out = forward(input_ids=token, position_ids=pos, use_cache=True, **cache)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        generated.append(token)
+    _sync(device)
+    return (time.perf_counter() - t0) / gen, torch.cat(generated, dim=1).tolist()
 
 
 #: The StaticCache baseline's compiled forward and kept cache, per model, held beside the model (never
@@ -274,19 +283,7 @@ def run_transformers_compiled(model: nn.Module, input_ids: torch.Tensor, gen: in
         )
         decode = tokens = None
         if gen:
-            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-            generated = [token]
-            t0 = time.perf_counter()
-            for step in range(gen):
-                pos = torch.tensor([[length + step]], device=device)
-                if cudagraphs:  # the previous step's outputs are consumed: the graph may reuse them
-                    torch.compiler.cudagraph_mark_step_begin()
-                out = forward(input_ids=token, position_ids=pos, use_cache=True, **{key: cache})
-                token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-                generated.append(token)
-            _sync(device)
-            decode = (time.perf_counter() - t0) / gen
-            tokens = torch.cat(generated, dim=1).tolist()
+            decode, tokens = _greedy(forward, out.logits, length, gen, {key: cache}, cudagraphs)
     n_layers = model.config.num_hidden_layers
     peak = mem.peak()
     return Sample(
