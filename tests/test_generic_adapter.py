@@ -161,3 +161,17 @@ def test_unsupported_architectures_are_refused_naming_class_and_reason(model_typ
         kvpolicy.get_adapter(model)
     assert type(model).__name__ in str(err.value)
     assert reason in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra"), [("phi3", {}), ("gemma3_text", SLIDING["gemma3_text"]), ("olmoe", MOE)]
+)
+def test_generic_adapter_batch_equals_each_prompt_alone(model_type, extra):
+    """A left-padded batch of different lengths (sliding layers past their window included) gives each
+    prompt the tokens it gets alone."""
+    model = tiny_model(model_type, extra)
+    prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (40, 23, 31)]
+    policy = kvpolicy.get_policy("fastkv", kv_budget=12, tsp_layer=1, tsp_rate=0.5)
+    alone = [kvpolicy.generate(model, None, input_ids=p, policy=policy, max_new_tokens=8) for p in prompts]
+    batch = kvpolicy.generate(model, None, input_ids=prompts, policy=policy, max_new_tokens=8)
+    assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
