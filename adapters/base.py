@@ -120,20 +120,23 @@ class DecoderAdapter:
         v: torch.Tensor,
         causal: bool,
         mask: torch.Tensor | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Attention output ``(B, T, H_q * d)``; ``mask``, when given, is an additive ``(B, 1, T, S)``
         mask that already holds causality (padded batches), and runs through SDPA where the model's
-        backend takes no such mask (FlashAttention)."""
+        backend takes no such mask (FlashAttention). ``extra``: keyword arguments the model's layer
+        gives its attention function (e.g. Gemma 2's ``softcap``), passed on."""
+        extra = extra or {}
         if mask is not None:
             fn = self._attn_fn if self._attn_impl not in _FLASH else ALL_ATTENTION_FUNCTIONS["sdpa"]
-            out = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)[0]
+            out = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)[0]
             return out.reshape(*out.shape[:2], -1)
         if causal and self._attn_impl not in _MASKLESS_CAUSAL:
             t_q, t_k = q.shape[-2], k.shape[-2]
             allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
             mask = torch.zeros(t_q, t_k, dtype=q.dtype, device=q.device)
             mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[None, None]
-        out = self._attn_fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)[0]
+        out = self._attn_fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)[0]
         return out.reshape(*out.shape[:2], -1)
 
     def _enter_layer(
@@ -379,7 +382,13 @@ class DecoderAdapter:
         return None, h[:, -1:, :]
 
     def _attend_prefill(
-        self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int]
+        self,
+        attn: nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        counts: list[int],
+        extra: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Causal prefill attention ``(B, T, H_q * d)`` over each sequence's own tokens.
 
@@ -389,12 +398,12 @@ class DecoderAdapter:
         Padding rows get zeros."""
         width = q.shape[2]
         if all(c == width for c in counts):
-            return self._attend(attn, q, k, v, causal=True)
+            return self._attend(attn, q, k, v, causal=True, extra=extra)
         out = q.new_zeros((q.shape[0], width, q.shape[1] * q.shape[3]))
         for b, c in enumerate(counts):
             lo = width - c
             out[b : b + 1, lo:] = self._attend(
-                attn, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], True
+                attn, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], True, extra=extra
             )
         return out
 

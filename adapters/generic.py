@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -68,15 +69,24 @@ def _routed_attention(
     if call is None:  # someone else runs the model meanwhile: the backend it was loaded with
         return _ORIGINAL[id(module.config)](module, query, key, value, attention_mask, *args, **kwargs)
     adapter = call.adapter
+    softcap = kwargs.get("softcap")  # Gemma 2's attention-logit soft-capping
+    extra = {"softcap": softcap} if softcap is not None else {}
     if call.cache is None:  # prefill
         call.qkv = (query, key, value)
         window = adapter.windows[module.layer_idx]
         if window and call.token_positions is not None and query.shape[2] > 1:
-            return adapter._attend_window(module, query, key, value, call, int(window)), None
-        return adapter._attend_prefill(module, query, key, value, call.counts or []), None
+            return adapter._attend_window(module, query, key, value, call, int(window), extra), None
+        return adapter._attend_prefill(module, query, key, value, call.counts or [], extra), None
     call.cache.write(key, value, call.positions)
     call.qkv = (query, key, value)
-    out, call.probs = paged_attention(query, call.cache, module.scaling, want_probs=call.want_probs)
+    out, call.probs = paged_attention(
+        query,
+        call.cache,
+        module.scaling,
+        want_probs=call.want_probs,
+        softcap=softcap,
+        sinks=getattr(module, "sinks", None),  # GPT-OSS: a learned logit per head in the softmax
+    )
     return out.to(query.dtype), None
 
 
@@ -123,12 +133,6 @@ def why_unsupported(model: nn.Module) -> str | None:
     can_route = getattr(model, "_can_set_attn_implementation", None)
     if can_route is not None and not can_route():
         return f"{name}'s attention does not go through transformers' AttentionInterface"
-    if getattr(config, "attn_logit_softcapping", None):
-        return (
-            f"{name} soft-caps attention logits, which kvpolicy's paged decode attention does not apply yet"
-        )
-    if getattr(attn, "sinks", None) is not None:
-        return f"{name} uses attention sinks (learned logits), which kvpolicy's paged attention does not apply yet"
     if not hasattr(base, "rotary_emb"):
         return f"{name} has no shared rotary embedding (model.rotary_emb)"
     return None
@@ -160,6 +164,9 @@ class GenericAdapter(DecoderAdapter):
         if self._attn_impl == ROUTED:  # built while kvpolicy runs this model: the backend underneath
             self._attn_impl = _ORIGINAL_NAME[id(model.config)]
             self._attn_fn = _ORIGINAL[id(model.config)]
+        elif self._attn_impl == "eager":  # the family's own eager function (Gemma 2 soft-caps, GPT-OSS sinks)
+            family = sys.modules[type(self.layers[0].self_attn).__module__]
+            self._attn_fn = getattr(family, "eager_attention_forward", self._attn_fn)
         _register()
         config = self.config
         rotary = self.base.rotary_emb
@@ -247,6 +254,7 @@ class GenericAdapter(DecoderAdapter):
         v: torch.Tensor,
         call: _LayerCall,
         window: int,
+        extra: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Sliding-window attention over *original* positions (after TSP a token at index 2 may sit at
         position 900): query ``p`` sees keys at positions ``(p - window, p]``, as transformers' sliding
@@ -262,7 +270,7 @@ class GenericAdapter(DecoderAdapter):
             mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
             mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[None, None]
             out[b : b + 1, lo:] = self._attend(
-                module, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], False, mask
+                module, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], False, mask, extra
             )
         return out
 

@@ -422,7 +422,12 @@ def evict_rows(state: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) 
 
 
 def paged_attention(
-    query: torch.Tensor, layer: PagedLayer, scaling: float, want_probs: bool = False
+    query: torch.Tensor,
+    layer: PagedLayer,
+    scaling: float,
+    want_probs: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of one new query per sequence over each row's entries, page by page.
 
@@ -431,6 +436,9 @@ def paged_attention(
         layer: the layer's cache (the new entry already appended).
         scaling: softmax scale.
         want_probs: also return the attention probabilities per slot (decode-time policies).
+        softcap: soft-cap the scores, ``cap * tanh(score / cap)`` (Gemma 2).
+        sinks: ``(H_q,)`` learned logit per query head that joins each softmax and takes no value
+            (GPT-OSS's attention sinks).
 
     Returns:
         ``(B, 1, H_q * d_v)`` in the query's dtype, and ``(B, H, n_rep, slots)`` float32 probabilities
@@ -442,6 +450,8 @@ def paged_attention(
     q = query.reshape(rows, n_rep, d)
     q_pages = torch.cat([q, q.new_zeros((1, n_rep, d))])[layer.page_owner]  # (P+1, n_rep, d)
     scores = torch.bmm(q_pages, layer.k_pool.transpose(1, 2)).float() * scaling  # (P+1, n_rep, blk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     empty = (layer.pos_pool < 0)[:, None, :]  # (P+1, 1, blk): empty slots hold position -1
     scores = scores.masked_fill(empty, float("-inf"))
     owner = layer.page_owner[:, None].expand(-1, n_rep)
@@ -449,11 +459,17 @@ def paged_attention(
     row_max = scores.new_full((rows + 1, n_rep), float("-inf")).scatter_reduce(
         0, owner, page_max, reduce="amax", include_self=True
     )
+    sink = None
+    if sinks is not None:  # (R, n_rep): each row's query heads' sink logits take part in the max
+        sink = sinks.float().view(1, layer.num_heads, n_rep).expand(b, -1, -1).reshape(rows, n_rep)
+        row_max = torch.cat([torch.maximum(row_max[:rows], sink), row_max[rows:]])
     row_max = row_max.nan_to_num(neginf=0.0)  # rows without entries (the null row)
     weights = torch.exp(scores - row_max[layer.page_owner][..., None])  # (P+1, n_rep, blk)
     denom = scores.new_zeros((rows + 1, n_rep)).index_add_(0, layer.page_owner, weights.sum(dim=-1))
     part = torch.bmm(weights.to(layer.v_pool.dtype), layer.v_pool)  # (P+1, n_rep, d_v)
     out = part.new_zeros((rows + 1, n_rep, part.shape[-1])).index_add_(0, layer.page_owner, part)
+    if sink is not None:  # the sink's share of the softmax: in the denominator, no value
+        denom = torch.cat([denom[:rows] + torch.exp(sink - row_max[:rows]), denom[rows:]])
     denom = denom.clamp_min(torch.finfo(torch.float32).tiny)
     out = (out[:rows].float() / denom[:rows, :, None]).to(query.dtype)
     probs = None

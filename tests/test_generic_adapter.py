@@ -67,8 +67,6 @@ FAMILIES: dict[str, dict] = {
 
 #: model_type -> (extra settings, attention implementation, what the refusal says).
 REFUSED: dict[str, tuple[dict, str, str]] = {
-    "gemma2": ({}, "eager", "soft-caps attention logits"),
-    "gpt_oss": (MOE, "eager", "attention sinks"),
     "deepseek_v3": ({"n_routed_experts": 4, "num_experts_per_tok": 2}, "eager", "latent (MLA) attention"),
     "jamba": (MOE, "eager", "not standard attention"),
     "stablelm": ({}, "sdpa", "do not pass keyword arguments to the attention function"),
@@ -151,6 +149,37 @@ def test_sliding_window_layers_equal_transformers_past_the_window(model_type):
     # Decoding keeps the window bounded: 15 + 1 appended - 1 rolled out per step.
     fast = kvpolicy.get_policy("fastkv", kv_budget=12, tsp_layer=1, tsp_rate=0.5)
     assert len(kvpolicy.generate(model, None, input_ids=ids, policy=fast, max_new_tokens=6).token_ids) == 6
+
+
+#: Families whose attention adds to the scores: Gemma 2 soft-caps them (and its final logits), GPT-OSS
+#: adds a learned sink logit per head. Both hybrid (16-token windows here) and run with eager attention.
+SCORE_TERMS: dict[str, dict] = {
+    "gemma2": {
+        "sliding_window": 16,
+        "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 3.0,
+    },
+    "gpt_oss": {**MOE, "sliding_window": 16},
+}
+
+
+@pytest.mark.parametrize("model_type", list(SCORE_TERMS))
+def test_soft_capping_and_attention_sinks_equal_transformers(model_type):
+    model = tiny_model(model_type, SCORE_TERMS[model_type], attn="eager")
+    if model_type == "gpt_oss":  # random sinks large enough to matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(
+                    0.0, 2.0, generator=torch.Generator().manual_seed(layer.self_attn.layer_idx)
+                )
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 40:].tolist()
+    assert kvpolicy.get_adapter(model).name == "generic"
+    out = kvpolicy.generate(model, None, input_ids=ids, policy="fullkv", max_new_tokens=12)
+    assert out.token_ids == want
+    assert model.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("model_type", list(REFUSED))
