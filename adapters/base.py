@@ -569,11 +569,6 @@ def _on_decode(
         batch.defer(layer, 0, lc.evict(slots))
 
 
-def slot_positions(lc: PagedLayer) -> torch.Tensor:
-    """``(B, H, S)`` original position per slot, ``-1`` on empty slots."""
-    return lc.slot_positions()
-
-
 def decode_view(
     lc: PagedLayer,
     b: int,
@@ -588,7 +583,7 @@ def decode_view(
     whole: bool = False,
 ) -> DecodeView:
     """Sequence ``b``'s :class:`DecodeView` of a layer's cache after an append (``probs`` from
-    :func:`~kvpolicy.cache.paged_attention`); ``positions`` from :func:`slot_positions`, shared
+    :func:`~kvpolicy.cache.paged_attention`); ``positions`` from :meth:`~kvpolicy.cache.PagedLayer.slot_positions`, shared
     across the batch. ``whole``: the batch is this one sequence (its tensors are passed unsliced)."""
     positions = lc.slot_positions() if positions is None else positions
     pick = (lambda t: t) if whole else (lambda t: t[b : b + 1])

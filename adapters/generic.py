@@ -94,6 +94,8 @@ def _routed_attention(
 _ORIGINAL: dict[int, Any] = {}
 #: ... and its name.
 _ORIGINAL_NAME: dict[int, str] = {}
+#: Decoder layer classes seen passing their keyword arguments to the attention function.
+_PROBED: set[type] = set()
 
 
 def _register() -> None:
@@ -178,7 +180,6 @@ class GenericAdapter(DecoderAdapter):
             rotary_per_layer_type=bool(self.layer_types)
             and "layer_type" in inspect.signature(rotary.forward).parameters,
         )
-        self._layer_kwargs = inspect.signature(type(self.layers[0]).forward).parameters
         #: each layer's sliding window (``None``: full attention): ``config.layer_types`` says which
         #: layers slide (Gemma 3, Cohere 2, Qwen2 with ``use_sliding_window``, ...); without it a set
         #: ``config.sliding_window`` applies to every layer (Mistral v0.1, Phi-3, Starcoder2).
@@ -190,9 +191,12 @@ class GenericAdapter(DecoderAdapter):
 
     def _probe(self) -> None:
         """Run two tokens through the first layer: its attention must come through kvpolicy's routed
-        function (a layer that does not pass its keyword arguments on cannot be driven), and the
-        model must be left as it was. Raises ``ValueError`` naming the class otherwise."""
+        function (a layer that does not pass its keyword arguments on cannot be driven). Raises
+        ``ValueError`` naming the class otherwise. Once per layer class: ``get_adapter`` builds an
+        adapter per call, and the answer depends only on the class's code."""
         layer = self.layers[0]
+        if type(layer) in _PROBED:
+            return
         device = next(layer.parameters()).device
         ids = torch.zeros((1, 2), dtype=torch.long, device=device)
         positions = torch.arange(2, device=device)[None]
@@ -205,6 +209,7 @@ class GenericAdapter(DecoderAdapter):
                 f"{type(self.model).__name__}: its decoder layers do not pass keyword arguments to the "
                 f"attention function, so kvpolicy cannot see their queries and keys (generic adapter)"
             )
+        _PROBED.add(type(layer))
 
     @contextlib.contextmanager
     def routing(self) -> Iterator[None]:

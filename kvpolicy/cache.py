@@ -305,7 +305,8 @@ class PagedLayer(CacheLayerMixin):
         """``pool`` per row in position order, ``(B, H, n, ...)`` with ``n`` the longest row; shorter
         rows are padded at the end. For inspection and tests: slot order is arbitrary after evictions."""
         n = self.uniform if self.uniform is not None else int(self.lengths.max())
-        pos = torch.where(self.valid(), self.dense(self.pos_pool), torch.iinfo(torch.long).max)
+        pos = self.slot_positions()
+        pos = pos.masked_fill(pos < 0, torch.iinfo(torch.long).max)
         order = pos.argsort(dim=-1, stable=True)[:, :, :n]
         if pool is self.pos_pool:
             out = pos.gather(2, order)

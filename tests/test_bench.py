@@ -39,6 +39,19 @@ MACHINE = Machine(
 )
 
 
+#: A two-layer Llama shape for ``--random-weights`` (written to a config.json by the tests).
+TINY_SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 64,
+    "max_position_embeddings": 256,
+}
+
+
 def test_prefill_flops_by_hand():
     # proj 2*T*8*4*(2*2+2*1)=384T, mlp 2*T*3*8*16=768T, attn 2*2*4*T*(T+1)=16T(T+1); head 2*8*10=160
     t = 3
@@ -261,16 +274,7 @@ def test_bench_cli_writes_machine_and_absolute_columns(tmp_path, monkeypatch):
             for n in lengths
         },
     )
-    cfg = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 64,
-        "max_position_embeddings": 256,
-    }
+    cfg = dict(TINY_SHAPE)
     shape_file = tmp_path / "shape.json"
     shape_file.write_text(json.dumps(cfg))
     out = tmp_path / "bench.json"
@@ -296,16 +300,7 @@ def test_bench_cli_writes_machine_and_absolute_columns(tmp_path, monkeypatch):
 
 
 def test_random_weights_shape_file(tmp_path):
-    cfg = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 64,
-        "max_position_embeddings": 256,
-    }
+    cfg = dict(TINY_SHAPE)
     path = tmp_path / "shape.json"
     path.write_text(json.dumps(cfg))
     import torch
