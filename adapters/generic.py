@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -113,6 +114,24 @@ class Traits:
     logits_divisor: float | None = None
     final_softcap: float | None = None
     rotary_per_layer_type: bool = False
+    embedding_norm: str | None = None
+    final_norm: str | None = None
+
+
+#: What a family does that its config does not say, by ``model_type``: read by :class:`Traits`.
+#: NanoChat normalises the embeddings with the final norm before the first layer; LFM2 names its final
+#: norm ``embedding_norm``.
+FAMILY_TRAITS: dict[str, dict[str, Any]] = {
+    "nanochat": {"embedding_norm": "norm"},
+    "lfm2": {"final_norm": "embedding_norm"},
+}
+
+#: The layer types kvpolicy runs (``config.layer_types``); others (chunked, linear, convolution,
+#: state-space) are refused by name.
+LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+#: Module class names that mark recurrent, state-space or convolution mixers inside a decoder layer,
+#: whose state is not keys and values (Falcon-H1 runs Mamba beside attention in every layer).
+_STATEFUL = ("Mamba", "Mixer", "Conv", "LinearAttention", "DeltaNet", "Rwkv", "Recurrent", "Lightning")
 
 
 def why_unsupported(model: nn.Module) -> str | None:
@@ -132,6 +151,16 @@ def why_unsupported(model: nn.Module) -> str | None:
         return f"{name} uses latent (MLA) attention, whose cache is not per-head keys and values"
     if any(getattr(layer, "self_attn", None) is None for layer in layers):
         return f"{name} mixes attention with recurrent or state-space layers"
+    other = sorted(set(getattr(config, "layer_types", None) or []) - LAYER_TYPES)
+    if other:
+        return (
+            f"{name} has {', '.join(other)} layers (kvpolicy runs full and sliding-window attention "
+            f"layers only)"
+        )
+    for child in layers[0].children():
+        kind = type(child).__name__
+        if any(mark in kind for mark in _STATEFUL):
+            return f"{name}'s layers run {kind} beside attention: recurrent or convolution state, not keys and values"
     can_route = getattr(model, "_can_set_attn_implementation", None)
     if can_route is not None and not can_route():
         return f"{name}'s attention does not go through transformers' AttentionInterface"
@@ -179,6 +208,7 @@ class GenericAdapter(DecoderAdapter):
             final_softcap=getattr(config, "final_logit_softcapping", None),
             rotary_per_layer_type=bool(self.layer_types)
             and "layer_type" in inspect.signature(rotary.forward).parameters,
+            **FAMILY_TRAITS.get(getattr(config, "model_type", ""), {}),
         )
         #: each layer's sliding window (``None``: full attention): ``config.layer_types`` says which
         #: layers slide (Gemma 3, Cohere 2, Qwen2 with ``use_sliding_window``, ...); without it a set
@@ -200,10 +230,16 @@ class GenericAdapter(DecoderAdapter):
         device = next(layer.parameters()).device
         ids = torch.zeros((1, 2), dtype=torch.long, device=device)
         positions = torch.arange(2, device=device)[None]
-        with torch.no_grad(), self.routing():
-            h = self._embed(ids)
-            call = _LayerCall(self, counts=[2])
-            self._call_layer(0, layer, h, self._rotary(h, positions), positions, call)
+        call = _LayerCall(self, counts=[2])
+        try:
+            with torch.no_grad(), self.routing():
+                h = self._embed(ids)
+                self._call_layer(0, layer, h, self._rotary(h, positions), positions, call)
+        except Exception as exc:
+            raise ValueError(
+                f"{type(self.model).__name__}: its decoder layer cannot be called as transformers' standard "
+                f"layers are (generic adapter): {type(exc).__name__}: {exc}"
+            ) from exc
         if call.qkv is None:
             raise ValueError(
                 f"{type(self.model).__name__}: its decoder layers do not pass keyword arguments to the "
@@ -231,6 +267,8 @@ class GenericAdapter(DecoderAdapter):
         h = self.base.embed_tokens(ids)
         if self.traits.embedding_multiplier is not None:
             h = h * self.traits.embedding_multiplier
+        if self.traits.embedding_norm is not None:
+            h = getattr(self.base, self.traits.embedding_norm)(h)
         return h
 
     def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> Any:
@@ -287,10 +325,26 @@ class GenericAdapter(DecoderAdapter):
         window = self.windows[i]
         if window is None:
             return super()._keep(i, policy, view, state)
+        self._say_budget_below_window(policy, view.prompt_len, window)
         pos = view.positions[0]
         keep = (pos >= int(pos.max()) + 2 - window).nonzero().squeeze(-1)  # the next query is at max + 1
         k, v = view.key[0][:, keep], view.value[0][:, keep]
         return k, v, pos[keep][None, :].expand(k.shape[0], -1), None
+
+    def _say_budget_below_window(self, policy: Any, prompt_len: int, window: int) -> None:
+        """A cache budget below the sliding window does not shrink sliding layers (they keep their
+        window: the model attends to all of it); say so instead of silently keeping more."""
+        resolve = getattr(policy.cache, "resolved_budget", None)
+        budget = resolve(prompt_len) if callable(resolve) else None
+        if budget is None or budget >= min(window - 1, prompt_len):
+            return
+        full = [i for i, w in enumerate(self.windows) if w is None]
+        warnings.warn(
+            f"{type(policy.cache).__name__} budget {budget} is below the {window}-token sliding window of "
+            f"{type(self.model).__name__}'s sliding layers: they keep their last {window - 1} entries (the "
+            f"model attends to all of them); the budget applies to the full-attention layers {full}",
+            stacklevel=2,
+        )
 
     def _prefill_layer(
         self,
@@ -331,6 +385,12 @@ class GenericAdapter(DecoderAdapter):
             stale = slot_pos.gather(-1, oldest) <= (positions + 1 - window)[:, None, None]
             lc.evict(torch.where(stale, oldest, -1))
         return h, cos_sin, call.qkv[0], call.probs
+
+    @property
+    def _final_norm(self) -> nn.Module:
+        if self.traits.final_norm is not None:
+            return getattr(self.base, self.traits.final_norm)
+        return super()._final_norm
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         logits = super()._logits(h_last)

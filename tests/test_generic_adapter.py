@@ -204,3 +204,12 @@ def test_generic_adapter_batch_equals_each_prompt_alone(model_type, extra):
     alone = [kvpolicy.generate(model, None, input_ids=p, policy=policy, max_new_tokens=8) for p in prompts]
     batch = kvpolicy.generate(model, None, input_ids=prompts, policy=policy, max_new_tokens=8)
     assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
+
+
+def test_a_budget_below_the_sliding_window_says_so():
+    """Sliding layers keep their window whatever the budget (the model attends to all of it): a budget
+    below it is reported, naming the window and the full-attention layers the budget applies to."""
+    model = tiny_model("gemma3_text", SLIDING["gemma3_text"])
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match=r"budget 12 is below the 16-token sliding window .* layers \[1, 3\]"):
+        kvpolicy.prefill(model, ids, kvpolicy.get_policy("snapkv", kv_budget=12))

@@ -38,6 +38,11 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     needle.add_argument(
         "--haystack-dir", type=Path, help="folder of .txt files (default: Paul Graham essays)"
     )
+    needle.add_argument(
+        "--completion",
+        action="store_true",
+        help="completion-style prompt for base models (no chat template; the model continues the answer)",
+    )
     model_args(needle)
 
     ruler = _bench_parser(esub, "ruler", "RULER synthetic tasks, generated on the fly (seeded)")
@@ -132,7 +137,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     for opt in ("lengths", "depths", "samples", "tasks", "seed", "haystack_dir", "data_dir", "max_length"):
         if hasattr(args, opt):
             extra[opt] = getattr(args, opt)
-    for flag in ("longbench_e", "strict"):
+    for flag in ("longbench_e", "strict", "completion"):
         if getattr(args, flag, False):
             extra[flag] = True
     if getattr(args, "max_prompt_tokens", None) is not None:

@@ -23,6 +23,10 @@ QUESTION = "What is the best thing to do in San Francisco?"
 _TEMPLATE = (
     "<document>\n{context}\n</document>\n\nBased on the document above, answer in one sentence: {question}"
 )
+#: For base (not instruction-tuned) models, e.g. Gemma 3 270M: no chat template; the model continues
+#: the answer's first words, so the question still comes last (in the observation window).
+ANSWER_PREFIX = "The best thing to do in San Francisco is"
+_COMPLETION = "{context}\n\nQuestion: {question}\nAnswer: " + ANSWER_PREFIX
 HAYSTACK_ENV = "KVPOLICY_HAYSTACK_DIR"
 _SHARED = Path("shared") / "data" / "paul_graham_essays"
 
@@ -74,12 +78,22 @@ class NeedleSample:
 
 
 def build_sample(
-    tokenizer: Any, target_tokens: int, depth: float, haystack: str, chat: bool | None = None
+    tokenizer: Any,
+    target_tokens: int,
+    depth: float,
+    haystack: str,
+    chat: bool | None = None,
+    completion: bool = False,
 ) -> NeedleSample:
-    """A prompt of about ``target_tokens`` tokens (chat template included) with the needle at ``depth``."""
+    """A prompt of about ``target_tokens`` tokens (chat template included) with the needle at ``depth``.
+
+    ``completion``: the base-model form (no chat template; the prompt ends with the answer's first
+    words, :data:`ANSWER_PREFIX`, for the model to continue)."""
     from kvpolicy.generation import encode_prompt
 
-    overhead = len(encode_prompt(tokenizer, _TEMPLATE.format(context=NEEDLE, question=QUESTION), chat))
+    template = _COMPLETION if completion else _TEMPLATE
+    chat = False if completion else chat
+    overhead = len(encode_prompt(tokenizer, template.format(context=NEEDLE, question=QUESTION), chat))
     budget = target_tokens - overhead
     if budget < 16:
         raise ValueError(
@@ -89,7 +103,7 @@ def build_sample(
     if budget > len(hay_ids):
         raise ValueError(f"target length {target_tokens} exceeds the haystack ({len(hay_ids)} tokens)")
     context = tokenizer.decode(hay_ids[:budget], skip_special_tokens=True)
-    prompt = _TEMPLATE.format(context=insert_needle(context, NEEDLE, depth), question=QUESTION)
+    prompt = template.format(context=insert_needle(context, NEEDLE, depth), question=QUESTION)
     return NeedleSample(prompt, encode_prompt(tokenizer, prompt, chat), depth, target_tokens)
 
 

@@ -197,6 +197,7 @@ def run_eval(
     haystack_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
     longbench_e: bool = False,
+    completion: bool = False,
     max_length: int | None = None,
     max_prompt_tokens: int | None = None,
     max_new_tokens: int | None = None,
@@ -211,7 +212,7 @@ def run_eval(
     (with ``policy_options``), a :class:`~kvpolicy.Policy`, a ``to_dict()`` form, or use
     ``policy_config`` (a JSON file). The run goes to ``out/<benchmark>/<label>-<key>/``; an unfinished
     run with the same configuration resumes, a finished one is skipped unless ``force``. Benchmark
-    options: ``lengths``, ``depths``, ``samples``, ``haystack_dir`` (needle); ``lengths``, ``tasks``,
+    options: ``lengths``, ``depths``, ``samples``, ``haystack_dir``, ``completion`` (needle: a completion-style prompt for base models); ``lengths``, ``tasks``,
     ``samples``, ``seed`` (RULER); ``data_dir``, ``tasks``, ``samples``, ``longbench_e``,
     ``max_length``, ``max_prompt_tokens``, ``strict`` (LongBench); ``max_new_tokens`` caps any.
     ``shard="i/n"`` runs every n-th sample from i in a folder of its own (:mod:`kvpolicy.eval.shard`);
@@ -242,6 +243,7 @@ def run_eval(
         haystack_dir=haystack_dir,
         data_dir=data_dir,
         longbench_e=longbench_e,
+        completion=completion,
         max_length=max_length,
         max_prompt_tokens=max_prompt_tokens,
         max_new_tokens=max_new_tokens,

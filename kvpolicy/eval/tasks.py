@@ -96,8 +96,10 @@ class NeedleTask(Task):
         samples: int = 1,
         haystack_dir: str | Path | None = None,
         max_new_tokens: int | None = None,
+        completion: bool = False,
     ) -> None:
         self.lengths = _positive("lengths", lengths)
+        self.completion = completion  # base models: completion-style prompt (needle.build_sample)
         if depths < 1 or samples < 1:
             raise ValueError(f"--depths and --samples must be >= 1, got {depths} and {samples}")
         self.n_depths, self.samples = depths, samples
@@ -122,6 +124,7 @@ class NeedleTask(Task):
             "max_new_tokens": self.max_new_tokens,
             "needle": needle.NEEDLE,
             "question": needle.QUESTION,
+            **({"prompt_style": "completion"} if self.completion else {}),
             "haystack": {"files": len(self.files), "sha256": fingerprint(self.files)},
         }
 
@@ -147,11 +150,17 @@ class NeedleTask(Task):
 
     def build(self, item: Item, tokenizer: Any) -> Built:
         sample = needle.build_sample(
-            tokenizer, item.meta["length"], item.meta["depth"], self.haystack(item.meta["sample"])
+            tokenizer,
+            item.meta["length"],
+            item.meta["depth"],
+            self.haystack(item.meta["sample"]),
+            completion=self.completion,
         )
         return Built(sample.input_ids, needle.NEEDLE, self.max_new_tokens)
 
     def score(self, item: Item, built: Built, prediction: str) -> dict[str, Any]:
+        if self.completion:  # the answer's first words are the prompt's last
+            prediction = f"{needle.ANSWER_PREFIX} {prediction}"
         return {
             "score": needle.needle_recall(prediction),
             "needle_found": needle.needle_found(prediction),
@@ -405,7 +414,7 @@ class LongBenchTask(Task):
 def make_task(benchmark: str, **options: Any) -> Task:
     """The task object for ``benchmark`` with its options (unused ones must be None)."""
     accepted = {
-        "needle": ("lengths", "depths", "samples", "haystack_dir", "max_new_tokens"),
+        "needle": ("lengths", "depths", "samples", "haystack_dir", "max_new_tokens", "completion"),
         "ruler": ("lengths", "tasks", "samples", "seed", "haystack_dir", "max_new_tokens"),
         "longbench": (
             "data_dir",
