@@ -2,10 +2,12 @@
 
 Compose them freely: ``kvpolicy.compose(propagation=TSP(layer=20, rate=0.1), cache=SnapKV(budget=512))``.
 Every propagation policy (``all``, ``tsp``, ``gemfilter``, ``pyramidinfer``) composes with every cache
-policy (``full``, ``snapkv``, ``streamingllm``, ``h2o``, ``pyramidkv``, ``pyramidinfer_squeeze``).
+policy (``full``, ``snapkv``, ``streamingllm``, ``h2o``, ``pyramidkv``, ``pyramidinfer_squeeze``,
+``ada`` (head-adaptive budgets around a scoring policy), ``expected_attention``, ``tova``, ``cake``).
 """
 
 from kvpolicy.hookspecs import hookimpl
+from kvpolicy.policies.adakv import AdaKV, AdaSnapKVPreset
 from kvpolicy.policies.baseline_presets import (
     GemFilterPreset,
     H2OPreset,
@@ -13,6 +15,8 @@ from kvpolicy.policies.baseline_presets import (
     PyramidKVPreset,
     StreamingLLMPreset,
 )
+from kvpolicy.policies.cake import CAKE, CAKEPreset
+from kvpolicy.policies.expected_attention import ExpectedAttention, ExpectedAttentionPreset
 from kvpolicy.policies.full import AllTokens, FullCache
 from kvpolicy.policies.gemfilter import GemFilter
 from kvpolicy.policies.h2o import H2O
@@ -21,6 +25,7 @@ from kvpolicy.policies.pyramidinfer import PyramidInfer, PyramidInferSqueeze
 from kvpolicy.policies.pyramidkv import PyramidKV
 from kvpolicy.policies.snapkv import SnapKV
 from kvpolicy.policies.streamingllm import StreamingLLM
+from kvpolicy.policies.tova import TOVA, TOVAPreset
 from kvpolicy.policies.tsp import TSP
 
 
@@ -37,6 +42,10 @@ def kvpolicy_register_components() -> list[type]:
         H2O,
         PyramidKV,
         PyramidInferSqueeze,
+        AdaKV,
+        ExpectedAttention,
+        TOVA,
+        CAKE,
     ]
 
 
@@ -51,13 +60,24 @@ def kvpolicy_register_presets() -> list[type]:
         PyramidKVPreset,
         GemFilterPreset,
         PyramidInferPreset,
+        AdaSnapKVPreset,
+        ExpectedAttentionPreset,
+        TOVAPreset,
+        CAKEPreset,
     ]
 
 
 __all__ = [
+    "CAKE",
     "H2O",
+    "TOVA",
     "TSP",
+    "AdaKV",
+    "AdaSnapKVPreset",
     "AllTokens",
+    "CAKEPreset",
+    "ExpectedAttention",
+    "ExpectedAttentionPreset",
     "FastKVPreset",
     "FullCache",
     "FullKVPreset",
@@ -73,4 +93,5 @@ __all__ = [
     "SnapKVPreset",
     "StreamingLLM",
     "StreamingLLMPreset",
+    "TOVAPreset",
 ]

@@ -43,6 +43,23 @@ def check_window_fits(budget: int | float, window: int) -> None:
         raise ValueError(f"window ({window}) is larger than the budget ({budget}); the window is always kept")
 
 
+def snapkv_prefix_scores(view: LayerView, window: int, kernel: int, pooling: str) -> torch.Tensor:
+    """``(B, H_kv, T - w)`` float32 SnapKV scores of the keys before the window (``w = min(window, T)``)."""
+    window = min(window, view.num_tokens)
+    return snapkv_scores(view.window_attention(window), window, kernel, pooling)  # type: ignore[arg-type]
+
+
+def snapkv_key_scores(view: LayerView, window: int, kernel: int, pooling: str) -> torch.Tensor:
+    """``(B, H_kv, T)`` float32 SnapKV scores of every key present, ``+inf`` on the window.
+
+    The :class:`~kvpolicy.interfaces.ScoresKeys` form of :func:`snapkv_prefix_scores`: the window
+    is always kept, so it ranks above every prefix key.
+    """
+    prefix = snapkv_prefix_scores(view, window, kernel, pooling)
+    tail = prefix.new_full((*prefix.shape[:-1], view.num_tokens - prefix.shape[-1]), float("inf"))
+    return torch.cat([prefix, tail], dim=-1)
+
+
 def snapkv_keep(view: LayerView, keep: int, window: int, kernel: int, pooling: str) -> torch.Tensor | None:
     """Per-KV-head indices ``(B, H_kv, keep)`` of the SnapKV selection, or ``None`` if all fit."""
     tokens = view.num_tokens
@@ -50,7 +67,8 @@ def snapkv_keep(view: LayerView, keep: int, window: int, kernel: int, pooling: s
         return None
     window = min(window, tokens)
     keep = max(keep, window)
-    scores = snapkv_scores(view.window_attention(window), window, kernel, pooling)  # type: ignore[arg-type]
+    # The prefix part of SnapKV.key_scores, ranked on its own (topk breaks ties as it always has).
+    scores = snapkv_prefix_scores(view, window, kernel, pooling)
     return keep_top_and_window(scores, keep, window)
 
 
@@ -83,6 +101,11 @@ class SnapKV(CachePolicy):
     def resolved_budget(self, prompt_len: int) -> int:
         """Entries to keep for a prompt of ``prompt_len`` tokens (a fraction floored at ``2 * window``)."""
         return resolve_budget(self.budget, prompt_len, floor=budget_floor(self.window))
+
+    def key_scores(self, view: LayerView, state: RequestState) -> torch.Tensor:
+        """``(B, H_kv, T)`` float32: pooled window attention summed over each KV group, ``+inf`` on
+        the window (:class:`~kvpolicy.interfaces.ScoresKeys`; :meth:`select` keeps the top of these)."""
+        return snapkv_key_scores(view, self.window, self.kernel, self.pooling)
 
     def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
         keep = self.resolved_budget(view.prompt_len)

@@ -33,6 +33,10 @@ TINY_OPTIONS: dict[str, dict[str, object]] = {
     "pyramidkv": {"kv_budget": 20},
     "gemfilter": {"kv_budget": 20},
     "pyramidinfer": {"kv_budget": 0.9},
+    "ada-snapkv": {"kv_budget": 20},
+    "expected_attention": {"kv_budget": 20},
+    "tova": {"kv_budget": 20},
+    "cake": {"kv_budget": 20, "window": 8},
 }
 
 

@@ -211,5 +211,7 @@ def test_a_budget_below_the_sliding_window_says_so():
     below it is reported, naming the window and the full-attention layers the budget applies to."""
     model = tiny_model("gemma3_text", SLIDING["gemma3_text"])
     ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
-    with pytest.warns(UserWarning, match=r"budget 12 is below the 16-token sliding window .* layers \[1, 3\]"):
+    with pytest.warns(
+        UserWarning, match=r"budget 12 is below the 16-token sliding window .* layers \[1, 3\]"
+    ):
         kvpolicy.prefill(model, ids, kvpolicy.get_policy("snapkv", kv_budget=12))
