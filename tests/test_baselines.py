@@ -20,9 +20,13 @@ import kvpolicy
 import kvpolicy.adapters
 from kvpolicy.interfaces import CachePolicy, LayerView, Propagate, Restart
 from kvpolicy.policies import (
+    CAKE,
     H2O,
+    TOVA,
     TSP,
+    AdaKV,
     AllTokens,
+    ExpectedAttention,
     FullCache,
     GemFilter,
     PyramidInfer,
@@ -660,3 +664,33 @@ def test_real_model_keep_everything_equals_fullkv(real_model, needle_sample, nee
     assert len(needle_full) >= 16
     assert out.token_ids == needle_full
     assert out.stats.tokens_per_layer == [len(ids)] * 30
+
+
+#: The issue-14 caches: head-adaptive (AdaKV around SnapKV and ExpectedAttention), query-agnostic
+#: (ExpectedAttention), decode-evicting (TOVA) and layer-adaptive (CAKE) budgets.
+NEW_CACHES = {
+    "ada-snapkv": AdaKV(inner=SnapKV(budget=24)),
+    "ada-expected_attention": AdaKV(inner=ExpectedAttention(budget=24)),
+    "expected_attention": ExpectedAttention(budget=24),
+    "tova": TOVA(budget=24),
+    "cake": CAKE(budget=24, window=8),
+}
+
+
+@pytest.mark.parametrize("cache", list(NEW_CACHES))
+@pytest.mark.parametrize("prop", list(PROPAGATIONS))
+def test_every_propagation_composes_with_the_newer_caches(tiny_model, prompt_ids, prop, cache):
+    """Each sits behind every propagation policy (FastKV's point: token selection for prefill and the
+    cache's selection are independent): the propagation's token counts are untouched, the cache holds
+    its total budget (per-head or per-layer allocation moves entries, it does not add any), and 20
+    tokens decode."""
+    with one_thread():
+        out = run(tiny_model, prompt_ids, kvpolicy.compose(PROPAGATIONS[prop], NEW_CACHES[cache]))
+    tokens = expected_tokens(prop)
+    assert out.stats.tokens_per_layer == tokens
+    assert len(out.token_ids) == 20
+    kv = out.stats.kv_tokens_per_layer  # after prefill, mean over KV heads
+    if cache == "cake":  # CAKE moves budget between layers: the total holds
+        assert sum(kv) <= 24 * len(kv)
+    else:  # per layer, on average over its KV heads (AdaKV moves entries between heads)
+        assert all(k <= min(t, 24) for k, t in zip(kv, tokens, strict=True))

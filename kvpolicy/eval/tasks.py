@@ -159,10 +159,10 @@ class NeedleTask(Task):
         return Built(sample.input_ids, needle.NEEDLE, self.max_new_tokens)
 
     def score(self, item: Item, built: Built, prediction: str) -> dict[str, Any]:
-        if self.completion:  # the answer's first words are the prompt's last
-            prediction = f"{needle.ANSWER_PREFIX} {prediction}"
+        # completion style: the needle's first words end the prompt, so recall counts the rest only
+        target = needle.NEEDLE.removeprefix(needle.ANSWER_PREFIX) if self.completion else needle.NEEDLE
         return {
-            "score": needle.needle_recall(prediction),
+            "score": needle.needle_recall(prediction, target),
             "needle_found": needle.needle_found(prediction),
         }
 
