@@ -388,9 +388,11 @@ class GenericAdapter(DecoderAdapter):
 
     @property
     def _final_norm(self) -> nn.Module:
-        if self.traits.final_norm is not None:
-            return getattr(self.base, self.traits.final_norm)
-        return super()._final_norm
+        # a plain attribute lookup (no ``super()`` property): the compiled decode step traces this
+        name = self.traits.final_norm or (
+            "norm" if getattr(self.base, "norm", None) is not None else "final_layernorm"
+        )
+        return getattr(self.base, name)
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         logits = super()._logits(h_last)

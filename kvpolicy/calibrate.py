@@ -520,6 +520,14 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     p.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--duo-heads",
+        action="store_true",
+        help="instead of the FastKV search, score each KV head for DuoAttention on the same prompts "
+        "and write OUT/duo_head_map.json and OUT/duo_policy.json",
+    )
+    p.add_argument("--duo-sink", type=int, default=64, help="--duo-heads sink tokens (default 64)")
+    p.add_argument("--duo-recent", type=int, default=256, help="--duo-heads recent tokens (default 256)")
     model_args(p)
     p.set_defaults(func=_run)
 
@@ -534,6 +542,18 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rates and --budgets are fractions in (0, 1]; got {bad}")
     model, tokenizer = load_from_args(args)
     command = "kvpolicy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.duo_heads:
+        from kvpolicy.policies.duoattention import calibrate_heads
+
+        prepared = calibration_samples(
+            tokenizer, args.task, args.length, args.samples, args.ruler_tasks, args.prompts, args.seed
+        )
+        prompts = [s.input_ids for s in prepared]
+        path = calibrate_heads(
+            model, tokenizer, args.out, prompts, args.duo_sink, args.duo_recent, command=command
+        )
+        print(f"DuoAttention head map: {path}; config: {args.out / 'duo_policy.json'}")
+        return 0
     summary = run_calibration(
         model,
         tokenizer,

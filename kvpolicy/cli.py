@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     src = p_gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file holding the prompt (UTF-8 text)")
+    src.add_argument(
+        "--context-file",
+        type=Path,
+        help="compress this file's text once (query-agnostic), then answer each --question from that cache",
+    )
+    p_gen.add_argument(
+        "--question", action="append", help="a question about --context-file's text (repeat for several)"
+    )
     _model_args(p_gen)
     p_gen.add_argument("--max-new-tokens", type=int, default=64)
     p_gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -183,21 +191,25 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         policy = load_policy_config(args.policy_config)
     else:
         policy = get_policy(args.policy, **parse_overrides(extra))
+    if (args.context_file is None) != (args.question is None):
+        raise ValueError("--question needs --context-file, and --context-file needs at least one --question")
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "compile": args.compile,
+        "chat": False if args.no_chat else None,
+    }
+    if args.context_file is not None:
+        context = read_prompt_file(args.context_file)
+        model, tokenizer = load_from_args(args)
+        outs = generate(model, tokenizer, policy=policy, context=context, questions=args.question, **sampling)
+        return _print_answers(args, policy, outs)
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     model, tokenizer = load_from_args(args)
-    out = generate(
-        model,
-        tokenizer,
-        prompt,
-        policy=policy,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        compile=args.compile,
-        chat=False if args.no_chat else None,
-    )
+    out = generate(model, tokenizer, prompt, policy=policy, **sampling)
     s = out.stats
     if args.json:
         record = {"text": out.text, "policy": policy.to_dict(), "stats": {**vars(s)}}
@@ -208,6 +220,30 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         f"\n[{policy.describe()}] prompt {s.prompt_tokens} tok, prefill {s.prefill_seconds:.3f}s, "
         f"decode {1000 * s.decode_seconds_per_token:.1f} ms/tok, KV {s.kv_bytes / 2**20:.2f} MiB, "
         f"tokens per layer {min(s.tokens_per_layer)}..{max(s.tokens_per_layer)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _print_answers(args: argparse.Namespace, policy: Any, outs: list[Any]) -> int:
+    """Each question and its answer (``--json``: a list of records)."""
+    if args.json:
+        records = [
+            {"question": q, "text": o.text, "stats": {**vars(o.stats)}}
+            for q, o in zip(args.question, outs, strict=True)
+        ]
+        print(json.dumps({"policy": policy.to_dict(), "answers": records}, indent=2))
+        return 0
+    for i, (question, out) in enumerate(zip(args.question, outs, strict=True)):
+        if i:
+            print()
+        print(f"Q: {question}")
+        print(f"A: {out.text}")
+    s = outs[0].stats
+    print(
+        f"\n[{policy.describe()}] {len(outs)} answers from one compressed context; answer 1: prompt "
+        f"{s.prompt_tokens} tok (context + question), prefill {s.prefill_seconds:.3f}s, "
+        f"KV {s.kv_bytes / 2**20:.2f} MiB",
         file=sys.stderr,
     )
     return 0

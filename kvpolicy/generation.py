@@ -7,6 +7,7 @@ entries the compressed cache holds. :func:`prefill` also hands back a transforme
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections.abc import Sequence
@@ -281,6 +282,10 @@ def generate(
     chat: bool | None = None,
     batch_size: int | None = None,
     compile: bool = False,
+    context: str | None = None,
+    questions: Sequence[str] | None = None,
+    context_ids: Any = None,
+    question_ids: Sequence[Any] | None = None,
 ) -> Any:
     """Generate a continuation of ``prompt`` (or ``input_ids``) under ``policy``.
 
@@ -296,8 +301,35 @@ def generate(
 
     ``compile=True`` runs the decode step through ``torch.compile`` (CUDA graphs on CUDA); tokens
     equal eager decoding.
+
+    *Compress once, answer many*: ``context=`` and ``questions=`` (or ``context_ids=`` and
+    ``question_ids=``) prefill and compress the context once, without the questions (the
+    query-agnostic setting), then answer each question from that cache, restored between
+    questions; returns a list of :class:`GenerationOutput`, one per question
+    (:func:`_answer_questions`).
     """
     _check_sampling(max_new_tokens, do_sample, temperature, top_p)
+    if any(x is not None for x in (context, questions, context_ids, question_ids)):
+        if prompt is not None or input_ids is not None:
+            raise ValueError("pass either prompt/input_ids or context and questions, not both")
+        if batch_size is not None:
+            raise ValueError(f"batch_size={batch_size!r} does not apply to questions: they run one by one")
+        return _answer_questions(
+            model,
+            tokenizer,
+            _resolve_policy(policy),
+            context,
+            questions,
+            context_ids,
+            question_ids,
+            chat,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_p,
+            seed,
+            compile,
+        )
     if batch_size is not None and (
         not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
     ):
@@ -352,10 +384,12 @@ def _decode(
     sampler: _Sampler,
     max_new_tokens: int,
     eos: set[int],
+    first_step: int = 0,
 ) -> tuple[list[list[int]], list[GenerationStats]]:
     """The decode loop, shared by every caller: tokens stay on the device; whether every sequence
     has stopped is read every :data:`STOP_CHECK_EVERY` steps (and after the first token), never
-    inside a step. Returns each sequence's tokens (up to and including its EOS) and stats."""
+    inside a step. Returns each sequence's tokens (up to and including its EOS) and stats.
+    ``first_step``: decode steps already run on ``pre``'s batch (a question fed after its context)."""
     batch = pre.batch
     cache = batch.cache
     stats = [
@@ -386,7 +420,7 @@ def _decode(
             break
         if (step == 0 or (step + 1) % STOP_CHECK_EVERY == 0) and eos_ids.numel() and bool(done.all()):
             break
-        logits = step_fn(token, pol, batch, step)
+        logits = step_fn(token, pol, batch, first_step + step)
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - t0
@@ -399,6 +433,157 @@ def _decode(
         stats[b].decode_steps = min(steps, max(cut - 1, 0))
         stats[b].decode_seconds = decode_seconds
     return outs, stats
+
+
+#: What ends a text context before its questions (a question's text follows it directly).
+QUESTION_SEPARATOR = "\n\n"
+_QUESTION_MARK = "\u241fkvpolicy-question\u241f"
+
+
+def encode_context_questions(
+    tokenizer: Any, context: str, questions: Sequence[str], chat: bool | None = None
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of ``context`` and of each question, split as kvpress's query-agnostic protocol does.
+
+    With a chat template (``chat`` as in :func:`encode_prompt`), the one user turn is
+    ``context + QUESTION_SEPARATOR + question``: the context's ids are the template's prefix (BOS,
+    user header) through the separator, a question's ids are the question, the end of the turn and
+    the assistant header. Without one: ``context + QUESTION_SEPARATOR`` (with the tokenizer's special
+    tokens), then each question (without). Each part is tokenized alone, so ids at the boundary can
+    differ from tokenizing the whole prompt at once."""
+    if not isinstance(context, str):
+        raise TypeError(f"context must be a str, got {type(context).__name__}")
+    if not context:
+        raise ValueError("context is empty: it has 0 characters")
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    head, tail = context + QUESTION_SEPARATOR, ""
+    if use_chat:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": head + _QUESTION_MARK}], add_generation_prompt=True, tokenize=False
+        )
+        head, found, tail = rendered.partition(_QUESTION_MARK)
+        if not found:
+            raise ValueError(
+                "the chat template changes the message text, so the context cannot be split from the "
+                "question; pass chat=False or context_ids= and question_ids="
+            )
+    context_ids = list(tokenizer(head, add_special_tokens=not use_chat)["input_ids"])
+    out = []
+    for i, question in enumerate(questions):
+        if not isinstance(question, str):
+            raise TypeError(f"question {i} must be a str, got {type(question).__name__}")
+        if not question:
+            raise ValueError(f"question {i} is empty: it has 0 characters")
+        out.append(list(tokenizer(question + tail, add_special_tokens=False)["input_ids"]))
+    return context_ids, out
+
+
+def _answer_questions(
+    model: nn.Module,
+    tokenizer: Any,
+    pol: Policy,
+    context: str | None,
+    questions: Sequence[str] | None,
+    context_ids: Any,
+    question_ids: Sequence[Any] | None,
+    chat: bool | None,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    compile: bool,
+) -> list[GenerationOutput]:
+    """Compress once, answer many (``generate(context=..., questions=...)``).
+
+    The context alone is prefilled under ``pol`` (its cache policy scores with the context's own
+    last tokens: SnapKV's window is the context's end, not the question, which is the point of the
+    query-agnostic setting). For each question, a copy of that batch (cache pages and lengths,
+    positions, policies' per-request scratch) is taken, the question's tokens are fed through the
+    engine's decode step one at a time (positions continue after the context's logical length;
+    decode-time eviction applies to them as to any decoded token), then the answer is decoded by
+    the same loop as :func:`generate`. Answers never see each other."""
+    if context is None and context_ids is None:
+        raise ValueError("questions need a context: pass context= (text) or context_ids= (token ids)")
+    if context is not None and context_ids is not None:
+        raise ValueError("pass one of context (text) or context_ids, not both")
+    if questions is None and question_ids is None:
+        raise ValueError("a context needs questions: pass questions= (texts) or question_ids= (token ids)")
+    if questions is not None and question_ids is not None:
+        raise ValueError("pass one of questions (texts) or question_ids, not both")
+    if (context is None) != (questions is None):
+        raise ValueError("pass context and questions as text, or context_ids and question_ids, not a mix")
+    items = questions if questions is not None else question_ids
+    name = "questions" if questions is not None else "question_ids"
+    if isinstance(items, (str, torch.Tensor)) or not isinstance(items, Sequence):
+        raise TypeError(f"{name} must be a list, got {type(items).__name__}")
+    if not items:
+        raise ValueError(f"{name} is empty ({items!r}): pass at least one question")
+    if questions is not None:
+        if tokenizer is None:
+            raise ValueError("text context and questions need a tokenizer; pass context_ids and question_ids")
+        context_ids, question_ids = encode_context_questions(tokenizer, context, questions, chat)  # type: ignore[arg-type]
+    adapter = get_adapter(model)
+    try:
+        ctx = _as_input_ids(model, context_ids)[0]
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"context: {exc}") from None
+    asked = []
+    for i, q in enumerate(question_ids):  # type: ignore[union-attr]
+        try:
+            asked.append(_as_input_ids(model, q)[0])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"question {i}: {exc}") from None
+    longest = max(q.shape[0] for q in asked)
+    adapter.check_prompt_length(ctx.shape[0] + longest + max_new_tokens)
+    gen = None
+    if do_sample and seed is not None:
+        gen = torch.Generator(device=ctx.device).manual_seed(seed)
+    sampler = _Sampler(do_sample, temperature, top_p, gen)
+    step_fn = compiled_decode_step(adapter) if compile else adapter.decode_step
+    eos = _eos_ids(model, tokenizer)
+    pre = _prefill(adapter, [ctx], pol, longest + max_new_tokens)  # the one prefill, kept untouched
+    batch = copy.deepcopy(pre.batch)  # the working copy each question decodes in
+    outputs = []
+    for i, q in enumerate(asked):
+        if i:
+            _restore(batch, pre.batch)  # the compressed context as prefill left it
+        _sync(ctx.device)
+        t0 = time.perf_counter()
+        logits = pre.logits
+        for j in range(q.shape[0]):
+            logits = step_fn(q[j : j + 1].view(1, 1), pol, batch, j)
+        _sync(ctx.device)
+        fed = Prefill(logits=logits, batch=batch, seconds=pre.seconds + time.perf_counter() - t0)
+        tokens, stats = _decode(fed, pol, step_fn, sampler, max_new_tokens, eos, first_step=q.shape[0])
+        stats[0].prompt_tokens = ctx.shape[0] + q.shape[0]
+        text = tokenizer.decode(tokens[0], skip_special_tokens=True) if tokenizer is not None else ""
+        outputs.append(GenerationOutput(text=text, token_ids=tokens[0], stats=stats[0], policy=pol))
+    return outputs
+
+
+def _restore(work: Batch, saved: Batch) -> None:
+    """Put ``work`` (a deep copy of ``saved``, since decoded in) back to ``saved``'s contents.
+
+    Cache tensors are copied in place where their shapes still match (always, unless the cache grew
+    past its reserve), so their addresses stay put and a compiled decode step (CUDA graphs) is reused
+    across questions; policies' per-request and per-batch scratch is copied afresh."""
+    for lw, ls in zip(work.cache.layers, saved.cache.layers, strict=True):
+        for name, value in vars(ls).items():
+            mine = getattr(lw, name, None)
+            if isinstance(value, torch.Tensor):
+                if isinstance(mine, torch.Tensor) and mine.shape == value.shape and mine.dtype == value.dtype:
+                    mine.copy_(value)
+                else:
+                    setattr(lw, name, value.clone())
+            else:
+                setattr(lw, name, copy.copy(value))
+    work.next_positions.copy_(saved.next_positions)
+    assert work.flags is not None
+    work.flags.zero_()
+    work._scratch = copy.deepcopy(saved._scratch)
+    for sw, ss in zip(work.states, saved.states, strict=True):
+        sw._scratch = copy.deepcopy(ss._scratch)
 
 
 #: ``torch.compile`` backend for ``compile=True`` (``None``: inductor). Tests set ``"eager"`` to check

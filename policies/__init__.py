@@ -3,7 +3,8 @@
 Compose them freely: ``kvpolicy.compose(propagation=TSP(layer=20, rate=0.1), cache=SnapKV(budget=512))``.
 Every propagation policy (``all``, ``tsp``, ``gemfilter``, ``pyramidinfer``) composes with every cache
 policy (``full``, ``snapkv``, ``streamingllm``, ``h2o``, ``pyramidkv``, ``pyramidinfer_squeeze``,
-``ada`` (head-adaptive budgets around a scoring policy), ``expected_attention``, ``tova``, ``cake``).
+``ada`` (head-adaptive budgets around a scoring policy), ``expected_attention``, ``tova``, ``cake``,
+``duoattention``).
 """
 
 from kvpolicy.hookspecs import hookimpl
@@ -16,6 +17,7 @@ from kvpolicy.policies.baseline_presets import (
     StreamingLLMPreset,
 )
 from kvpolicy.policies.cake import CAKE, CAKEPreset
+from kvpolicy.policies.duoattention import DuoAttention, DuoAttentionPreset
 from kvpolicy.policies.expected_attention import ExpectedAttention, ExpectedAttentionPreset
 from kvpolicy.policies.full import AllTokens, FullCache
 from kvpolicy.policies.gemfilter import GemFilter
@@ -46,6 +48,7 @@ def kvpolicy_register_components() -> list[type]:
         ExpectedAttention,
         TOVA,
         CAKE,
+        DuoAttention,
     ]
 
 
@@ -64,6 +67,7 @@ def kvpolicy_register_presets() -> list[type]:
         ExpectedAttentionPreset,
         TOVAPreset,
         CAKEPreset,
+        DuoAttentionPreset,
     ]
 
 
@@ -76,6 +80,8 @@ __all__ = [
     "AdaSnapKVPreset",
     "AllTokens",
     "CAKEPreset",
+    "DuoAttention",
+    "DuoAttentionPreset",
     "ExpectedAttention",
     "ExpectedAttentionPreset",
     "FastKVPreset",

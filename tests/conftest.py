@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -37,6 +39,11 @@ TINY_OPTIONS: dict[str, dict[str, object]] = {
     "expected_attention": {"kv_budget": 20},
     "tova": {"kv_budget": 20},
     "cake": {"kv_budget": 20, "window": 8},
+    "duoattention": {
+        "head_map_file": str(Path(__file__).parent / "data" / "duo_tiny_head_map.json"),
+        "sink": 4,
+        "recent": 16,
+    },
 }
 
 

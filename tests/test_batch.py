@@ -3,6 +3,8 @@ KV entries and per-layer token counts it gets alone (tiny model here; the real m
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY_OPTIONS, tiny_llama
@@ -109,6 +111,7 @@ def test_real_model_batch_of_four_equals_alone(real_model, haystack, preset):
         "fullkv": {},
         "fastkv": {"kv_budget": 128, "tsp_layer": 20, "tsp_rate": 0.3},
         "pyramidinfer": {"kv_budget": 0.5},
+        "duoattention": {"head_map_file": str(Path(__file__).parent / "data" / "duo_smollm2_head_map.json")},
     }
     policy = kvpolicy.get_policy(preset, **_options(preset, real))
     prompts = [needle.build_sample(tokenizer, n, 0.5, haystack).input_ids for n in (700, 300, 1000, 500)]

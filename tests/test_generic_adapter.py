@@ -215,3 +215,21 @@ def test_a_budget_below_the_sliding_window_says_so():
         UserWarning, match=r"budget 12 is below the 16-token sliding window .* layers \[1, 3\]"
     ):
         kvpolicy.prefill(model, ids, kvpolicy.get_policy("snapkv", kv_budget=12))
+
+
+@pytest.mark.parametrize(("model_type", "extra"), [("gemma3_text", SLIDING["gemma3_text"]), ("olmoe", MOE)])
+def test_compiled_decode_through_the_generic_adapter_equals_eager(model_type, extra, monkeypatch):
+    """The decode step compiles whole (``fullgraph``) through the routed attention function, sliding
+    layers rolling past their window included (dynamo capture; inductor is tested in test_engine)."""
+    import kvpolicy.generation as generation
+
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    model = tiny_model(model_type, extra)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    policy = kvpolicy.get_policy("fastkv", kv_budget=12, tsp_layer=1, tsp_rate=0.5)
+    eager = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=16)
+    compiled = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=16, compile=True)
+    torch._dynamo.reset()
+    assert compiled.token_ids == eager.token_ids
+    assert model.config._attn_implementation == "sdpa"

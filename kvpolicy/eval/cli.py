@@ -43,6 +43,11 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
         action="store_true",
         help="completion-style prompt for base models (no chat template; the model continues the answer)",
     )
+    needle.add_argument(
+        "--query-agnostic",
+        action="store_true",
+        help="compress the document without the question, then answer from that cache (kvpress's protocol)",
+    )
     model_args(needle)
 
     ruler = _bench_parser(esub, "ruler", "RULER synthetic tasks, generated on the fly (seeded)")
@@ -137,7 +142,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     for opt in ("lengths", "depths", "samples", "tasks", "seed", "haystack_dir", "data_dir", "max_length"):
         if hasattr(args, opt):
             extra[opt] = getattr(args, opt)
-    for flag in ("longbench_e", "strict", "completion"):
+    for flag in ("longbench_e", "strict", "completion", "query_agnostic"):
         if getattr(args, flag, False):
             extra[flag] = True
     if getattr(args, "max_prompt_tokens", None) is not None:

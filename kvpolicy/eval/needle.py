@@ -75,6 +75,8 @@ class NeedleSample:
     input_ids: list[int]
     depth: float
     target_tokens: int
+    #: query-agnostic split (``build_sample(split=True)``): ``input_ids`` is then the context alone
+    question_ids: list[int] | None = None
 
 
 def build_sample(
@@ -84,12 +86,17 @@ def build_sample(
     haystack: str,
     chat: bool | None = None,
     completion: bool = False,
+    split: bool = False,
 ) -> NeedleSample:
     """A prompt of about ``target_tokens`` tokens (chat template included) with the needle at ``depth``.
 
     ``completion``: the base-model form (no chat template; the prompt ends with the answer's first
-    words, :data:`ANSWER_PREFIX`, for the model to continue)."""
-    from kvpolicy.generation import encode_prompt
+    words, :data:`ANSWER_PREFIX`, for the model to continue).
+
+    ``split``: the query-agnostic form, ``input_ids`` the context (document) and ``question_ids`` the
+    question, split where both templates join them (``QUESTION_SEPARATOR``, by
+    :func:`~kvpolicy.generation.encode_context_questions`)."""
+    from kvpolicy.generation import QUESTION_SEPARATOR, encode_context_questions, encode_prompt
 
     template = _COMPLETION if completion else _TEMPLATE
     chat = False if completion else chat
@@ -104,6 +111,11 @@ def build_sample(
         raise ValueError(f"target length {target_tokens} exceeds the haystack ({len(hay_ids)} tokens)")
     context = tokenizer.decode(hay_ids[:budget], skip_special_tokens=True)
     prompt = template.format(context=insert_needle(context, NEEDLE, depth), question=QUESTION)
+    if split:
+        head, sep, question = prompt.rpartition(QUESTION_SEPARATOR)
+        assert sep, "the needle templates join document and question with QUESTION_SEPARATOR"
+        ctx_ids, q_ids = encode_context_questions(tokenizer, head, [question], chat)
+        return NeedleSample(prompt, ctx_ids, depth, target_tokens, q_ids[0])
     return NeedleSample(prompt, encode_prompt(tokenizer, prompt, chat), depth, target_tokens)
 
 

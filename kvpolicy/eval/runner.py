@@ -154,7 +154,7 @@ def _record(item: Item, built: Any, out: Any, scores: dict[str, Any], n_layers: 
     return {
         "id": item.id,
         **item.meta,
-        "prompt_tokens": len(built.input_ids),
+        "prompt_tokens": len(built.input_ids) + len(built.question_ids or []),
         **extra,
         "prediction": out.text,
         "reference": built.reference,
@@ -198,6 +198,7 @@ def run_eval(
     data_dir: str | Path | None = None,
     longbench_e: bool = False,
     completion: bool = False,
+    query_agnostic: bool = False,
     max_length: int | None = None,
     max_prompt_tokens: int | None = None,
     max_new_tokens: int | None = None,
@@ -212,7 +213,9 @@ def run_eval(
     (with ``policy_options``), a :class:`~kvpolicy.Policy`, a ``to_dict()`` form, or use
     ``policy_config`` (a JSON file). The run goes to ``out/<benchmark>/<label>-<key>/``; an unfinished
     run with the same configuration resumes, a finished one is skipped unless ``force``. Benchmark
-    options: ``lengths``, ``depths``, ``samples``, ``haystack_dir``, ``completion`` (needle: a completion-style prompt for base models); ``lengths``, ``tasks``,
+    options: ``lengths``, ``depths``, ``samples``, ``haystack_dir``, ``completion`` (needle: a completion-style prompt for base models), ``query_agnostic`` (needle:
+    the document is compressed without the question, then the question is answered from that cache:
+    ``generate(context_ids=..., question_ids=...)``); ``lengths``, ``tasks``,
     ``samples``, ``seed`` (RULER); ``data_dir``, ``tasks``, ``samples``, ``longbench_e``,
     ``max_length``, ``max_prompt_tokens``, ``strict`` (LongBench); ``max_new_tokens`` caps any.
     ``shard="i/n"`` runs every n-th sample from i in a folder of its own (:mod:`kvpolicy.eval.shard`);
@@ -244,6 +247,7 @@ def run_eval(
         data_dir=data_dir,
         longbench_e=longbench_e,
         completion=completion,
+        query_agnostic=query_agnostic,
         max_length=max_length,
         max_prompt_tokens=max_prompt_tokens,
         max_new_tokens=max_new_tokens,
@@ -404,14 +408,29 @@ def _run_items(
             progress.update(bar, description=f"{task.benchmark} {label}: {group[0][0].id}")
             new_tokens = group[0][1].max_new_tokens
             ids = [b.input_ids for _, b in group]
-            outs = generate(
-                model,
-                tokenizer,
-                input_ids=ids if len(ids) > 1 else ids[0],
-                policy=policy,
-                max_new_tokens=new_tokens,
-                compile=compile,
-            )
+            if group[0][1].question_ids is not None:  # query-agnostic: one context, its question
+                outs = [
+                    generate(
+                        model,
+                        tokenizer,
+                        context_ids=b.input_ids,
+                        question_ids=[b.question_ids],
+                        policy=policy,
+                        max_new_tokens=new_tokens,
+                        compile=compile,
+                    )[0]
+                    for _, b in group
+                ]
+                outs = outs if len(ids) > 1 else outs[0]
+            else:
+                outs = generate(
+                    model,
+                    tokenizer,
+                    input_ids=ids if len(ids) > 1 else ids[0],
+                    policy=policy,
+                    max_new_tokens=new_tokens,
+                    compile=compile,
+                )
             for (item, b), out in zip(group, outs if len(ids) > 1 else [outs], strict=True):
                 record = _record(item, b, out, task.score(item, b, out.text), n_layers)
                 store.append(record)

@@ -35,6 +35,8 @@ class Built:
     reference: Any
     max_new_tokens: int
     extra: dict[str, Any] = field(default_factory=dict)
+    #: query-agnostic: ``input_ids`` is the context, compressed without these question ids
+    question_ids: list[int] | None = None
 
 
 def fingerprint(paths: Sequence[Path]) -> str:
@@ -97,9 +99,11 @@ class NeedleTask(Task):
         haystack_dir: str | Path | None = None,
         max_new_tokens: int | None = None,
         completion: bool = False,
+        query_agnostic: bool = False,
     ) -> None:
         self.lengths = _positive("lengths", lengths)
         self.completion = completion  # base models: completion-style prompt (needle.build_sample)
+        self.query_agnostic = query_agnostic  # compress the document without the question
         if depths < 1 or samples < 1:
             raise ValueError(f"--depths and --samples must be >= 1, got {depths} and {samples}")
         self.n_depths, self.samples = depths, samples
@@ -125,6 +129,7 @@ class NeedleTask(Task):
             "needle": needle.NEEDLE,
             "question": needle.QUESTION,
             **({"prompt_style": "completion"} if self.completion else {}),
+            **({"query_agnostic": True} if self.query_agnostic else {}),
             "haystack": {"files": len(self.files), "sha256": fingerprint(self.files)},
         }
 
@@ -155,8 +160,9 @@ class NeedleTask(Task):
             item.meta["depth"],
             self.haystack(item.meta["sample"]),
             completion=self.completion,
+            split=self.query_agnostic,
         )
-        return Built(sample.input_ids, needle.NEEDLE, self.max_new_tokens)
+        return Built(sample.input_ids, needle.NEEDLE, self.max_new_tokens, question_ids=sample.question_ids)
 
     def score(self, item: Item, built: Built, prediction: str) -> dict[str, Any]:
         # completion style: the needle's first words end the prompt, so recall counts the rest only
@@ -414,7 +420,15 @@ class LongBenchTask(Task):
 def make_task(benchmark: str, **options: Any) -> Task:
     """The task object for ``benchmark`` with its options (unused ones must be None)."""
     accepted = {
-        "needle": ("lengths", "depths", "samples", "haystack_dir", "max_new_tokens", "completion"),
+        "needle": (
+            "lengths",
+            "depths",
+            "samples",
+            "haystack_dir",
+            "max_new_tokens",
+            "completion",
+            "query_agnostic",
+        ),
         "ruler": ("lengths", "tasks", "samples", "seed", "haystack_dir", "max_new_tokens"),
         "longbench": (
             "data_dir",
