@@ -18,20 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import kvpolicy
 from kvpolicy.adapters.generic import GenericAdapter
+from kvpolicy.coverage import MOE, TINY
 from kvpolicy.registry import RegistryError
-
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 128,
-    "max_position_embeddings": 256,
-    "pad_token_id": 0,
-}
-MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_local_experts": 4}
 
 #: model_type -> extra config settings, for the families the generic adapter drives.
 FAMILIES: dict[str, dict] = {
