@@ -339,10 +339,11 @@ class GenericAdapter(DecoderAdapter):
         if budget is None or budget >= min(window - 1, prompt_len):
             return
         full = [i for i, w in enumerate(self.windows) if w is None]
+        applies = f"the budget applies to the full-attention layers {full}" if full else "every layer slides"
         warnings.warn(
             f"{type(policy.cache).__name__} budget {budget} is below the {window}-token sliding window of "
             f"{type(self.model).__name__}'s sliding layers: they keep their last {window - 1} entries (the "
-            f"model attends to all of them); the budget applies to the full-attention layers {full}",
+            f"model attends to all of them); {applies}",
             stacklevel=2,
         )
 

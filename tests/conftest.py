@@ -47,6 +47,16 @@ TINY_OPTIONS: dict[str, dict[str, object]] = {
 }
 
 
+def tiny_policy(name: str, options: dict[str, object]):
+    """The policy a test-table key names: a preset itself (``ada-snapkv``), or a preset with a
+    ``-variant`` suffix (``h2o-evicting``), built with the table's options."""
+    import kvpolicy
+    from kvpolicy.registry import get_registry
+
+    base = name if name in get_registry().presets else name.rsplit("-", 1)[0]
+    return kvpolicy.get_policy(base, **options)
+
+
 def tiny_llama_for(tokenizer, max_positions: int = 2048) -> LlamaForCausalLM:
     """A tiny random Llama whose vocabulary fits ``tokenizer`` (for tests that need real text)."""
     torch.manual_seed(0)

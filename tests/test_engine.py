@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_OPTIONS, tiny_llama
+from conftest import TINY_OPTIONS, tiny_llama, tiny_policy
 from torch.overrides import TorchFunctionMode
 
 import kvpolicy
@@ -38,7 +38,7 @@ DECODE_PRESETS = {
 @pytest.mark.parametrize("name", list(DECODE_PRESETS))
 def test_decode_step_never_syncs_with_the_host(tiny_model, prompt_ids, name):
     options = DECODE_PRESETS[name]
-    policy = kvpolicy.get_policy(name.split("-")[0], **options)
+    policy = tiny_policy(name, options)
     pre = kvpolicy.prefill(tiny_model, prompt_ids, policy, reserve=40)
     adapter = kvpolicy.get_adapter(tiny_model)
     token = pre.next_token
@@ -278,7 +278,7 @@ def test_compiled_decode_equals_eager_and_stops_recompiling(dynamo_eager, name):
 
     model = tiny_llama()  # a fresh adapter: its compiled step starts empty
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
-    policy = kvpolicy.get_policy(name.split("-")[0], **DECODE_PRESETS[name])
+    policy = tiny_policy(name, DECODE_PRESETS[name])
     eager = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=40)
     compiled = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=40, compile=True)
     assert compiled.token_ids == eager.token_ids
@@ -412,7 +412,7 @@ def test_compiled_decode_equals_eager_on_the_embedded_model(dynamo_eager, real_m
     """Graph capture of the real model's 30-layer decode step (fullgraph, no breaks) for each distinct
     decode path: greedy tokens equal eager (dynamo's capture, eager kernels: minutes less than inductor)."""
     model, _ = real_model
-    policy = kvpolicy.get_policy(name.split("-")[0], **EMBEDDED_COMPILE[name])
+    policy = tiny_policy(name, EMBEDDED_COMPILE[name])
     eager = kvpolicy.generate(model, None, input_ids=embedded_prompt, policy=policy, max_new_tokens=12)
     compiled = kvpolicy.generate(
         model, None, input_ids=embedded_prompt, policy=policy, max_new_tokens=12, compile=True

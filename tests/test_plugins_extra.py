@@ -247,7 +247,8 @@ def test_list_json_reports_problems_and_keeps_stdout_clean(site, capsys):
         warnings.simplefilter("ignore", PluginWarning)
         assert main(["list", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"entries", "problems"}
+    assert set(data) == {"entries", "problems", "architectures"}
+    assert "llama" in data["architectures"]["covered"]
     rows = {(e["category"], e["name"]): e for e in data["entries"]}
     assert rows[("cache", "xfirst")]["provider"] == "xplug-good 2.0"
     assert rows[("cache", "xfirst")]["description"] == "Keeps the first `budget` entries."

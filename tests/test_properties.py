@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_OPTIONS
+from conftest import TINY_OPTIONS, tiny_policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +57,7 @@ BATCH_PRESETS = {
     new_tokens=NEW_TOKENS,
 )
 def test_batch_equals_each_prompt_alone(tiny_model, lengths, preset, seed, new_tokens):
-    policy = kvpolicy.get_policy(preset.split("-")[0], **BATCH_PRESETS[preset])
+    policy = tiny_policy(preset, BATCH_PRESETS[preset])
     prompts = [prompt(n, seed + i) for i, n in enumerate(lengths)]
     alone = [generate(tiny_model, p, policy, new_tokens) for p in prompts]
     batch = generate(tiny_model, prompts, policy, new_tokens)
