@@ -153,7 +153,8 @@ def query_statistics(
         query: ``(B, H, W, d)``.
         mask: ``(B, W)`` bool, which tokens count (default all); rows with none give zeros.
         use_covariance: ``False`` skips the covariance (returned as ``None``).
-        positions, inv_freq: ``(B, W)`` and ``(d/2,)``: undo RoPE first (:func:`unrotate`).
+        positions: ``(B, W)`` query positions, needed with ``inv_freq``.
+        inv_freq: ``(d/2,)``: undo RoPE first (:func:`unrotate`).
 
     Returns:
         ``μ (B, H, d)`` and ``Σ (B, H, d, d)`` (or ``None``), float32.
@@ -225,7 +226,8 @@ def expected_attention_scores(
         inv_freq: ``(d/2,)`` plain-RoPE inverse frequencies (:func:`rope_inverse_frequencies`), or
             ``None`` for post-RoPE statistics.
         query_positions: ``(B, W)`` positions of the queries (needed with ``inv_freq``).
-        future_start, n_future_positions: the future positions the rotation is averaged over.
+        future_start: the first future position the rotation is averaged over.
+        n_future_positions: how many future positions it is averaged over.
         use_covariance: include the ``kᵀΣk`` term.
         use_vnorm: rescale by the value norms.
         epsilon: added to the probabilities before the value-norm rescaling.

@@ -26,6 +26,7 @@ from kvpolicy.policies import (
     TSP,
     AdaKV,
     AllTokens,
+    DuoAttention,
     ExpectedAttention,
     FullCache,
     GemFilter,
@@ -674,6 +675,8 @@ NEW_CACHES = {
     "expected_attention": ExpectedAttention(budget=24),
     "tova": TOVA(budget=24),
     "cake": CAKE(budget=24, window=8),
+    # one retrieval head per layer (keeps all), one streaming head (4 sinks + 20 recent)
+    "duoattention": DuoAttention(head_map=[[1.0, 0.0]] * 4, sink=4, recent=20),
 }
 
 
@@ -692,5 +695,7 @@ def test_every_propagation_composes_with_the_newer_caches(tiny_model, prompt_ids
     kv = out.stats.kv_tokens_per_layer  # after prefill, mean over KV heads
     if cache == "cake":  # CAKE moves budget between layers: the total holds
         assert sum(kv) <= 24 * len(kv)
+    elif cache == "duoattention":  # the retrieval head keeps what the layer saw, the streaming head 24
+        assert kv == [(t + min(t, 24)) / 2 for t in tokens]
     else:  # per layer, on average over its KV heads (AdaKV moves entries between heads)
         assert all(k <= min(t, 24) for k, t in zip(kv, tokens, strict=True))
