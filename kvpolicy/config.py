@@ -11,11 +11,22 @@ from collections.abc import Callable
 from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 #: A KV or token budget: an ``int`` is a token count (>= 1), a ``float`` a fraction of the prompt
 #: length in (0, 1]. Strict types keep ``1`` (one token) and ``1.0`` (the whole prompt) apart.
 Budget = Annotated[StrictInt, Field(ge=1)] | Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
+
+
+def _odd_kernel(kernel: int) -> int:
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel must be odd to keep the pooled axis length, got {kernel}")
+    return kernel
+
+
+#: A pooling kernel along the token or key axis: odd, so that same-padding pooling keeps the axis's
+#: length (the reference pads ``kernel // 2`` each side).
+OddKernel = Annotated[int, Field(ge=1), AfterValidator(_odd_kernel)]
 
 
 def resolve_budget(budget: int | float, prompt_len: int, floor: int = 0) -> int:

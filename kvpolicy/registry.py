@@ -225,7 +225,7 @@ def _explain(label: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown setting {loc!r}")
         elif loc:
-            parts.append(f"{loc}={err.get('input')!r}: {err['msg']}")
+            parts.append(f"{loc}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
         else:
             parts.append(err["msg"].removeprefix("Value error, "))
     unique = list(dict.fromkeys(parts))

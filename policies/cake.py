@@ -65,7 +65,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field, model_validator
 
-from kvpolicy.config import Budget, resolve_budget
+from kvpolicy.config import Budget, OddKernel, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView, Policy
 from kvpolicy.policies.full import AllTokens
 from kvpolicy.policies.snapkv import budget_floor, check_window_fits
@@ -202,15 +202,13 @@ class CAKE(CachePolicy):
 
     budget: Budget = 0.1
     window: int = Field(32, ge=2)
-    kernel: int = Field(5, ge=1)
+    kernel: OddKernel = 5
     tau1: float = Field(1.0, gt=0.0)
     tau2: float = Field(1.0, gt=0.0)
     gamma: float = Field(200.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> CAKE:
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd to keep the key axis length, got {self.kernel}")
         check_window_fits(self.budget, self.window)
         return self
 

@@ -63,7 +63,7 @@ import math
 import torch
 from pydantic import Field, model_validator
 
-from kvpolicy.config import Budget, resolve_budget
+from kvpolicy.config import Budget, Settings, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView, Policy
 from kvpolicy.policies.full import AllTokens
 from kvpolicy.presets import Preset
@@ -269,7 +269,20 @@ def expected_attention_scores(
     return scores
 
 
-class ExpectedAttention(CachePolicy):
+class ExpectedAttentionSettings(Settings):
+    """The scoring settings :class:`ExpectedAttention` and its preset share (one declaration, one set
+    of defaults); see :class:`ExpectedAttention` for what each means."""
+
+    n_future_positions: int = Field(512, ge=1)
+    n_sink: int = Field(4, ge=0)
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    stats_window: int | None = Field(None, ge=1)
+    rope_theta: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+
+
+class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
     """Keep each layer's entries with the highest expected attention from future queries, per KV head.
 
     Attributes:
@@ -293,13 +306,6 @@ class ExpectedAttention(CachePolicy):
     kind = "expected_attention"
 
     budget: Budget = 0.1
-    n_future_positions: int = Field(512, ge=1)
-    n_sink: int = Field(4, ge=0)
-    use_covariance: bool = True
-    use_vnorm: bool = True
-    epsilon: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    stats_window: int | None = Field(None, ge=1)
-    rope_theta: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> ExpectedAttention:
@@ -360,7 +366,7 @@ class ExpectedAttention(CachePolicy):
         return self.key_scores(view, state).topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
-class ExpectedAttentionPreset(Preset):
+class ExpectedAttentionPreset(ExpectedAttentionSettings, Preset):
     """Expected Attention: query-agnostic cache compression at every layer, full prefill.
 
     Fields mirror :class:`ExpectedAttention` (``kv_budget`` is its ``budget``).
@@ -370,25 +376,10 @@ class ExpectedAttentionPreset(Preset):
     description = "Expected Attention: keys future queries are expected to attend (Devoto et al. 2025)"
 
     kv_budget: Budget = 0.1
-    n_future_positions: int = Field(512, ge=1)
-    n_sink: int = Field(4, ge=0)
-    use_covariance: bool = True
-    use_vnorm: bool = True
-    epsilon: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    stats_window: int | None = Field(None, ge=1)
-    rope_theta: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
     def cache(self) -> ExpectedAttention:
-        return ExpectedAttention(
-            budget=self.kv_budget,
-            n_future_positions=self.n_future_positions,
-            n_sink=self.n_sink,
-            use_covariance=self.use_covariance,
-            use_vnorm=self.use_vnorm,
-            epsilon=self.epsilon,
-            stats_window=self.stats_window,
-            rope_theta=self.rope_theta,
-        )
+        shared = self.model_dump(include=set(ExpectedAttentionSettings.model_fields))
+        return ExpectedAttention(budget=self.kv_budget, **shared)
 
     def build(self) -> Policy:
         return Policy(AllTokens(), self.cache())

@@ -28,9 +28,9 @@ import math
 from itertools import pairwise
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from kvpolicy.config import Budget, resolve_budget
+from kvpolicy.config import Budget, OddKernel, resolve_budget
 from kvpolicy.interfaces import LayerView, PropagationDecision, PropagationPolicy, Restart
 from kvpolicy.scoring import pool_scores
 from kvpolicy.state import RequestState
@@ -105,13 +105,7 @@ class GemFilter(PropagationPolicy):
 
     keep: Budget = 0.1
     layer: int | None = Field(None, ge=0)
-    kernel: int = Field(5, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> GemFilter:
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd to keep the token axis length, got {self.kernel}")
-        return self
+    kernel: OddKernel = 5
 
     def resolved_layer(self, num_layers: int) -> int:
         return default_filter_layer(num_layers) if self.layer is None else self.layer

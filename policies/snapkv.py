@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from kvpolicy.config import Budget, resolve_budget
+from kvpolicy.config import Budget, OddKernel, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView
 from kvpolicy.scoring import keep_top_and_window, snapkv_scores
 from kvpolicy.state import RequestState
@@ -88,13 +88,11 @@ class SnapKV(CachePolicy):
 
     budget: Budget = 0.1
     window: int = Field(8, ge=1)
-    kernel: int = Field(7, ge=1)
+    kernel: OddKernel = 7
     pooling: Literal["max", "avg"] = "max"
 
     @model_validator(mode="after")
     def _check(self) -> SnapKV:
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd to keep the key axis length, got {self.kernel}")
         check_window_fits(self.budget, self.window)
         return self
 

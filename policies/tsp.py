@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kvpolicy.config import Budget, resolve_budget
+from kvpolicy.config import Budget, OddKernel, resolve_budget
 from kvpolicy.interfaces import LayerView, Propagate, PropagationDecision, PropagationPolicy
 from kvpolicy.policies.snapkv import budget_floor
 from kvpolicy.scoring import keep_top_and_window, snapkv_scores
@@ -59,13 +59,11 @@ class TSP(PropagationPolicy):
     length: int | None = Field(None, ge=1)
     min_keep: Budget | None = None
     window: int = Field(8, ge=1)
-    kernel: int = Field(7, ge=1)
+    kernel: OddKernel = 7
     pooling: Literal["max", "avg"] = "max"
 
     @model_validator(mode="after")
     def _check(self) -> TSP:
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd to keep the key axis length, got {self.kernel}")
         if self.length is not None and self.length < self.window:
             raise ValueError(f"window ({self.window}) is larger than the TSP length ({self.length})")
         return self
