@@ -92,6 +92,27 @@ def prompt_ids() -> torch.Tensor:
     return torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    """A tiny model of the module's own: modules that compile its decode step or hook it stay apart."""
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    """The 100-token prompt ``prompt_ids`` is, for modules that take ``model``."""
+    return torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: on a tiny model more threads only add overhead (and timing noise)."""
+    from kvpolicy.testing import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def real_model():
     import kvpolicy

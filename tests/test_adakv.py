@@ -13,7 +13,6 @@ pytest.register_assert_rewrite("kvpolicy.testing")  # before importing it: detai
 pytest_plugins = ["kvpolicy.testing"]
 
 import torch  # noqa: E402
-from conftest import tiny_llama  # noqa: E402
 from test_engine import NoHostSync  # noqa: E402
 from test_scoring import assert_valid_top, naive_window_scores  # noqa: E402
 
@@ -27,16 +26,6 @@ from kvpolicy.testing import CachePolicyConformance, ConformanceCase  # noqa: E4
 
 BUDGET = 24
 WINDOW = 8
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
 
 
 def ada(budget: int | float = BUDGET, floor: float = 0.2, **snapkv: object) -> AdaKV:

@@ -29,11 +29,6 @@ def _prompts(lengths=(90, 40, 120, 7)) -> list[list[int]]:
     return [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
 @pytest.mark.parametrize("preset", _presets())
 def test_batch_equals_each_prompt_alone(model, preset):
     policy = kvpolicy.get_policy(preset, **_options(preset, TINY))

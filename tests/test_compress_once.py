@@ -13,11 +13,6 @@ N = 12
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
 def ids():
     gen = torch.Generator().manual_seed(3)
     context = torch.randint(0, 128, (70,), generator=gen).tolist()

@@ -12,6 +12,7 @@ import pytest
 
 pytest.register_assert_rewrite("kvpolicy.testing")  # before importing it: detailed assertion messages
 pytest_plugins = ["kvpolicy.testing"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 import json  # noqa: E402
 
@@ -34,7 +35,6 @@ from kvpolicy.testing import (  # noqa: E402
     ByteTokenizer,
     CachePolicyConformance,
     ConformanceCase,
-    one_thread,
     tiny_llama,
 )
 
@@ -44,22 +44,6 @@ LAYERS, KV_HEADS = 4, 2
 ONES = [[1.0] * KV_HEADS for _ in range(LAYERS)]
 ZEROS = [[0.0] * KV_HEADS for _ in range(LAYERS)]
 MIXED = [[1.0, 0.0], [0.0, 0.9], [0.6, 0.4], [0.0, 0.0]]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def duo(head_map=MIXED, **settings) -> DuoAttention:

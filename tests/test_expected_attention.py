@@ -16,6 +16,7 @@ import torch
 
 pytest.register_assert_rewrite("kvpolicy.testing")  # before importing it: detailed assertion messages
 pytest_plugins = ["kvpolicy.testing"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 import kvpolicy  # noqa: E402
 from kvpolicy.interfaces import CachePolicy, LayerView, ScoresKeys  # noqa: E402
@@ -29,23 +30,7 @@ from kvpolicy.policies.expected_attention import (  # noqa: E402
 )
 from kvpolicy.registry import PolicyConfigError, component_from_dict  # noqa: E402
 from kvpolicy.state import RequestState  # noqa: E402
-from kvpolicy.testing import CachePolicyConformance, ConformanceCase, one_thread, tiny_llama  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+from kvpolicy.testing import CachePolicyConformance, ConformanceCase  # noqa: E402
 
 
 def make_view(t=40, h_q=6, h_kv=2, d=8, prompt_len=None, positions=None, seed=0, dtype=torch.float32):

@@ -31,6 +31,7 @@ from kvpolicy.state import RequestState
 
 pytest.register_assert_rewrite("kvpolicy.testing")  # before importing it: detailed assertion messages
 pytest_plugins = ["kvpolicy.testing"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 from kvpolicy.testing import (  # noqa: E402
     BUDGETS,
@@ -39,14 +40,7 @@ from kvpolicy.testing import (  # noqa: E402
     _check_layer,
     _num_layers,
     _tokens,
-    one_thread,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():  # a tiny model: intra-op threads only add overhead on a shared machine
-        yield
 
 
 def make_view(t=40, layer=0, num_layers=4, seed=0, prompt_len=None, heads=(6, 2), d=8) -> LayerView:
@@ -196,16 +190,6 @@ def test_tova_may_evict_the_newest_entry_as_the_official_reduce_does():
 
 
 # == TOVA: on the tiny model ========================================================================
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
-
-
 @pytest.mark.parametrize(("budget", "kept"), [(24, 24), (0.5, 50), (0.1, 16), (100, 100), (300, 100)])
 def test_tova_prefill_holds_the_budget_on_every_head(model, ids, budget, kept):
     pre = kvpolicy.prefill(model, ids, kvpolicy.compose(cache=TOVA(budget=budget)))
