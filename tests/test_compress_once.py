@@ -232,3 +232,41 @@ def test_compiled_answers_equal_eager(ids, monkeypatch):
         assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
     finally:
         torch._dynamo.reset()
+
+
+def test_eval_ruler_query_agnostic(tmp_path):
+    """RULER's query-agnostic form: the task's context (instructions and haystack) is compressed
+    alone; its question (the template's last line) and the answer prefix follow, a blank line apart
+    (``QUESTION_SEPARATOR``). With full KV the run answers exactly as the joined ids would."""
+    import json
+
+    from kvpolicy.eval import ruler, run_eval
+    from kvpolicy.generation import QUESTION_SEPARATOR
+
+    model, tok = tiny_llama(vocab=256), ByteTokenizer()
+    sample = ruler.generate_sample("niah_single_1", tok, 600, 0, seed=42)
+    context_ids, question_ids = ruler.split_sample(sample, tok)
+    head, _, question = sample.prompt.rpartition("\n")
+    assert question.startswith("What is the special magic number for") and question.endswith("?")
+    assert tok.decode(context_ids) == head + QUESTION_SEPARATOR
+    assert tok.decode(question_ids) == question + sample.answer_prefix
+    result = run_eval(
+        "ruler",
+        model,
+        tok,
+        policy="fullkv",
+        lengths=[600],
+        tasks=["niah_single_1"],
+        samples=1,
+        max_new_tokens=3,
+        query_agnostic=True,
+        out=tmp_path / "runs",
+        quiet=True,
+    )
+    assert result.status == "complete" and result.ran == 1
+    meta = json.loads((result.run_dir / "run.json").read_text())
+    assert meta["config"]["settings"]["query_agnostic"] is True
+    (record,) = [json.loads(x) for x in (result.run_dir / "records.jsonl").read_text().splitlines()]
+    assert record["prompt_tokens"] == len(context_ids) + len(question_ids)
+    joined = kvpolicy.generate(model, tok, input_ids=context_ids + question_ids, max_new_tokens=3)
+    assert record["prediction"] == joined.text

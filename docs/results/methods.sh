@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the "newer methods" section of docs/results.md (issue 14) on the embedded SmolLM2-135M:
 # needle-in-a-haystack at 2K tokens (5 depths) and the RULER tasks the model solves at 2K (1 sample
-# each), query-aware (the question in the prompt, last: FastKV's protocol) and query-agnostic (needle:
+# each), query-aware (the question in the prompt, last: FastKV's protocol) and query-agnostic (the
 # context compressed before the question is seen, kvpress's protocol); every method at compression
 # 25 / 50 / 75 % (kv budget 0.75 / 0.5 / 0.25 of the prompt), with
 # FastKV's TSP (layer 23, calibrated; rate 0.2) in front of AdaKV and ExpectedAttention as extra rows,
@@ -16,7 +16,7 @@ KV=${KV:-.venv/bin/kvpolicy}
 OUT=${OUT:-results/eval-methods}
 BUDGETS=${BUDGETS:-"0.75 0.5 0.25"}
 RULER_BUDGETS=${RULER_BUDGETS:-$BUDGETS}
-# The query-agnostic needle at 50 % compression only: each row costs about a minute on 2 cores
+# Query-agnostic needle and RULER at 50 % compression only: each row costs about a minute on 2 cores
 # (set AGNOSTIC_BUDGETS="$BUDGETS" for the whole grid).
 AGNOSTIC_BUDGETS=${AGNOSTIC_BUDGETS:-0.5}
 RULER_TASKS=${RULER_TASKS:-"niah_single_1 niah_single_2 niah_multikey_1 niah_multivalue niah_multiquery"}
@@ -60,11 +60,16 @@ needle() { run "$BUDGETS" "$OUT" needle --lengths 2048 --depths 5; }
 # shellcheck disable=SC2086
 ruler() { run "$RULER_BUDGETS" "$OUT" ruler --tasks $RULER_TASKS --lengths 2048 --samples 1; }
 # Query-agnostic: the haystack is prefilled and compressed without the question, which comes after.
-agnostic() { run "$AGNOSTIC_BUDGETS" "$OUT-agnostic" needle --query-agnostic --lengths 2048 --depths 5; }
+agnostic() {
+  run "$AGNOSTIC_BUDGETS" "$OUT-agnostic" needle --query-agnostic --lengths 2048 --depths 5
+  # shellcheck disable=SC2086
+  run "$AGNOSTIC_BUDGETS" "$OUT-agnostic" ruler --query-agnostic --tasks $RULER_TASKS --lengths 2048 --samples 1
+}
 compare() {
   $KV eval compare "$OUT"/needle/* --out docs/results/methods/needle
   $KV eval compare "$OUT"/ruler/* --out docs/results/methods/ruler
   $KV eval compare "$OUT-agnostic"/needle/* --out docs/results/methods/agnostic
+  $KV eval compare "$OUT-agnostic"/ruler/* --out docs/results/methods/agnostic-ruler
 }
 
 case ${1:-all} in

@@ -58,6 +58,11 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     ruler.add_argument(
         "--haystack-dir", type=Path, help="essay haystack folder (default: Paul Graham essays)"
     )
+    ruler.add_argument(
+        "--query-agnostic",
+        action="store_true",
+        help="compress each task's context without its question, then answer from that cache (kvpress's protocol)",
+    )
     model_args(ruler)
 
     lb = _bench_parser(esub, "longbench", "LongBench v1 English tasks from the official jsonl files")

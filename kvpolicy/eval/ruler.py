@@ -350,6 +350,33 @@ def _fwe_maker(spec: dict[str, Any], seed: str, length: int) -> Callable[[int], 
 
 
 # -- fitting to a token length --------------------------------------------------------------------
+def split_sample(
+    sample: RulerSample, tokenizer: Any, chat: bool | None = None
+) -> tuple[list[int], list[int]]:
+    """The query-agnostic form of ``sample`` (kvpress's protocol): the context's token ids (the task's
+    instructions and haystack) and the question's (the template's last line, then the answer prefix).
+
+    Every RULER template puts its question on the line after the haystack; here the two parts are
+    joined by :data:`~kvpolicy.generation.QUESTION_SEPARATOR` (a blank line) and tokenized apart, as
+    :func:`~kvpolicy.generation.encode_context_questions` does, so the pair is a token or two longer
+    than ``sample.input_ids``."""
+    from kvpolicy.generation import encode_context_questions
+
+    head, sep, question = sample.prompt.rpartition("\n")
+    if not sep:
+        raise ValueError(f"RULER {sample.task} prompt has no question line to split off")
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if not use_chat:
+        context_ids, asked = encode_context_questions(
+            tokenizer, head, [question + sample.answer_prefix], False
+        )
+        return context_ids, asked[0]
+    context_ids, asked = encode_context_questions(tokenizer, head, [question], True)
+    # The answer prefix opens the assistant turn, as in the query-aware prompt (_encode).
+    prefix = tokenizer(sample.answer_prefix.lstrip(" "), add_special_tokens=False)["input_ids"]
+    return context_ids, asked[0] + list(prefix)
+
+
 def _encode(tokenizer: Any, text: str, prefix: str, chat: bool | None) -> list[int]:
     from kvpolicy.generation import encode_prompt
 

@@ -213,9 +213,9 @@ def run_eval(
     (with ``policy_options``), a :class:`~kvpolicy.Policy`, a ``to_dict()`` form, or use
     ``policy_config`` (a JSON file). The run goes to ``out/<benchmark>/<label>-<key>/``; an unfinished
     run with the same configuration resumes, a finished one is skipped unless ``force``. Benchmark
-    options: ``lengths``, ``depths``, ``samples``, ``haystack_dir``, ``completion`` (needle: a completion-style prompt for base models), ``query_agnostic`` (needle:
-    the document is compressed without the question, then the question is answered from that cache:
-    ``generate(context_ids=..., question_ids=...)``); ``lengths``, ``tasks``,
+    options: ``lengths``, ``depths``, ``samples``, ``haystack_dir``, ``completion`` (needle: a completion-style prompt for base models), ``query_agnostic`` (needle and
+    RULER: the document is compressed without the question, then the question is answered from that
+    cache: ``generate(context_ids=..., question_ids=...)``); ``lengths``, ``tasks``,
     ``samples``, ``seed`` (RULER); ``data_dir``, ``tasks``, ``samples``, ``longbench_e``,
     ``max_length``, ``max_prompt_tokens``, ``strict`` (LongBench); ``max_new_tokens`` caps any.
     ``shard="i/n"`` runs every n-th sample from i in a folder of its own (:mod:`kvpolicy.eval.shard`);

@@ -187,8 +187,10 @@ class RulerTask(Task):
         seed: int = 42,
         haystack_dir: str | Path | None = None,
         max_new_tokens: int | None = None,
+        query_agnostic: bool = False,
     ) -> None:
         self.lengths = _positive("lengths", lengths)
+        self.query_agnostic = query_agnostic  # compress the task's context without its question
         self.tasks = list(tasks) if tasks else list(ruler.TASKS)
         unknown = [t for t in self.tasks if t not in ruler.TASKS]
         if unknown:
@@ -230,6 +232,7 @@ class RulerTask(Task):
             "seed": self.seed,
             "max_new_tokens": {t: self.new_tokens(t) for t in self.tasks},
             "haystack": {"files": len(self.files), "sha256": fingerprint(self.files)} if self.files else None,
+            **({"query_agnostic": True} if self.query_agnostic else {}),
         }
 
     def items(self) -> list[Item]:
@@ -246,6 +249,9 @@ class RulerTask(Task):
     def build(self, item: Item, tokenizer: Any) -> Built:
         m = item.meta
         sample = self._sample(m["task"], m["length"], m["index"], tokenizer)
+        if self.query_agnostic:
+            context_ids, question_ids = ruler.split_sample(sample, tokenizer)
+            return Built(context_ids, sample.outputs, self.new_tokens(m["task"]), question_ids=question_ids)
         return Built(sample.input_ids, sample.outputs, self.new_tokens(m["task"]))
 
     def score(self, item: Item, built: Built, prediction: str) -> dict[str, Any]:
@@ -429,7 +435,7 @@ def make_task(benchmark: str, **options: Any) -> Task:
             "completion",
             "query_agnostic",
         ),
-        "ruler": ("lengths", "tasks", "samples", "seed", "haystack_dir", "max_new_tokens"),
+        "ruler": ("lengths", "tasks", "samples", "seed", "haystack_dir", "max_new_tokens", "query_agnostic"),
         "longbench": (
             "data_dir",
             "tasks",
