@@ -99,9 +99,9 @@ def model() -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def ids() -> torch.Tensor:
-    """The 100-token prompt ``prompt_ids`` is, for modules that take ``model``."""
-    return torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+def ids(prompt_ids: torch.Tensor) -> torch.Tensor:
+    """``prompt_ids`` under the name the modules that take ``model`` use."""
+    return prompt_ids
 
 
 @pytest.fixture
