@@ -422,9 +422,16 @@ class DecoderAdapter:
             if batch.batch is None:
                 raise ValueError("this request state has no cache: run prefill first")
             batch = batch.batch
-        batch.cache.prepare_append()
+        self.prepare_step(batch, step)
         with self.routing():
             return self.decode_forward(token_ids, policy, batch, step)
+
+    @staticmethod
+    def prepare_step(batch: Batch, step: int) -> None:
+        """The host half of a decode step, outside anything compiled or recorded: room for one more
+        entry per row (growing the cache if the reserve is spent) and the device step counter."""
+        batch.cache.prepare_append()
+        batch.set_step(step)
 
     @torch.no_grad()
     def decode_forward(
@@ -442,6 +449,7 @@ class DecoderAdapter:
             if probs is not None:
                 _on_decode(policy, i, step, q, probs, lc, batch, layer.self_attn.scaling, self.num_layers)
         positions += 1
+        batch.step_counter += 1
         return self._logits(h)
 
     def decode_pass(
@@ -526,6 +534,7 @@ def _on_decode(
         lens = tuple(state.prompt_len for state in batch.states)
         view = decode_view(lc, 0, layer, num_layers, lens[0], step, q, probs, scaling, positions, whole=True)
         view.prompt_lens = lens
+        view.step_tensor = batch.step_counter
         decision = _call(cache_policy, "on_decode", layer, view, batch)  # type: ignore[arg-type]
         if decision is None:
             return
@@ -541,6 +550,7 @@ def _on_decode(
         view = decode_view(
             lc, b, layer, num_layers, state.prompt_len, step, q, probs, scaling, positions, whole=single
         )
+        view.step_tensor = batch.step_counter
         decision = _call(cache_policy, "on_decode", layer, view, state)
         if decision is None:
             evictions.append(None)

@@ -281,8 +281,9 @@ class PagedLayer(CacheLayerMixin):
         new = counts[0] if counts is not None else torch.full((h,), c, device=rows.device)
         if counts is not None:  # a head keeping fewer than C: its slots from its count on are empty
             beyond = torch.arange(c, device=rows.device)[None, :] >= new.to(rows.device)[:, None]
-            gone = self._flat(rows[beyond], torch.arange(c, device=rows.device).expand(h, -1)[beyond])
-            self.pos_pool.view(-1).index_fill_(0, gone, -1)
+            every = self._flat(rows.reshape(-1), torch.arange(c, device=rows.device).repeat(h))
+            null = every.new_full((), self.pos_pool.numel() - 1)  # a null-page slot: always -1
+            self.pos_pool.view(-1).index_fill_(0, torch.where(beyond.reshape(-1), every, null), -1)
         self.lengths[seq] = new.to(self.lengths)
         self.uniform = None
 
@@ -468,11 +469,12 @@ def paged_attention(
     weights = torch.exp(scores - row_max[layer.page_owner][..., None])  # (P+1, n_rep, blk)
     denom = scores.new_zeros((rows + 1, n_rep)).index_add_(0, layer.page_owner, weights.sum(dim=-1))
     part = torch.bmm(weights.to(layer.v_pool.dtype), layer.v_pool)  # (P+1, n_rep, d_v)
-    out = part.new_zeros((rows + 1, n_rep, part.shape[-1])).index_add_(0, layer.page_owner, part)
+    # page partials summed in float32: bf16 sums over thousands of pages lose ~1 % (gpu-decode.md §3)
+    out = scores.new_zeros((rows + 1, n_rep, part.shape[-1])).index_add_(0, layer.page_owner, part.float())
     if sink is not None:  # the sink's share of the softmax: in the denominator, no value
         denom = torch.cat([denom[:rows] + torch.exp(sink - row_max[:rows]), denom[rows:]])
     denom = denom.clamp_min(torch.finfo(torch.float32).tiny)
-    out = (out[:rows].float() / denom[:rows, :, None]).to(query.dtype)
+    out = (out[:rows] / denom[:rows, :, None]).to(query.dtype)
     probs = None
     if want_probs:
         per_row = weights[layer.block_table].permute(0, 2, 1, 3).reshape(rows, n_rep, layer.slots)

@@ -282,6 +282,7 @@ def generate(
     chat: bool | None = None,
     batch_size: int | None = None,
     compile: bool = False,
+    graphs: bool = False,
     context: str | None = None,
     questions: Sequence[str] | None = None,
     context_ids: Any = None,
@@ -299,8 +300,10 @@ def generate(
     the same engine runs both, and greedy output in a batch equals running each prompt alone. In a
     batch, ``prefill_seconds`` and ``decode_seconds`` are the batch's.
 
-    ``compile=True`` runs the decode step through ``torch.compile`` (CUDA graphs on CUDA); tokens
-    equal eager decoding.
+    ``compile=True`` runs the decode step through ``torch.compile``; tokens equal eager decoding.
+    ``graphs=True`` records the whole decode step once and replays it every step (CUDA graphs on
+    CUDA, the fast path; a traced stand-in elsewhere, for tests): tokens equal eager decoding for
+    every built-in policy (:mod:`kvpolicy.graphs`). Both together record the compiled step.
 
     *Compress once, answer many*: ``context=`` and ``questions=`` (or ``context_ids=`` and
     ``question_ids=``) prefill and compress the context once, without the questions (the
@@ -329,6 +332,7 @@ def generate(
             top_p,
             seed,
             compile,
+            graphs,
         )
     if batch_size is not None and (
         not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
@@ -347,7 +351,7 @@ def generate(
     if do_sample and seed is not None:
         gen = torch.Generator(device=encoded[0].device).manual_seed(seed)
     sampler = _Sampler(do_sample, temperature, top_p, gen)
-    step_fn = compiled_decode_step(adapter) if compile else adapter.decode_step
+    step_fn = decode_step_fn(adapter, compile, graphs)
     outputs: dict[int, GenerationOutput] = {}
     for start in range(0, len(order), size):
         chunk = order[start : start + size]
@@ -493,6 +497,7 @@ def _answer_questions(
     top_p: float,
     seed: int | None,
     compile: bool,
+    graphs: bool = False,
 ) -> list[GenerationOutput]:
     """Compress once, answer many (``generate(context=..., questions=...)``).
 
@@ -540,7 +545,7 @@ def _answer_questions(
     if do_sample and seed is not None:
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
     sampler = _Sampler(do_sample, temperature, top_p, gen)
-    step_fn = compiled_decode_step(adapter) if compile else adapter.decode_step
+    step_fn = decode_step_fn(adapter, compile, graphs)
     eos = _eos_ids(model, tokenizer)
     pre = _prefill(adapter, [ctx], pol, longest + max_new_tokens)  # the one prefill, kept untouched
     batch = copy.deepcopy(pre.batch)  # the working copy each question decodes in
@@ -563,27 +568,45 @@ def _answer_questions(
 
 
 def _restore(work: Batch, saved: Batch) -> None:
-    """Put ``work`` (a deep copy of ``saved``, since decoded in) back to ``saved``'s contents.
+    """Put ``work`` (a deep copy of ``saved``, since decoded in) back to ``saved``'s contents, in place.
 
-    Cache tensors are copied in place where their shapes still match (always, unless the cache grew
-    past its reserve), so their addresses stay put and a compiled decode step (CUDA graphs) is reused
-    across questions; policies' per-request and per-batch scratch is copied afresh."""
+    Tensors, the cache's and the policies' scratch alike, are copied into the ones ``work`` already
+    holds wherever shape and dtype still match (always, unless the cache grew past its reserve), so
+    their addresses stay put and recorded decode graphs replay across questions; what a decode step
+    added to scratch is dropped and what it consumed comes back as a copy (the graph path then sees the
+    moved state and records anew)."""
     for lw, ls in zip(work.cache.layers, saved.cache.layers, strict=True):
         for name, value in vars(ls).items():
-            mine = getattr(lw, name, None)
             if isinstance(value, torch.Tensor):
-                if isinstance(mine, torch.Tensor) and mine.shape == value.shape and mine.dtype == value.dtype:
-                    mine.copy_(value)
-                else:
-                    setattr(lw, name, value.clone())
+                setattr(lw, name, _restored(getattr(lw, name, None), value))
             else:
                 setattr(lw, name, copy.copy(value))
     work.next_positions.copy_(saved.next_positions)
+    work.step_counter.copy_(saved.step_counter)
     assert work.flags is not None
     work.flags.zero_()
-    work._scratch = copy.deepcopy(saved._scratch)
+    _restore_dict(work._scratch, saved._scratch)
     for sw, ss in zip(work.states, saved.states, strict=True):
-        sw._scratch = copy.deepcopy(ss._scratch)
+        _restore_dict(sw._scratch, ss._scratch)
+
+
+def _restored(mine: Any, saved: Any) -> Any:
+    """``saved``'s contents in ``mine`` where they fit (tensors in place, dicts key by key), else a copy."""
+    if isinstance(saved, torch.Tensor):
+        if isinstance(mine, torch.Tensor) and mine.shape == saved.shape and mine.dtype == saved.dtype:
+            return mine.copy_(saved)
+        return saved.clone()
+    if isinstance(saved, dict) and isinstance(mine, dict):
+        _restore_dict(mine, saved)
+        return mine
+    return copy.deepcopy(saved)
+
+
+def _restore_dict(mine: dict[Any, Any], saved: dict[Any, Any]) -> None:
+    for key in [k for k in mine if k not in saved]:
+        del mine[key]
+    for key, value in saved.items():
+        mine[key] = _restored(mine.get(key), value)
 
 
 #: ``torch.compile`` backend for ``compile=True`` (``None``: inductor). Tests set ``"eager"`` to check
@@ -591,29 +614,49 @@ def _restore(work: Batch, saved: Batch) -> None:
 COMPILE_BACKEND: str | None = None
 
 
-def compiled_decode_step(adapter: Any) -> Any:
-    """The adapter's decode step with its device work under ``torch.compile(fullgraph=True)``.
+def compiled_forward(adapter: Any, graphs: bool = False) -> Any:
+    """``adapter.decode_forward`` under ``torch.compile(fullgraph=True)``, made once per adapter.
 
-    Host bookkeeping (cache room) stays outside the graph; the forward has static shapes between
-    cache growths, so it compiles once per shape. On CUDA it uses ``mode="reduce-overhead"`` (CUDA
-    graphs). One compiled function per adapter, reused across calls."""
-    compiled = getattr(adapter, "_compiled_forward", None)
+    On CUDA without ``graphs`` it uses ``mode="reduce-overhead"`` (inductor's own CUDA graphs, which
+    skip a step whose inputs are mutated: kvpolicy's always are); with ``graphs`` the default mode,
+    since :mod:`kvpolicy.graphs` records the fused step itself."""
+    attr = "_compiled_forward_graphs" if graphs else "_compiled_forward"
+    compiled = getattr(adapter, attr, None)
     if compiled is None:
         cuda = next(adapter.model.parameters()).device.type == "cuda"
         options: dict[str, Any] = {"backend": COMPILE_BACKEND} if COMPILE_BACKEND else {}
-        if cuda and not COMPILE_BACKEND:
+        if cuda and not COMPILE_BACKEND and not graphs:
             options["mode"] = "reduce-overhead"
         # Policies and batches are guarded by identity: allow a few dozen before dynamo gives up.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled = torch.compile(adapter.decode_forward, fullgraph=True, **options)
-        adapter._compiled_forward = compiled
+        setattr(adapter, attr, compiled)
+    return compiled
+
+
+def compiled_decode_step(adapter: Any) -> Any:
+    """The adapter's decode step with its device work under ``torch.compile(fullgraph=True)``.
+
+    Host bookkeeping (cache room, step counter) stays outside the graph; the forward has static shapes
+    between cache growths, so it compiles once per shape. One compiled function per adapter."""
+    compiled = compiled_forward(adapter)
 
     def step(token_ids: torch.Tensor, policy: Policy, batch: Batch, step: int) -> torch.Tensor:
-        batch.cache.prepare_append()
+        adapter.prepare_step(batch, step)
         with adapter.routing():
             return compiled(token_ids, policy, batch, step)
 
     return step
+
+
+def decode_step_fn(adapter: Any, compile: bool = False, graphs: bool = False) -> Any:
+    """The decode step every decode loop calls: eager, ``torch.compile``-d, or replayed from
+    recorded graphs (:mod:`kvpolicy.graphs`; with ``compile`` too, the compiled step is recorded)."""
+    if graphs:
+        from kvpolicy.graphs import graph_decode_step
+
+        return graph_decode_step(adapter, compile=compile)
+    return compiled_decode_step(adapter) if compile else adapter.decode_step
 
 
 def _check_sampling(max_new_tokens: Any, do_sample: bool, temperature: float, top_p: float) -> None:

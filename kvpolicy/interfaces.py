@@ -16,8 +16,9 @@ scoring; per-request scratch space comes from the :class:`~kvpolicy.state.Reques
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checkable
 
 import torch
 
@@ -25,7 +26,7 @@ from kvpolicy.config import Settings
 from kvpolicy.scoring import window_attention
 
 if TYPE_CHECKING:
-    from kvpolicy.state import RequestState
+    from kvpolicy.state import Batch, RequestState
 
 
 @dataclass
@@ -81,6 +82,10 @@ class LayerView:
         return self._window_cache[window]
 
 
+#: :meth:`CachePolicy.decode_variant`'s answer for a step that must run eagerly (not recorded).
+EAGER_STEP: Final = "kvpolicy-eager-step"
+
+
 @dataclass
 class DecodeView:
     """One layer's cache for one sequence during a decode step, after the new token was appended.
@@ -95,13 +100,18 @@ class DecodeView:
         layer: index of this layer.
         num_layers: number of decoder layers.
         prompt_len: original prompt length.
-        step: how many tokens were generated before this one (0 for the first decode step).
+        step: how many tokens were generated before this one (0 for the first decode step). A host
+            int: under graph-replayed decode it is the value at the step that was recorded, so use it
+            only for decisions that :meth:`CachePolicy.decode_variant` also makes (the graph path
+            records one graph per variant); tensor math that depends on the step reads
+            :attr:`step_tensor`.
         query: ``(1, H_q, 1, d)`` the new token's query, after RoPE.
         attention: ``(1, H_kv, n_rep, S)`` float32: the new query's attention over the slots, as the
             decode step computed it (zero on empty slots).
         positions: ``(1, H_kv, S)`` original position of each slot's entry (``-1`` when empty).
         lengths: ``(1, H_kv)`` entries per KV head (the new one included).
         scaling: softmax scale.
+        step_tensor: ``()`` long device tensor holding ``step``, current under graph replay too.
     """
 
     layer: int
@@ -116,6 +126,7 @@ class DecodeView:
     _dense: Any = field(default=None, repr=False)
     #: the prompt length of each row (``(prompt_len,)`` for a one-sequence view).
     prompt_lens: tuple[int, ...] = ()
+    step_tensor: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_lens:
@@ -243,7 +254,25 @@ class CachePolicy(Settings, ABC):
     decodes_batched: ClassVar[bool] = False
 
     def on_decode(self, view: DecodeView, state: RequestState) -> DecodeDecision:
-        """Slots to evict (:class:`Evict`) or to keep after a decode step, or ``None``."""
+        """Slots to evict (:class:`Evict`) or to keep after a decode step, or ``None``.
+
+        Graph-replayed decode (``generate(..., graphs=True)``) records a whole step once and replays
+        it, so what this method does must be the same device work every step of a variant
+        (:meth:`decode_variant`): state it keeps across steps is allocated at the first decode step
+        (which always runs eagerly) or at prefill, and then updated *in place* (``copy_``,
+        ``index_copy_``, ``+=``), never rebound to a new tensor; a Python value that changes per step
+        never reaches tensor code (read :attr:`DecodeView.step_tensor` instead). The graph path checks
+        this and names the policy and scratch entry when it is broken
+        (``docs/authoring/decode-eviction.md``)."""
+        return None
+
+    def decode_variant(self, step: int, batch: Batch) -> Hashable:
+        """Host-side, before decode step ``step`` of ``batch``: which code path the step takes, as a
+        hashable (``None``: always the same). Steps of different variants run different device work
+        (PyramidInfer squeezes every ``interval`` steps and only records attention in between), so the
+        graph path records and replays one graph per variant. Return :data:`EAGER_STEP` for a step that
+        changes host-side state or reallocates scratch (it then runs eagerly and the graphs are
+        recorded anew after it). Read only host facts: settings, ``step``, shapes of scratch."""
         return None
 
     @property

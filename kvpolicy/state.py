@@ -70,12 +70,18 @@ class Batch:
         flags: ``(layers, len(CHECKS))`` device bools: what decode-time policies returned that was
             out of range, set in place inside decode steps and read once when the generation ends
             (:meth:`raise_deferred`), never inside a step.
+        step_counter: ``()`` long device tensor, the decode step being run (what
+            :attr:`~kvpolicy.interfaces.DecodeView.step_tensor` shows policies); set on the host before
+            each step, outside any recorded graph, so a replayed step reads the current value.
+        graphs: the batch's recorded decode graphs (:class:`kvpolicy.graphs.DecodeGraphs`), made by the
+            graph path on first use and released with the batch.
     """
 
     states: list[RequestState]
     cache: KVPolicyCache
     next_positions: torch.Tensor
     flags: torch.Tensor | None = None
+    graphs: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.flags is None:
@@ -84,12 +90,20 @@ class Batch:
                 (layers, len(CHECKS)), dtype=torch.bool, device=self.next_positions.device
             )
         self._scratch: dict[int, dict[Any, Any]] = {}
+        self.step_counter = torch.zeros((), dtype=torch.long, device=self.next_positions.device)
         # one 0-d view per (layer, check): a deferred check is then two ops (any, or_), no indexing
         self._flag_views = [list(row.unbind(0)) for row in self.flags.unbind(0)]
 
     @property
     def size(self) -> int:
         return len(self.states)
+
+    def set_step(self, step: int) -> None:
+        """Host side, before a decode step: make :attr:`step_counter` read ``step`` (one small fill
+        when it is not already there; the step itself advances it)."""
+        if getattr(self, "_host_step", None) != step:
+            self.step_counter.fill_(step)
+        self._host_step = step + 1
 
     def scratch(self, owner: object) -> dict[Any, Any]:
         """A dict private to ``owner`` (a policy object) for this batch of requests (what a policy

@@ -94,16 +94,19 @@ class H2O(CachePolicy):
         if not self.evict_during_decode:
             return None
         running = state.scratch(self)
-        scores = running.get(("decode", view.layer))
+        key = ("decode", view.layer)
+        scores = running.get(key)
         slots = view.num_slots
         if scores is None:  # first step: each request's prefill scores, by slot
             requests = getattr(state, "states", None) or [state]
             parts = [r.scratch(self).pop(view.layer) for r in requests]
-            scores = torch.cat([F.pad(p, (0, slots - p.shape[-1])) for p in parts])
+            scores = running[key] = torch.cat([F.pad(p, (0, slots - p.shape[-1])) for p in parts])
         elif scores.shape[-1] != slots:  # the cache grew: widen to its slots
-            scores = F.pad(scores, (0, slots - scores.shape[-1]))
+            scores = running[key] = F.pad(scores, (0, slots - scores.shape[-1]))
+        # in place from here on: a recorded (graph-replayed) step reads and writes the same tensor
         newest = view.lengths[..., None] - 1  # the new entry's slot starts from zero
-        scores = scores.scatter(-1, newest, 0.0) + view.attention.sum(dim=2)
+        scores.scatter_(-1, newest, 0.0)
+        scores += view.attention.sum(dim=2)
         keep = budgets_per_row(
             running,
             view.prompt_lens,
@@ -115,5 +118,4 @@ class H2O(CachePolicy):
         candidates = scores.masked_fill(recent | ~view.valid, float("inf"))
         evict = torch.where(view.lengths > keep, candidates.argmin(dim=-1), -1)[..., None]
         evict_rows(scores[..., None], evict, view.lengths)
-        running[("decode", view.layer)] = scores
         return Evict(evict)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Hashable
 from functools import lru_cache
 
 import torch
@@ -56,6 +57,7 @@ from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, resolve_budget
 from kvpolicy.interfaces import (
+    EAGER_STEP,
     CachePolicy,
     DecodeView,
     Evict,
@@ -65,7 +67,7 @@ from kvpolicy.interfaces import (
     PropagationPolicy,
 )
 from kvpolicy.policies.attention import recent_query_attention
-from kvpolicy.state import RequestState
+from kvpolicy.state import Batch, RequestState
 
 #: The reference's configurations for Llama-3.1-8B, by mean KV retention: (recent_ratio, decay).
 CONFIGS: dict[str, tuple[float, float]] = {"35": (0.01, 0.01), "50": (0.2, 0.3), "60": (0.2, 0.7)}
@@ -306,12 +308,22 @@ class PyramidInferSqueeze(CachePolicy):
         }
         return None
 
+    def decode_variant(self, step: int, batch: Batch) -> Hashable:
+        """Squeeze steps and recording steps run different code (one graph each); a step that must
+        widen the recorded columns (decoding past the reserve) runs eagerly."""
+        for request in batch.states:
+            for st in request.scratch(self).values():
+                if st["reach"] + step + 1 > st["rows"].shape[2]:
+                    return EAGER_STEP
+        return (step + 1) % self.interval == 0
+
     def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:
         """Record the new query's attention; every ``interval`` steps squeeze the oldest ``interval``
         squeezable entries to :meth:`squeezed_to`, evicting the rest in place.
 
-        The schedule is host-side arithmetic on ``step`` (one entry leaves the recent window per
-        step), the scores are tensor ops: no host sync."""
+        The schedule is host-side arithmetic on ``step`` (:meth:`decode_variant`: one entry leaves the
+        recent window per step), the scores are tensor ops on state updated in place, indexed by the
+        device step counter: no host sync, and a recorded step replays right."""
         st = state.scratch(self)[view.layer]
         rows, zpos = st["rows"], st["columns"]
         recent, columns = rows.shape[1], rows.shape[2]
@@ -320,6 +332,7 @@ class PyramidInferSqueeze(CachePolicy):
             zpos = torch.cat([zpos, zpos[:, -1:] + 1 + torch.arange(extra, device=zpos.device)], dim=-1)
             rows = F.pad(rows, (0, extra))
             st["rows"], st["columns"], columns = rows, zpos, columns + extra
+        step = view.step_tensor if view.step_tensor is not None else torch.tensor(view.step)
         # The new query's head-mean attention, slot -> column by position.
         attn = view.attention.mean(dim=(1, 2))  # (1, S)
         pos = view.positions[:, 0]  # heads agree on positions here (the cache was kept whole)
@@ -327,18 +340,20 @@ class PyramidInferSqueeze(CachePolicy):
         hit = (zpos.gather(-1, col) == pos) & (pos >= 0)
         row = attn.new_zeros((1, columns + 1)).scatter_add_(-1, torch.where(hit, col, columns), attn)
         # Ring of rows: the prompt's recent queries fill 0..R-1; decode step s overwrites row s % R
-        # (the oldest), so the oldest row after it is (s + 1) % R. Derived from `step`: no state to
-        # guard on when compiled.
-        rows[:, view.step % recent] = row[:, :columns]
-        oldest = (view.step + 1) % recent
-        if (view.step + 1) % self.interval:
+        # (the oldest), so the oldest row after it is (s + 1) % R. Derived from the step counter: no
+        # state to guard on when compiled, current when replayed.
+        ring = (step % recent).to(rows.device).view(1)
+        rows.index_copy_(1, ring, row[:, None, :columns])
+        if (view.step + 1) % self.interval:  # the same test as decode_variant: host-side
             return None
         # Squeeze: the `interval` lowest positions at or after the zone start, per KV head.
         never = torch.iinfo(view.positions.dtype).max
         zone = view.positions.masked_fill((view.positions < st["zone_start"][..., None]) | ~view.valid, never)
         zone_pos, zone_slots = zone.topk(self.interval, dim=-1, largest=False)  # (1, H, interval)
         lin = torch.linspace(1.0, self.distance_weight, recent, device=rows.device)
-        weights = torch.roll(lin, oldest)  # ring index j holds the row of age rank (j - oldest)
+        oldest = ring + 1
+        # ring index j holds the row of age rank (j - oldest) mod R (torch.roll by a device shift)
+        weights = lin[(torch.arange(recent, device=rows.device) - oldest) % recent]
         col_scores = (rows * weights[None, :, None]).sum(dim=1) / recent  # (1, C)
         zone_cols = torch.searchsorted(zpos, zone_pos.clamp_max(zpos[:, -1:]).reshape(1, -1)).clamp_max(
             columns - 1
@@ -346,5 +361,5 @@ class PyramidInferSqueeze(CachePolicy):
         scores = col_scores.gather(-1, zone_cols).view_as(zone_pos)
         kept = self.squeezed_to(view.layer, view.num_layers)
         dropped = scores.topk(self.interval - kept, dim=-1, largest=False).indices
-        st["zone_start"] = zone_pos.amax(dim=-1) + 1
+        st["zone_start"].copy_(zone_pos.amax(dim=-1) + 1)
         return Evict(zone_slots.gather(-1, dropped))
