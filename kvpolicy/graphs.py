@@ -261,8 +261,13 @@ class DecodeGraphs:
         if recorded is not None:
             self.replays += 1
             return self.backend.replay(recorded).clone()
-        with self.adapter.routing(), HostReadGuard("a recorded decode step"):
-            recorded = self.backend.record(lambda: self.forward(self.token, policy, batch, step))
+        try:
+            with self.adapter.routing(), HostReadGuard("a recorded decode step"):
+                recorded = self.backend.record(lambda: self.forward(self.token, policy, batch, step))
+        except Exception as exc:  # a breach inside a policy hook comes wrapped, naming policy and layer
+            if isinstance(exc.__cause__, GraphContractError):
+                raise GraphContractError(str(exc)) from exc
+            raise
         after = fingerprint(batch, policy)
         if after != now:
             raise GraphContractError(
