@@ -60,8 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--temperature", type=float, default=1.0)
     p_gen.add_argument("--top-p", type=float, default=1.0)
     p_gen.add_argument("--seed", type=int)
+    p_gen.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
     p_gen.add_argument(
-        "--compile", action="store_true", help="compile the decode step (torch.compile; CUDA graphs on CUDA)"
+        "--graphs",
+        action="store_true",
+        help="replay the decode step from recorded CUDA graphs (the fast path on a GPU; same tokens)",
     )
     p_gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p_gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
@@ -200,6 +203,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
         "compile": args.compile,
+        "graphs": args.graphs,
         "chat": False if args.no_chat else None,
     }
     if args.context_file is not None:

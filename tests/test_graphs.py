@@ -169,8 +169,10 @@ def test_graphs_belong_to_the_batch_not_the_model(tiny_model, prompt_ids):
     """Each request's recordings go with its batch: nothing accumulates on the adapter or the model
     over many requests."""
     policy = tiny_policy("snapkv", GRAPH_PRESETS["snapkv"])
+    ids = prompt_ids[0].tolist()
+    kvpolicy.generate(tiny_model, None, input_ids=ids, policy=policy, max_new_tokens=6, graphs=True)
     before = set(vars(kvpolicy.get_adapter(tiny_model)))
     for _ in range(3):
-        kvpolicy.generate(tiny_model, None, input_ids=prompt_ids[0].tolist(), policy=policy, max_new_tokens=6, graphs=True)
+        kvpolicy.generate(tiny_model, None, input_ids=ids, policy=policy, max_new_tokens=6, graphs=True)
     assert set(vars(kvpolicy.get_adapter(tiny_model))) == before
     assert not any("graph" in name for name in vars(tiny_model))

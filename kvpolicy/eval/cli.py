@@ -117,6 +117,11 @@ def _bench_parser(esub: Any, name: str, help_: str) -> argparse.ArgumentParser:
         "--compile", action="store_true", help="compile the decode step (same answers; faster on a GPU)"
     )
     q.add_argument(
+        "--graphs",
+        action="store_true",
+        help="replay the decode step from recorded CUDA graphs (same answers; the fast path on a GPU)",
+    )
+    q.add_argument(
         "--shard",
         help="run shard i of n (0-based, e.g. 0/4) in its own folder; 'env' reads RANK/WORLD_SIZE or a "
         "Slurm array; compare merges the shards",
@@ -169,6 +174,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         shard=shard,
         batch_size=args.batch_size,
         compile=args.compile,
+        graphs=args.graphs,
         **extra,
     )
     return 0

@@ -206,6 +206,7 @@ def run_eval(
     shard: str | tuple[int, int] | None = None,
     batch_size: int = 1,
     compile: bool = False,
+    graphs: bool = False,
 ) -> EvalResult:
     """Run ``benchmark`` (``needle``, ``ruler`` or ``longbench``) under ``policy`` and store the results.
 
@@ -221,7 +222,8 @@ def run_eval(
     ``shard="i/n"`` runs every n-th sample from i in a folder of its own (:mod:`kvpolicy.eval.shard`);
     ``compare`` merges the shards. ``batch_size`` generates that many samples at once (left-padded;
     the same answers as one at a time, and not part of the run key); per-sample timings are then the
-    batch's. ``compile`` compiles the decode step (same answers; not part of the run key).
+    batch's. ``compile`` compiles the decode step, ``graphs`` replays it from recorded graphs (same
+    answers; neither is part of the run key).
     """
     from rich.console import Console
 
@@ -346,6 +348,7 @@ def run_eval(
                 label,
                 batch_size,
                 compile,
+                graphs,
             )
         except BaseException:
             meta.update(status="interrupted", samples_done=len(records), updated_at=now())
@@ -382,6 +385,7 @@ def _run_items(
     label: str,
     batch_size: int = 1,
     compile: bool = False,
+    graphs: bool = False,
 ) -> int:
     from rich.progress import (
         BarColumn,
@@ -418,6 +422,7 @@ def _run_items(
                         policy=policy,
                         max_new_tokens=new_tokens,
                         compile=compile,
+                        graphs=graphs,
                     )[0]
                     for _, b in group
                 ]
@@ -430,6 +435,7 @@ def _run_items(
                     policy=policy,
                     max_new_tokens=new_tokens,
                     compile=compile,
+                    graphs=graphs,
                 )
             for (item, b), out in zip(group, outs if len(ids) > 1 else [outs], strict=True):
                 record = _record(item, b, out, task.score(item, b, out.text), n_layers)
