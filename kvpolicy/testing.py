@@ -489,6 +489,29 @@ class CachePolicyConformance:
         )
         assert _tokens(kvpolicy_model, ids, composed) == _tokens(kvpolicy_model, ids, kvpolicy.compose())
 
+    # (f) graph-replayed decode -------------------------------------------------------------------
+    def test_graph_decode_equals_eager(
+        self, kvpolicy_case: ConformanceCase, kvpolicy_model: Any, kvpolicy_prompt: torch.Tensor
+    ) -> None:
+        """``generate(..., graphs=True)`` records a decode step once and replays it: the policy's
+        decode hooks must keep the decode-state contract (:mod:`kvpolicy.graphs`). On a CPU the
+        recorded step is a traced stand-in that bakes host values and addresses as a CUDA graph does,
+        so a breach either raises :class:`~kvpolicy.graphs.GraphContractError` naming it, or shows here
+        as tokens that differ from eager decoding."""
+        steps = 3 * NEW_TOKENS
+        for policy in [kvpolicy_case.make_keep_all(), kvpolicy_case.make_budgeted(24)]:
+            if policy is None:
+                continue
+            composed = kvpolicy.compose(cache=policy)
+            kwargs = {"input_ids": kvpolicy_prompt, "policy": composed, "max_new_tokens": steps}
+            eager = kvpolicy.generate(kvpolicy_model, None, **kwargs).token_ids
+            replayed = kvpolicy.generate(kvpolicy_model, None, graphs=True, **kwargs).token_ids
+            assert replayed == eager, (
+                f"{policy!r}: graph-replayed decode differs from eager decode; state kept across decode "
+                f"steps must be updated in place, and step-dependent tensor math must read "
+                f"view.step_tensor (docs/authoring/decode-eviction.md)"
+            )
+
 
 __all__ = [
     "BUDGETS",

@@ -155,3 +155,126 @@ def speedup_bound(
         decode_speedup=decode_bytes_per_token(shape, full_kv, bytes_per_elem, generated, batch)
         / decode_bytes_per_token(shape, policy_kv, bytes_per_elem, generated, batch),
     )
+
+
+# -- memory of a decode batch: how many sequences fit --------------------------------------------------
+
+#: Bytes of one stored position (``PagedLayer.pos_pool`` keeps an int64 per slot).
+POSITION_BYTES = 8
+#: Safety factor on :func:`prefill_peak_bytes`'s activation terms when sizing a batch: that bound is a
+#: lower bound (allocator slack and short-lived temporaries are not in it; measured peaks on an H200
+#: came within 1-25 % of it), and a batch that does not fit costs a retry at half the size.
+PREFILL_SLACK = 1.5
+#: Share of the memory budget kept free when sizing a batch (allocator fragmentation, CUDA graph
+#: pools, policy scratch the cost model does not count).
+MARGIN = 0.05
+
+
+def slot_bytes(shape: ModelShape, bytes_per_elem: int, positions: bool = True) -> int:
+    """Bytes of one cache slot of one KV head: its key and value, and (``positions``) its stored position."""
+    return 2 * shape.head_dim * bytes_per_elem + (POSITION_BYTES if positions else 0)
+
+
+def paged_kv_bytes(
+    head_lengths: Sequence[Sequence[int]], reserve: int, block_size: int, bytes_per_slot: int
+) -> int:
+    """Bytes one sequence's rows of the paged cache allocate: every ``(layer, KV head)`` row owns
+    ``max(1, ceil((kept + reserve) / block_size))`` pages of ``block_size`` slots (what
+    ``PagedLayer.store`` allocates), so the count includes the decode reserve and each row's page slack,
+    not just the kept entries. ``head_lengths`` are the kept entries per layer and KV head (ragged for
+    head-adaptive policies such as AdaKV)."""
+    room = max(reserve, 0)
+    pages = sum(max(1, -(-(n + room) // block_size)) for layer in head_lengths for n in layer)
+    return pages * block_size * bytes_per_slot
+
+
+def decode_workspace_bytes(shape: ModelShape, slots_per_layer: int, bytes_per_elem: int) -> int:
+    """Per-sequence allowance for a decode step's temporaries: the torch paged attention of the largest
+    layer (``slots_per_layer`` allocated slots of one sequence over its KV heads: float32 scores, their
+    masked copy, the exponentials, and the gathered per-slot probabilities decode-time policies score
+    with, for each of the ``q_heads / kv_heads`` query heads sharing a slot) and the step's logits (model
+    dtype and a float32 copy). One layer's attention is live at a time, so this is not per layer."""
+    n_rep = max(1, shape.q_heads // shape.kv_heads)
+    return slots_per_layer * n_rep * 4 * 6 + shape.vocab * (bytes_per_elem + 4)
+
+
+@dataclass(frozen=True)
+class BatchFit:
+    """What the cost model says about a decode batch of one policy at one prompt length.
+
+    Attributes:
+        budget: memory the run may use, weights included (bytes).
+        weights: :func:`weight_bytes`.
+        kv_per_sequence: the paged cache of one sequence (:func:`paged_kv_bytes`: kept entries,
+            decode reserve and page slack; keys, values and positions).
+        workspace_per_sequence: the larger of what joining sub-batch caches into one batch holds for a
+            moment (two copies of the largest layer, padded to its longest KV head) and a decode step's
+            temporaries (:func:`decode_workspace_bytes`); the two never coexist.
+        prefill: activations of one prefill sub-batch (:func:`prefill_peak_bytes` without KV or
+            weights, times :data:`PREFILL_SLACK`).
+        prefill_alongside: whether the batch's kept KV is already held while a sub-batch prefills (every
+            sequence prefilled in turn), or the prefill runs before the batch exists (copies of one
+            prefill).
+        fixed: bytes not per sequence: :data:`MARGIN` of the budget and each layer's null page.
+        max_batch: the largest batch for which all of that fits (0: not even one sequence).
+    """
+
+    budget: int
+    weights: int
+    kv_per_sequence: int
+    workspace_per_sequence: int
+    prefill: int
+    prefill_alongside: bool
+    fixed: int
+    max_batch: int
+
+    def bytes_for(self, batch: int) -> int:
+        """Memory a decode batch of ``batch`` sequences needs by this model (weights included)."""
+        decode = batch * (self.kv_per_sequence + self.workspace_per_sequence)
+        prefill = (batch if self.prefill_alongside else 1) * self.kv_per_sequence + self.prefill
+        return self.weights + self.fixed + max(decode, prefill)
+
+
+def fit_batch(
+    shape: ModelShape,
+    bytes_per_elem: int,
+    head_lengths: Sequence[Sequence[int]],
+    reserve: int,
+    block_size: int,
+    length: int,
+    budget: int,
+    prefill_batch: int | None = None,
+) -> BatchFit:
+    """The largest decode batch of sequences keeping ``head_lengths`` (one sequence's kept entries per
+    layer and KV head, e.g. from a prefill of one prompt) that fits in ``budget`` bytes, weights included.
+
+    ``prefill_batch`` ``None``: the batch's caches are copies of one prefilled sequence, so the prefill's
+    activations come and go before the batch exists; else every sequence is prefilled ``prefill_batch``
+    at a time while the sequences already prefilled hold their KV. Decode needs every sequence's KV and
+    a per-sequence workspace; joining the sub-batches' caches needs the same KV and a moment's copy of
+    one layer. Returns the terms and the largest batch (see :class:`BatchFit`)."""
+    if budget <= 0:
+        raise ValueError(f"memory budget must be > 0 bytes, got {budget}")
+    kv = paged_kv_bytes(head_lengths, reserve, block_size, slot_bytes(shape, bytes_per_elem))
+    widest = max(len(layer) * max(layer, default=0) for layer in head_lengths) if head_lengths else 0
+    join = 2 * widest * slot_bytes(shape, bytes_per_elem)
+    room = max(reserve, 0)
+    slots = max(
+        (sum(max(1, -(-(n + room) // block_size)) * block_size for n in layer) for layer in head_lengths),
+        default=0,
+    )
+    workspace = max(join, decode_workspace_bytes(shape, slots, bytes_per_elem))
+    sub = 1 if prefill_batch is None else max(1, prefill_batch)
+    activations = prefill_peak_bytes(shape, length, sub, bytes_per_elem, [0] * shape.layers, include_weights=False)
+    prefill = int(activations * PREFILL_SLACK)
+    weights = weight_bytes(shape, bytes_per_elem)
+    fixed = int(budget * MARGIN) + shape.layers * block_size * slot_bytes(shape, bytes_per_elem)
+    free = budget - weights - fixed
+    alongside = prefill_batch is not None
+    if free < kv + prefill or free < kv + workspace:
+        best = 0
+    else:
+        best = free // (kv + workspace)
+        if alongside:
+            best = min(best, (free - prefill) // kv)
+    return BatchFit(budget, weights, kv, workspace, prefill, alongside, fixed, int(best))

@@ -4,7 +4,8 @@ For every length, repeats are interleaved across the variants (full KV through k
 transformers with ``DynamicCache``, optionally plain transformers with ``StaticCache`` and a compiled
 decode forward, then each policy), so machine drift hits all of them alike and the ratios cancel it.
 Prefill and decode are timed separately (the reference's "throughput" mixed them). Inputs are real
-text (the needle haystack), so selections are data-dependent as in use.
+text (the needle haystack), so selections are data-dependent as in use; on a random-weight model
+(``--random-weights``) they are seeded random token ids, so no tokenizer is needed.
 
 Beside the ratios each row carries absolute figures against the machine's own limits, measured in the
 same run (:func:`kvpolicy.bench.machine.measure_machine`): the decode time the cost model's bytes
@@ -14,11 +15,12 @@ the least memory the prefill needs (:func:`~kvpolicy.bench.costmodel.prefill_pea
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,22 @@ from kvpolicy.bench.costmodel import (
     speedup_bound,
 )
 from kvpolicy.bench.machine import Machine, measure_machine
-from kvpolicy.generation import _decode, _prefill, _Sampler, cache_keyword, compiled_decode_step
+from kvpolicy.generation import (
+    Prefill,
+    _decode,
+    _prefill,
+    _Sampler,
+    cache_keyword,
+    compiled_decode_step,
+)
 from kvpolicy.interfaces import Policy
 from kvpolicy.registry import get_adapter, get_policy
 
 HF_BASELINE = "transformers (DynamicCache)"
 HF_COMPILED = "transformers (StaticCache + compile)"
 FULL = "fullkv"
+#: Suffix of the rows ``also_eager`` adds: the eager decode step timed from the same prefill.
+EAGER = " (eager)"
 
 
 @dataclass
@@ -55,6 +66,7 @@ class Sample:
     tokens_per_layer: list[int]
     kv_tokens_per_layer: list[int]
     tokens: list[list[int]] | None = None  # greedy tokens per sequence (first from the prefill)
+    eager: Sample | None = None  # the eager decode from the same prefill (``also_eager``)
 
 
 @dataclass
@@ -111,6 +123,17 @@ class _PeakMemory:
     def __exit__(self, *exc: object) -> None:
         return None
 
+    def reset_peak(self) -> None:
+        """Restart the peak from what is held now (the base stays): a later :meth:`peak` is the
+        growth above the base reached since this call."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.base >= 0:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.base = -1
+
     def peak(self) -> int | None:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device) - self.base)
@@ -134,30 +157,95 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2]}
 
 
+def decode_step(adapter: Any, compile: bool = False, graphs: bool = False) -> Any:
+    """The decode step :func:`kvpolicy.generate` would use: eager, ``torch.compile``-d, or replayed
+    from recorded graphs (``graphs``: kvpolicy's graph decode path, where this kvpolicy has one)."""
+    if graphs:
+        factory = getattr(generation, "decode_step_fn", None)
+        try:
+            if factory is None:
+                raise ImportError("kvpolicy.generation.decode_step_fn")
+            return factory(adapter, compile=compile, graphs=True)
+        except ImportError as exc:
+            raise ValueError(
+                f"--graphs: this kvpolicy has no graph-replayed decode step yet ({exc}); use --compile"
+            ) from None
+    return compiled_decode_step(adapter) if compile else adapter.decode_step
+
+
+def timed_decode(
+    pre: Prefill, policy: Policy, step_fn: Any, gen: int, warm_step: bool = False
+) -> tuple[float, int, list[list[int]]]:
+    """``gen`` greedy decode steps from ``pre`` through the engine's own loop
+    (:func:`kvpolicy.generation._decode`, timers around it, no copy of it). Returns seconds per timed
+    step, the steps timed and each sequence's ``gen + 1`` tokens (the first from the prefill logits).
+
+    ``warm_step``: run the first step before the timed loop (for ``--compile`` and ``--graphs``: that
+    step compiles a new shape or records the batch's graphs, a once-per-batch cost a served batch
+    amortises over its whole generation, which would otherwise dominate a short timed run); then
+    ``gen - 1`` steps are timed."""
+    sampler = _Sampler(False, 1.0, 1.0, None)
+    first: list[list[int]] = [[] for _ in range(pre.batch.size)]
+    start = 0
+    if warm_step and gen > 1:
+        token = pre.next_token
+        first = token.tolist()
+        pre = Prefill(logits=step_fn(token, policy, pre.batch, 0), batch=pre.batch, seconds=pre.seconds)
+        start = 1
+    tokens, stats = _decode(pre, policy, step_fn, sampler, gen + 1 - start, set(), first_step=start)
+    steps = stats[0].decode_steps
+    seconds = stats[0].decode_seconds / steps if steps else 0.0
+    return seconds, steps, [head + row for head, row in zip(first, tokens, strict=True)]
+
+
 @torch.no_grad()
 def run_policy(
-    model: nn.Module, input_ids: torch.Tensor, policy: Policy, gen: int, compile: bool = False
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    policy: Policy,
+    gen: int,
+    compile: bool = False,
+    graphs: bool = False,
+    also_eager: bool = False,
 ) -> Sample:
     """Prefill under ``policy`` and ``gen`` greedy decode steps, timed separately, through the same
     engine and decode loop as :func:`kvpolicy.generate` (timers around it, no copy of the loop). A
-    ``(B, L)`` tensor is a batch (KV bytes are the batch's)."""
+    ``(B, L)`` tensor is a batch (KV bytes are the batch's).
+
+    ``also_eager`` (with ``compile`` or ``graphs``): also time the eager decode step from the same
+    prefill, on a copy of its batch, as ``Sample.eager``: the fast path's gain over eager without a
+    second prefill (at 128K a prefill of an 8B model takes seconds; its decode steps milliseconds). The
+    copy and its decode happen between the prefill and the fast decode, outside the measured peak."""
     device = input_ids.device
     adapter = get_adapter(model)
-    step_fn = compiled_decode_step(adapter) if compile else adapter.decode_step
+    fast = compile or graphs
+    step_fn = decode_step(adapter, compile, graphs)
+    eager = None
     with _PeakMemory(device) as mem:
         pre = _prefill(adapter, list(input_ids), policy, reserve=gen)
         cache = pre.cache
         kv_bytes = sum(sum(cache.kv_bytes_of(b)) for b in range(len(pre.states)))
         kv_lengths = cache.kv_lengths_of(0)  # after prefill, before decode appends
+        prefill_peak = mem.peak()
         decode = tokens = None
+        if gen and also_eager and fast:
+            twin = Prefill(logits=pre.logits, batch=copy.deepcopy(pre.batch), seconds=pre.seconds)
+            eager = timed_decode(twin, policy, adapter.decode_step, gen)
+            del twin
+            mem.reset_peak()
         if gen:
             # gen + 1 tokens: the first comes from the prefill logits, then `gen` decode steps
-            tokens, stats = _decode(pre, policy, step_fn, _Sampler(False, 1.0, 1.0, None), gen + 1, set())
-            decode = stats[0].decode_seconds_per_token
+            decode, _, tokens = timed_decode(pre, policy, step_fn, gen, warm_step=fast)
+        peak = mem.peak()
     # Every layer pass counts for the cost model, a discarded filter pass (GemFilter) included.
     state = pre.state
     passes = [*state.discarded_tokens_per_layer, *state.tokens_per_layer]
-    return Sample(pre.seconds, decode, mem.peak(), kv_bytes, passes, kv_lengths, tokens)
+    if peak is not None and prefill_peak is not None:
+        peak = max(peak, prefill_peak)
+    sample = Sample(pre.seconds, decode, peak, kv_bytes, passes, kv_lengths, tokens)
+    if eager is not None:
+        sample.eager = Sample(pre.seconds, eager[0], None, kv_bytes, passes, kv_lengths, eager[2])
+    return sample
 
 
 @torch.no_grad()
@@ -309,6 +397,10 @@ def benchmark(
     compile: bool = False,
     include_transformers_compiled: bool = False,
     machine: Machine | None = None,
+    graphs: bool = False,
+    also_eager: bool = False,
+    on_sample: Callable[[int, str, int, Sample], None] | None = None,
+    on_length: Callable[[int, list[Row]], None] | None = None,
 ) -> list[Row]:
     """Time every policy against full KV at every length; repeats interleaved across variants.
 
@@ -317,7 +409,14 @@ def benchmark(
     ``include_transformers_compiled`` adds plain transformers with ``StaticCache`` and a compiled
     decode forward (compiling takes minutes on a CPU with inductor). ``machine`` holds the limits the
     absolute figures use; measured here (about a second on a CPU) when not given.
+
+    ``compile`` / ``graphs`` choose kvpolicy's decode step (:func:`decode_step`); ``also_eager`` (with
+    one of them) adds a ``NAME (eager)`` row per kvpolicy variant, the eager step timed from the same
+    prefill (:func:`run_policy`), compared with ``fullkv (eager)``. ``on_sample(length, variant, rep,
+    sample)`` sees every run as it finishes (warm-ups have ``rep < 0``) and ``on_length(length, rows)``
+    every length's rows, so a run cut short still reports what it measured.
     """
+    eager_too = also_eager and gen > 0 and (compile or graphs)
     variants: dict[str, Policy | None] = {FULL: get_policy("fullkv")}
     if include_transformers:
         variants[HF_BASELINE] = None
@@ -329,9 +428,15 @@ def benchmark(
     elem = param.element_size()
     if machine is None and inputs:
         machine = measure_machine(next(iter(inputs.values())).device, param.dtype)
+    # the rows reported: each kvpolicy variant followed by its eager twin
+    reported: dict[str, Policy | None] = {}
+    for name, policy in variants.items():
+        reported[name] = policy
+        if eager_too and policy is not None:
+            reported[name + EAGER] = policy
     rows: list[Row] = []
     for length, ids in inputs.items():
-        samples: dict[str, list[Sample]] = {name: [] for name in variants}
+        samples: dict[str, list[Sample]] = {name: [] for name in reported}
         for rep in range(warmup + repeats):
             for name, policy in variants.items():
                 if name == HF_BASELINE:
@@ -340,21 +445,48 @@ def benchmark(
                     sample = run_transformers_compiled(model, ids, gen)
                 else:
                     assert policy is not None
-                    sample = run_policy(model, ids, policy, gen, compile=compile)
-                if rep >= warmup:
-                    samples[name].append(sample)
+                    sample = run_policy(
+                        model, ids, policy, gen, compile=compile, graphs=graphs, also_eager=eager_too
+                    )
+                runs = [(name, sample)]
+                if sample.eager is not None:
+                    runs.append((name + EAGER, sample.eager))
+                for label, run in runs:
+                    if rep >= warmup:
+                        samples[label].append(run)
+                    if on_sample is not None:
+                        on_sample(length, label, rep - warmup, run)
                 if progress is not None:
                     progress()
         batch = int(ids.shape[0])
         full = _summarise(FULL, length, variants[FULL], samples[FULL], gen)
-        for name, policy in variants.items():
-            row = full if name == FULL else _summarise(name, length, policy, samples[name], gen)
+        full_eager = None
+        if eager_too:
+            full_eager = _summarise(FULL + EAGER, length, variants[FULL], samples[FULL + EAGER], gen)
+        these: list[Row] = []
+        for name, policy in reported.items():
+            if name == FULL:
+                row = full
+            elif name == FULL + EAGER and full_eager is not None:
+                row = full_eager
+            else:
+                row = _summarise(name, length, policy, samples[name], gen)
             row.batch = batch
-            _compare(row, full, shape, elem, gen)
+            ref = full_eager if name.endswith(EAGER) and full_eager is not None else full
+            _compare(row, ref, shape, elem, gen)
             if machine is not None:
                 _absolute(row, shape, elem, gen, machine, int(ids.shape[1]))
-            rows.append(row)
+            these.append(row)
+        rows += these
+        if on_length is not None:
+            on_length(length, these)
     return rows
+
+
+def is_reference(variant: str) -> bool:
+    """Whether a row is a reference (full KV, its eager twin, a transformers baseline), shown
+    without a bound."""
+    return variant in (FULL, FULL + EAGER, HF_BASELINE, HF_COMPILED)
 
 
 def _summarise(name: str, length: int, policy: Policy | None, samples: list[Sample], gen: int) -> Row:
