@@ -30,10 +30,10 @@ from kvpolicy.cache import (
     KVPolicyCache,
     PagedLayer,
     flash_paged_attention,
-    paged_attention,
 )
 from kvpolicy.devices import module_device
 from kvpolicy.interfaces import DecodeView, Evict, LayerView, PerHead, Policy, Propagate, Restart
+from kvpolicy.kernels import decode_attention_for
 from kvpolicy.state import Batch, RequestState
 
 # Attention backends that apply causality themselves when given no mask.
@@ -63,6 +63,7 @@ class DecoderAdapter:
         self.config = model.config
         self.layers = list(self.base.layers)
         self._devices: dict[int, torch.device] = {}  # module_device per module, looked up once
+        self._attention_fns: dict[torch.device, Callable[..., Any]] = {}
         attn0 = self.layers[0].self_attn
         # The rotary helper lives in each family's modeling module; use that family's own function.
         self._apply_rotary: Callable[..., Any] | None = getattr(
@@ -238,7 +239,7 @@ class DecoderAdapter:
         if self._paged_kernel is not None and not want_probs:
             out, probs = self._paged_kernel(q, lc, attn.scaling), None
         else:
-            out, probs = paged_attention(q, lc, attn.scaling, want_probs=want_probs)
+            out, probs = self._decode_attention(q.device)(q, lc, attn.scaling, want_probs=want_probs)
         h = h + attn.o_proj(out.to(h.dtype))
         return self._mlp_block(layer, h), cos_sin, q, probs
 
@@ -258,6 +259,14 @@ class DecoderAdapter:
         norm = self._final_norm
         h = norm(h_last.to(self._device_of(norm, default=h_last.device)))
         return self.model.lm_head(h.to(self._device_of(self.model.lm_head)))[:, -1, :]
+
+    def _decode_attention(self, device: torch.device) -> Callable[..., Any]:
+        """Decode attention over the paged cache on ``device``, chosen once per device
+        (:func:`kvpolicy.kernels.decode_attention_for`: the Triton kernel on CUDA, torch elsewhere)."""
+        fn = self._attention_fns.get(device)
+        if fn is None:
+            fn = self._attention_fns[device] = decode_attention_for(device)
+        return fn
 
     def _device_of(self, module: nn.Module, default: torch.device | None = None) -> torch.device:
         """:func:`~kvpolicy.devices.module_device`, looked up once per module (it walks hooks and

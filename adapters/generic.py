@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from kvpolicy.adapters.base import DecoderAdapter
-from kvpolicy.cache import PagedLayer, paged_attention
+from kvpolicy.cache import PagedLayer
 from kvpolicy.interfaces import LayerView
 from kvpolicy.state import RequestState
 
@@ -80,7 +80,7 @@ def _routed_attention(
         return adapter._attend_prefill(module, query, key, value, call.counts or [], extra), None
     call.cache.write(key, value, call.positions)
     call.qkv = (query, key, value)
-    out, call.probs = paged_attention(
+    out, call.probs = adapter._decode_attention(query.device)(
         query,
         call.cache,
         module.scaling,
