@@ -308,31 +308,36 @@ def test_compiled_kernels_on_cuda(kernel):
 
 
 # -- through the engine ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["fullkv", "h2o-evicting", "duoattention-rolling"])
+@pytest.mark.parametrize("name", ["h2o-evicting", "duoattention-rolling"])
 def test_generation_through_the_kernel_equals_the_torch_path(
     kernel, monkeypatch, tiny_model, prompt_ids, name
 ):
     """The engine's decode attention picked by ``KVPOLICY_DECODE_ATTENTION`` (the default on CUDA is the
-    kernel): greedy tokens equal the torch path's, decode-time eviction (slot probabilities) included."""
+    kernel): greedy tokens equal the torch path's, decode-time eviction (slot probabilities) included,
+    eager and graph-replayed."""
     from conftest import TINY_OPTIONS, tiny_policy
 
     import kvpolicy
 
     options = {
-        "fullkv": {},
         "h2o-evicting": {"kv_budget": 20, "evict_during_decode": True},
         "duoattention-rolling": {**TINY_OPTIONS["duoattention"], "rolling": True},
     }[name]
     policy = tiny_policy(name, options)
-    ids = prompt_ids[0, :60].tolist()
+    ids = prompt_ids[0, :40].tolist()
 
-    def tokens(choice: str) -> list[int]:
+    def tokens(choice: str, graphs: bool = False) -> list[int]:
         monkeypatch.setenv("KVPOLICY_DECODE_ATTENTION", choice)
         kvpolicy.get_adapter(tiny_model)._attention_fns.clear()  # chosen once per device: choose again
-        return kvpolicy.generate(tiny_model, None, input_ids=ids, policy=policy, max_new_tokens=6).token_ids
+        out = kvpolicy.generate(
+            tiny_model, None, input_ids=ids, policy=policy, max_new_tokens=6, graphs=graphs
+        )
+        return out.token_ids
 
     torch_path = tokens("torch")
     assert tokens("triton") == torch_path
+    # the kernel is one opaque operator (torch.library), so a recorded step replays it too
+    assert tokens("triton", graphs=True) == torch_path
     kvpolicy.get_adapter(tiny_model)._attention_fns.clear()
 
 

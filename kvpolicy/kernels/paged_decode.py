@@ -393,14 +393,49 @@ def paged_decode_attention(
             "paged_decode_attention runs compiled on CUDA tensors; on other devices only in Triton's "
             "interpreter (slow), which TRITON_INTERPRET=1 opts into. Check kvpolicy.kernels.available()"
         )
+    h_kv = layer.num_heads
+    if query.shape[1] % h_kv:
+        raise ValueError(f"{query.shape[1]} query heads do not split into groups over {h_kv} KV heads")
+    out, probs = torch.ops.kvpolicy.paged_decode_attention(
+        query,
+        layer.k_pool,
+        layer.v_pool,
+        layer.block_table,
+        layer.lengths,
+        h_kv,
+        layer.block_size,
+        float(scaling),
+        want_probs,
+        None if softcap is None else float(softcap),
+        sinks,
+        splits,
+    )
+    return out, (probs if want_probs else None)
+
+
+@torch.library.custom_op("kvpolicy::paged_decode_attention", mutates_args=())
+def _paged_decode_op(
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    lengths: torch.Tensor,
+    h_kv: int,
+    blk: int,
+    scaling: float,
+    want_probs: bool,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    splits: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two launches as one opaque torch operator: ``torch.compile`` (``fullgraph``) and the traced
+    CPU stand-in for CUDA graphs (:mod:`kvpolicy.graphs`) see one node instead of Triton's launcher.
+    Returns ``probs`` empty when not wanted (an operator returns tensors only)."""
+    interpret = query.device.type != "cuda"
     split_kernel, merge_kernel = _kernels(interpret)
     b, h_q, _, d = query.shape
-    h_kv = layer.num_heads
-    if h_q % h_kv:
-        raise ValueError(f"{h_q} query heads do not split into groups over {h_kv} KV heads")
-    rows, n_rep = layer.num_seqs * h_kv, h_q // h_kv
-    k_pool, v_pool, table = layer.k_pool, layer.v_pool, layer.block_table
-    blk, width, dv = layer.block_size, table.shape[1], v_pool.shape[-1]
+    rows, n_rep = lengths.numel(), h_q // h_kv
+    width, dv = table.shape[1], v_pool.shape[-1]
     n_rep_p = _next_power_of_2(n_rep)
     d_p, dv_p = _next_power_of_2(d), _next_power_of_2(dv)
     tile, tile_p = _tile(blk, n_rep_p, max(d_p, dv_p), interpret)
@@ -408,12 +443,12 @@ def paged_decode_attention(
     tiles_per_split = math.ceil(width / n_split) * (blk // tile)
 
     q = query.reshape(rows, n_rep, d)
-    lengths = layer.lengths.reshape(-1)
+    lengths = lengths.reshape(-1)
     part = torch.empty((rows, n_split, n_rep_p, dv_p), dtype=torch.float32, device=query.device)
     lse = torch.empty((rows, n_split, n_rep_p), dtype=torch.float32, device=query.device)
     row_lse = torch.empty((rows, n_rep_p), dtype=torch.float32, device=query.device)
     out = torch.empty((rows, n_rep, dv), dtype=query.dtype, device=query.device)
-    slots = layer.slots
+    slots = width * blk
     scores = (
         torch.empty((rows, n_rep, slots), dtype=torch.float32, device=query.device) if want_probs else lse
     )
@@ -463,9 +498,31 @@ def paged_decode_attention(
         DV_P=dv_p,
         HAS_SINKS=sinks is not None,
     )
-    probs = None
+    probs = query.new_empty((0,), dtype=torch.float32)
     if want_probs:
         kept = torch.arange(slots, device=query.device) < lengths[:, None, None]  # (R, 1, slots)
         probs = torch.where(kept, torch.exp(scores - row_lse[:, :n_rep, None]), 0.0)
         probs = probs.view(b, h_kv, n_rep, slots)
     return out.reshape(b, 1, h_q * dv), probs
+
+
+@_paged_decode_op.register_fake
+def _(
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    lengths: torch.Tensor,
+    h_kv: int,
+    blk: int,
+    scaling: float,
+    want_probs: bool,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    splits: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h_q = query.shape[0], query.shape[1]
+    out = query.new_empty((b, 1, h_q * v_pool.shape[-1]))
+    slots = table.shape[1] * blk
+    shape = (b, h_kv, h_q // h_kv, slots) if want_probs else (0,)
+    return out, query.new_empty(shape, dtype=torch.float32)
