@@ -1,34 +1,106 @@
 #!/usr/bin/env bash
-# The engine issue's GPU check, as one prepared script for the lent GPU machine (one call, < 10 min):
-# random-weight Llama-3.1-8B shape in bf16, fullkv vs FastKV (TSP layer 15, rate 0.2, retention 0.1),
-# prefill and end-to-end at 8K / 32K / 128K, batch 1 (and 8 at 8K / 32K), eager and compiled decode,
-# peak memory and the cost model's bound beside every ratio. Results go to $OUT (JSON, Markdown, PNG).
+# The GPU decode issue's whole matrix on one H200, as one prepared script (< 9 minutes, compile and graph
+# capture included): random weights in the Llama-3.1-8B shape, bf16, random token ids (no tokenizer, no
+# network), every policy at 10 % KV:
+#   1. batch 1 at 8K / 32K: fullkv, snapkv, fastkv (TSP layer 15, rate 0.2), ada-snapkv (AdaKV, ragged),
+#      h2o with evict_during_decode, tova; the fast decode path ($FAST) with the eager step timed from the
+#      same prefill beside it (--also-eager); transformers + DynamicCache as the eager baseline.
+#   2. throughput at batch 1 / 8 / 32 / max at 8K / 32K ($FAST): tokens/s of the whole batch, max = the
+#      largest batch that fits (cost model against free memory, confirmed by running it), and each
+#      policy's tokens/s at its max over full KV's at its max (target: FastKV >= 5x at 32K).
+#   3. batch 1 at 128K, as 1 without H2O (its prefill scores every query: O(L^2) fp32, minutes at 128K).
+#   4. transformers StaticCache + torch.compile (its documented fast path) at $HF_LENGTH, fullkv beside.
+#   5. throughput at 128K (as far as it fits in what is left of the time budget).
+# Each stage is one process under `timeout`, capped by what is left of $BUDGET seconds; every run's
+# figures are printed as they come and each stage rewrites its JSON after every length, so a stage cut
+# short still reports. The last step prints one summary of every JSON (bench/summarize.py). Results in
+# $OUT (JSON + Markdown per stage).
 #
-# On the device machine (torch and transformers are there; nothing can be installed from the network):
-#   carry the missing wheels (pydantic, pluggy, gguf, rich) in wheels/ and run
-#   `pip install --no-index --no-deps wheels/*.whl && pip install --no-deps -e . && bash bench/gpu-h200.sh`
-# Dry run on a CPU with a tiny shape: SHAPE=tests/data/tiny-llama.json DEVICE=cpu DTYPE=fp32 \
-#   LENGTHS_LONG="256 512" LENGTHS_BATCH="256" GEN=8 REPEATS=1 bash bench/gpu-h200.sh
-set -euo pipefail
-KVPOLICY=${KVPOLICY:-kvpolicy}
+# FAST: the fast decode path's flag, --graphs: kvpolicy's CUDA-graph-replayed decode step
+# (`generate(..., graphs=True)`, kvpolicy.graphs; the first step of a batch runs eagerly, the second records
+# the graph, both untimed, their seconds reported as "untimed warm steps"). FAST=--compile is the fallback
+# for a kvpolicy without it (inductor: ~60-85 s of compile per policy and shape on an 8B model, so the fast
+# stages then run into their timeouts); FAST="--graphs --compile" records the compiled step.
+#
+# On the device machine (torch and transformers there, no network): build kvpolicy's wheel and fetch the
+# missing ones here (see /work/shared/reference/gpu-decode.md section 5: `pip wheel --no-deps -w .whl .`,
+# and pydantic, pydantic-core, annotated-types, typing-inspection, gguf, transformers==5.24.0 with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`), carry .whl, and run
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+#   PYTHONPATH=/tmp/site FAST=--graphs bash bench/gpu-h200.sh
+# Dry run on a CPU with a tiny shape (about 10 minutes on 2 cores):
+#   PYTHON=.venv/bin/python SHAPE=tests/data/tiny-llama.json DEVICE=cpu DTYPE=fp32 LENGTHS="128 256" \
+#   LONG=512 TP_LENGTHS="128 256" TP_LONG=512 HF_LENGTH=256 GEN=4 WARMUP=0 MEMORY=0.08 BATCHES=1,8,max \
+#   FAST="--graphs --compile-backend eager" SCALE=4 BUDGET=1800 OUT=/tmp/gpu-dry bash bench/gpu-h200.sh
+# (on a CPU --graphs runs kvpolicy.graphs' traced stand-in, not faster; --compile-backend eager spares the
+# StaticCache baseline inductor's minutes of code generation)
+set -uo pipefail
+export PYTHONUNBUFFERED=1  # figures as they come, also through a pipe
+PYTHON=${PYTHON:-python3}
+KVPOLICY=${KVPOLICY:-"$PYTHON -m kvpolicy.cli"}
 OUT=${OUT:-bench/out}
 SHAPE=${SHAPE:-llama-3.1-8b}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bf16}
-LENGTHS_LONG=${LENGTHS_LONG:-"8192 32768 131072"}
-LENGTHS_BATCH=${LENGTHS_BATCH:-"8192 32768"}
-GEN=${GEN:-256}
-REPEATS=${REPEATS:-3}
+LENGTHS=${LENGTHS:-"8192 32768"}       # batch 1, every policy
+LONG=${LONG:-131072}                   # batch 1 without H2O
+TP_LENGTHS=${TP_LENGTHS:-"8192 32768"} # throughput
+TP_LONG=${TP_LONG:-131072}             # throughput where it fits, last
+HF_LENGTH=${HF_LENGTH:-32768}          # transformers StaticCache + compile
+BATCHES=${BATCHES:-1,8,32,max}
+GEN=${GEN:-32}                         # decode steps per run
+REPEATS=${REPEATS:-1}                  # timed repeats (interleaved across variants)
+WARMUP=${WARMUP:-1}                    # warm-up repeats at 8K / 32K (at 128K: none; its prefills take seconds)
+MEMORY=${MEMORY:-}                     # --memory-gib for throughput; empty: free device memory
+FAST=${FAST:---graphs}                 # the fast decode path (see above)
+BUDGET=${BUDGET:-520}                  # seconds for the whole script
+SCALE=${SCALE:-1}                      # multiplies every stage's limit (a slower machine, a dry run)
 FASTKV="fastkv:tsp_layer=15,tsp_rate=0.2,kv_budget=0.1"
+SNAPKV="snapkv:kv_budget=0.1"
+ADAKV="ada-snapkv:kv_budget=0.1"
+H2O="h2o:evict_during_decode=true,kv_budget=0.1"
+TOVA="tova:kv_budget=0.1"
 mkdir -p "$OUT"
-common=(--random-weights "$SHAPE" --dtype "$DTYPE" --device "$DEVICE" --policy "$FASTKV" --repeats "$REPEATS" --warmup 1)
-# 1. prefill alone, batch 1: the TSP speed-up (paper: 1.82x at 128K) against its bound
-"$KVPOLICY" bench prefill "${common[@]}" --lengths $LENGTHS_LONG --out "$OUT/prefill-b1.json"
-# 2. end to end, batch 1, eager decode, then compiled decode (CUDA graphs): paper 2.87x decode
-"$KVPOLICY" bench e2e "${common[@]}" --lengths $LENGTHS_LONG --gen "$GEN" --out "$OUT/e2e-b1-eager.json"
-"$KVPOLICY" bench e2e "${common[@]}" --lengths $LENGTHS_LONG --gen "$GEN" --compile --no-transformers-baseline \
-    --transformers-compiled --out "$OUT/e2e-b1-compiled.json"
-# 3. batch 8 at 8K / 32K, compiled decode
-"$KVPOLICY" bench e2e "${common[@]}" --lengths $LENGTHS_BATCH --gen "$GEN" --batch-size 8 --compile \
-    --no-transformers-baseline --out "$OUT/e2e-b8-compiled.json"
-ls -l "$OUT"
+model=(--random-weights "$SHAPE" --dtype "$DTYPE" --device "$DEVICE" --gen "$GEN" --repeats "$REPEATS")
+memory=()
+[[ -n "$MEMORY" ]] && memory=(--memory-gib "$MEMORY")
+start=$SECONDS
+
+# stage NAME LIMIT_S ARGS...: `kvpolicy bench ARGS --out $OUT/NAME.json` in its own process under timeout,
+# the limit capped by what is left of $BUDGET (skipped when under 20 s are left).
+stage() {
+    local name=$1 limit=$(($2 * SCALE))
+    shift 2
+    local left=$((BUDGET - (SECONDS - start)))
+    if ((left < 20)); then
+        echo "== $name: skipped (${left}s left of ${BUDGET}s)"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $name (limit ${limit}s; $((SECONDS - start))s elapsed)"
+    # shellcheck disable=SC2086  # KVPOLICY and FAST are word lists
+    timeout -k 5 "$limit" $KVPOLICY bench "$@" --out "$OUT/$name.json"
+    local rc=$?
+    if ((rc == 124 || rc == 137)); then
+        echo "== $name: cut at ${limit}s; what it finished is printed above and in $OUT/$name.json"
+    elif ((rc != 0)); then
+        echo "== $name: exit $rc"
+    fi
+}
+
+# shellcheck disable=SC2086
+{
+    stage b1 150 e2e "${model[@]}" --warmup "$WARMUP" --lengths $LENGTHS $FAST --also-eager \
+        --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$H2O" --policy "$TOVA"
+    stage throughput 170 e2e "${model[@]}" --warmup "$WARMUP" --lengths $TP_LENGTHS $FAST --throughput \
+        --batch-sizes "$BATCHES" "${memory[@]}" \
+        --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$H2O" --policy "$TOVA"
+    stage b1-128k 110 e2e "${model[@]}" --warmup 0 --lengths $LONG $FAST --also-eager \
+        --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$TOVA"
+    stage hf-static 100 e2e "${model[@]}" --warmup 1 --lengths $HF_LENGTH $FAST --no-transformers-baseline \
+        --transformers-compiled
+    stage throughput-128k 600 e2e "${model[@]}" --warmup 0 --lengths $TP_LONG $FAST --throughput \
+        --batch-sizes "$BATCHES" "${memory[@]}" --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$TOVA"
+}
+echo "== summary ($((SECONDS - start))s)"
+$PYTHON bench/summarize.py "$OUT"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -362,3 +363,299 @@ def test_bench_cli_on_embedded_model(tmp_path, real_model):
     assert names == {FULL, HF_BASELINE, "fastkv:tsp_layer=20"}
     assert data["machine"]["torch"]
     assert "| `fastkv:tsp_layer=20` | 256 |" in out.with_suffix(".md").read_text()
+
+
+# -- offline random-weight runs, throughput at batch -----------------------------------------------
+
+TINY_CONFIG = Path(__file__).parent / "data" / "tiny-llama.json"
+
+
+def _shape_file(tmp_path: Path, **changes: object) -> Path:
+    path = tmp_path / "shape.json"
+    path.write_text(json.dumps({**TINY_SHAPE, **changes}))
+    return path
+
+
+def test_random_weights_bench_runs_offline(tmp_path, monkeypatch):
+    """``--random-weights`` needs no tokenizer, no embedded model and no text: with every loader made to
+    fail as it does on a machine without network, the bench still runs and writes its JSON."""
+    import transformers
+
+    import kvpolicy.bench.cli as bench_cli
+    import kvpolicy.models
+    from kvpolicy.cli import main
+    from kvpolicy.eval import needle
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("could not fetch the packages of model 'SmolLM2-135M-Instruct'")
+
+    monkeypatch.setattr(kvpolicy.models, "load_model", offline)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(needle, "load_haystack", offline)
+    monkeypatch.setattr(needle, "find_haystack_dir", offline)
+    monkeypatch.setattr(bench_cli, "measure_machine", lambda device, dtype: MACHINE)
+    out = tmp_path / "offline.json"
+    argv = ["bench", "e2e", "--random-weights", str(TINY_CONFIG), "--policy", "snapkv:kv_budget=16"]
+    argv += ["--lengths", "48", "--gen", "2", "--repeats", "1", "--warmup", "0", "--no-transformers-baseline"]
+    assert main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["inputs"] == "random token ids" and data["model"] == str(TINY_CONFIG)
+    assert {r["variant"] for r in data["results"]} == {FULL, "snapkv:kv_budget=16"}
+    assert all(r["decode_ms_per_token"]["median"] > 0 for r in data["results"])
+
+
+def test_random_inputs_are_seeded_token_ids(tmp_path):
+    import torch
+
+    from kvpolicy.bench.cli import random_inputs
+
+    model = random_model(str(_shape_file(tmp_path)), torch.float32, None)
+    a = random_inputs(model, [32, 48], batch_size=3, seed=1)
+    b = random_inputs(model, [32, 48], batch_size=3, seed=1)
+    c = random_inputs(model, [32], batch_size=1, seed=2)
+    assert a.keys() == {32, 48} and a[48].shape == (3, 48) and a[48].dtype == torch.long
+    assert all(torch.equal(a[n], b[n]) for n in a)  # seeded
+    assert not torch.equal(a[32][:1], c[32])  # another seed, another prompt
+    assert bool((a[48] == a[48][:1]).all())  # a batch repeats the prompt
+    assert int(a[48].min()) >= 0 and int(a[48].max()) < TINY_SHAPE["vocab_size"]
+
+
+def test_paged_kv_bytes_and_batch_fit_by_hand():
+    from kvpolicy.bench.costmodel import fit_batch, paged_kv_bytes, slot_bytes
+
+    # rows own max(1, ceil((kept + reserve) / block)) pages: 5 + 2 -> 2 pages of 4, 1 + 2 -> 1, 0 -> 1
+    assert paged_kv_bytes([[5], [1]], reserve=2, block_size=4, bytes_per_slot=10) == 3 * 4 * 10
+    assert paged_kv_bytes([[0, 4]], reserve=0, block_size=4, bytes_per_slot=10) == 2 * 4 * 10
+    assert slot_bytes(SHAPE, 2) == 2 * 4 * 2 + 8  # K and V of head_dim 4 in fp16, an int64 position
+    fit = fit_batch(SHAPE, 2, [[5], [1]], reserve=2, block_size=4, length=6, budget=20_000)
+    assert fit.kv_per_sequence == 3 * 4 * 24 == 288
+    # workspace: the larger of joining (2 x widest layer, 1 head x 5 entries x 24 bytes) and a decode
+    # step (8 slots in the largest layer x 2 query heads per KV head x 24 bytes + 10 logits x (2 + 4))
+    assert fit.workspace_per_sequence == max(2 * 5 * 24, 8 * 2 * 24 + 10 * 6) == 444
+    # prefill activations of one 6-token prompt (prefill_peak_bytes without KV and weights) x 1.5
+    assert fit.prefill == int(prefill_peak_bytes(SHAPE, 6, 1, 2, [0, 0], include_weights=False) * 1.5)
+    assert fit.weights == 2704 and fit.fixed == 1000 + 2 * 4 * 24  # 5 % margin + a null page per layer
+    assert fit.max_batch == (20_000 - 2704 - 1192) // (288 + 444) == 22
+    assert fit.bytes_for(22) <= 20_000 < fit.bytes_for(23)
+    # Every sequence prefilled, 4 at a time: the sub-batch's activations come while the batch holds KV.
+    sub = fit_batch(SHAPE, 2, [[5], [1]], reserve=2, block_size=4, length=6, budget=12_000, prefill_batch=4)
+    act = int(prefill_peak_bytes(SHAPE, 6, 4, 2, [0, 0], include_weights=False) * 1.5)
+    free = 12_000 - 2704 - (600 + 192)
+    assert sub.prefill == act and sub.max_batch == min(free // 732, (free - act) // 288) == 6
+    assert fit_batch(SHAPE, 2, [[5], [1]], 2, 4, 6, budget=3000).max_batch == 0  # not even one
+
+
+@pytest.mark.parametrize("preset", ["snapkv", "ada-snapkv", "h2o:evict_during_decode=true", "tova"])
+def test_join_decodes_like_one_batch(preset):
+    """A batch joined from sub-batch prefills (or copies of one) decodes exactly as the sequences
+    prefilled together, and allocates the pages the cost model counts."""
+    import torch
+
+    from kvpolicy.bench.costmodel import paged_kv_bytes
+    from kvpolicy.bench.runner import timed_decode
+    from kvpolicy.bench.throughput import from_prefill, join, snapshot
+    from kvpolicy.generation import _prefill
+    from kvpolicy.registry import get_adapter
+
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128, (96,), generator=gen) for _ in range(3)]
+    _, policy = parse_policy_spec(preset, {"kv_budget": 20})
+    whole = _prefill(adapter, prompts, policy, reserve=5)
+    want = timed_decode(whole, policy, adapter.decode_step, 5)[2]
+    a = _prefill(adapter, prompts[:2], policy, reserve=5)
+    b = _prefill(adapter, prompts[2:], policy, reserve=5)
+    joined = join([from_prefill(a, consume=True), snapshot(b)], reserve=5)
+    assert [s.index for s in joined.states] == [0, 1, 2] and all(
+        s.batch is joined.batch for s in joined.states
+    )
+    assert joined.cache.allocated_bytes() == whole.cache.allocated_bytes()
+    assert timed_decode(joined, policy, adapter.decode_step, 5)[2] == want
+    # copies of one prefill: every sequence decodes as the prompt alone; pages as the cost model counts
+    one = _prefill(adapter, prompts[:1], policy, reserve=5)
+    heads = one.cache.kv_head_lengths(0)
+    source = snapshot(one)
+    alone = timed_decode(one, policy, adapter.decode_step, 5)[2]
+    copies = join([source], copies=3, reserve=5)
+    assert timed_decode(copies, policy, adapter.decode_step, 5)[2] == alone * 3
+    kv_slot = 2 * 16 * 4  # K and V, head_dim 16, fp32 (the allocation counts no positions)
+    per_seq = paged_kv_bytes(heads, 5, copies.cache.layers[0].block_size, kv_slot)
+    null_pages = 4 * copies.cache.layers[0].block_size * kv_slot
+    assert copies.cache.allocated_bytes() == 3 * per_seq + null_pages
+    assert timed_decode(join([source], copies=2, reserve=5), policy, adapter.decode_step, 5)[2] == alone * 2
+
+
+def test_bench_throughput_cli(tmp_path, monkeypatch):
+    """``--throughput``: every variant at every batch size and at the largest that fits (the cost
+    model's), tokens/s with the bound beside, ratios to full KV; JSON, Markdown and the summary step."""
+    import runpy
+
+    import kvpolicy.bench.cli as bench_cli
+    from kvpolicy.cli import main
+
+    monkeypatch.setattr(bench_cli, "measure_machine", lambda device, dtype: MACHINE)
+    shape = _shape_file(tmp_path)
+    out = tmp_path / "tp.json"
+    argv = ["bench", "e2e", "--random-weights", str(shape), "--policy", "snapkv:kv_budget=16", "--lengths"]
+    argv += ["200", "--gen", "3", "--repeats", "1", "--warmup", "0", "--throughput", "--batch-sizes"]
+    argv += ["1,4,max", "--memory-gib", "0.002", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["throughput"] is True and data["batch_sizes"] == [1, 4, "max"]
+    cells = {(c["variant"], c["requested"]): c for c in data["results"]}
+    assert set(cells) == {(v, b) for v in (FULL, "snapkv:kv_budget=16") for b in (1, 4, "max")}
+    full, snap = cells[(FULL, "max")], cells[("snapkv:kv_budget=16", "max")]
+    # 200 + 3 tokens take 4 pages of 64 per row with full KV, 1 page with 16 kept: more sequences fit
+    assert full["batch"] == full["fits"] == full["fit"]["max_batch"] >= 4
+    assert snap["batch"] == snap["fits"] > 2 * full["fits"]
+    block_bytes = 64 * (2 * 8 * 4 + 8)  # a page: K, V (head_dim 8, fp32) and int64 positions
+    assert full["kv_bytes_per_sequence"] == 2 * 2 * 4 * block_bytes
+    assert snap["kv_bytes_per_sequence"] == 2 * 2 * 1 * block_bytes
+    for c in data["results"]:
+        assert c["status"] == "ok" and c["decode_steps"] == 3 and c["tokens_per_s"]["median"] > 0
+        assert c["bound_tokens_per_s"] > 0 and c["bound_share"] > 0
+        assert c["planned_bytes"] <= 0.002 * 2**30
+        # the joined cache's K and V pages: each sequence's (no positions) plus a null page per layer
+        assert c["kv_bytes_allocated"] == c["batch"] * c["kv_bytes_per_sequence"] * 64 // 72 + 2 * 64 * 64
+    assert full["vs_full_max"] == 1.0 and snap["vs_full_max"] > 0 and snap["vs_full_max_bound"] > 1.0
+    assert cells[("snapkv:kv_budget=16", 4)]["speedup"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith("| variant | length | fit (ran) | tok/s @1 | tok/s @4 | tok/s @max |")
+    # the GPU script's summary step reads the JSON (with a latency JSON beside it)
+    lat = tmp_path / "b1.json"
+    argv = ["bench", "e2e", "--random-weights", str(shape), "--lengths", "32", "--gen", "2"]
+    argv += ["--repeats", "1", "--warmup", "0", "--policy", "snapkv:kv_budget=16", "--out", str(lat)]
+    assert main(argv) == 0
+    summarize = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "summarize.py"))["summarize"]
+    text = summarize(tmp_path)
+    assert "| b1 | eager | `snapkv:kv_budget=16` | 32 | 1 |" in text
+    assert f"| tp | `snapkv:kv_budget=16` | 200 | {snap['fits']} |" in text
+
+
+def test_throughput_halves_a_max_batch_that_runs_out_of_memory(tmp_path):
+    """A largest batch that runs out of memory anyway is halved and retried (and the cell says so); a
+    fixed batch size that does is reported as out of memory; one larger than fits is not run."""
+    import torch
+
+    from kvpolicy.bench import throughput as tp
+    from kvpolicy.bench.cli import random_inputs
+
+    model = random_model(str(_shape_file(tmp_path)), torch.float32, None)
+    ran: list[int] = []
+
+    def run(adapter, prompt, policy, source, batch, gen, step_fn, warm, prefill_batch):
+        ran.append(batch)
+        if batch > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return tp.Run(batch, 0.01, gen, 0.0, 1, None)
+
+    said: list[str] = []
+    cells = tp.throughput(
+        model,
+        random_inputs(model, [200]),
+        {},
+        [8, 10_000, "max"],
+        gen=3,
+        repeats=1,
+        warmup=0,
+        memory_gib=0.002,
+        machine=MACHINE,
+        say=said.append,
+        run=run,
+    )
+    by = {c.requested: c for c in cells}
+    fits = by["max"].fits
+    assert fits > 8
+    assert by[8].status == "out of memory" and by[8].batch is None and by[8].oom == [8]
+    assert by[10_000].status == "does not fit" and by[10_000].tokens_per_s is None
+    halvings = []
+    b = fits
+    while b > 5:
+        halvings.append(b)
+        b //= 2
+    assert by["max"].oom == halvings and by["max"].batch == b and by["max"].status == "ok"
+    assert by["max"].tokens_per_s["median"] == pytest.approx(b / 0.01)
+    assert ran == [8, *halvings, b]
+    assert any(f"batch {fits} ran out of memory; retrying at {fits // 2}" in line for line in said)
+    _, rows = tp.summary_rows(cells, [8, 10_000, "max"])
+    assert rows[0][2] == f"{fits} ({b}, OOM at {', '.join(map(str, halvings))})"
+    assert rows[0][3:5] == ["OOM", "-"]  # batch 8 ran out of memory; 10000 does not fit
+    assert rows[0][5].startswith(f"{b / 0.01:.4g} (") and rows[0][5].endswith(f"%) b={b}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--throughput", "--batch-sizes", "0"], "--batch-sizes 0: 0 is not a batch size"),
+        (["--throughput", "--batch-sizes", "1,x"], "--batch-sizes 1,x: 'x' is neither a batch size"),
+        (["--throughput", "--batch-sizes", "8,max,8"], "--batch-sizes 8,max,8: 8 is given twice"),
+        (["--batch-sizes", "8"], "--batch-sizes needs --throughput"),
+        (["--throughput", "--memory-gib", "0"], "--memory-gib must be > 0, got 0.0"),
+        (["--throughput", "--prefill-batch", "0"], "--prefill-batch must be >= 1, got 0"),
+        (["--throughput", "--batch-size", "4"], "not --batch-size"),
+        (["--also-eager"], "give --compile or --graphs"),
+        (["--throughput", "--graphs", "--gen", "2"], "--gen must be > 2, the untimed warm steps"),
+    ],
+)
+def test_bench_throughput_bad_input(argv, message, capsys):
+    from kvpolicy.cli import main
+
+    assert main(["bench", "e2e", "--lengths", "64", "--random-weights", "llama-3.1-8b", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["bench", "prefill", "--throughput", "--lengths", "64"]) == 2
+    assert "use `kvpolicy bench e2e --throughput`" in capsys.readouterr().err
+
+
+def test_also_eager_times_both_paths_from_one_prefill(monkeypatch):
+    """``--also-eager``: each kvpolicy variant's eager step timed from the same prefill beside the fast
+    one (same tokens: here the graph path, recorded after its untimed warm steps), compared with full
+    KV's eager row."""
+    import torch
+
+    import kvpolicy.bench.runner as runner
+    from kvpolicy.bench.runner import EAGER, run_policy
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(2))
+    policy = kvpolicy.get_policy("h2o", kv_budget=24, evict_during_decode=True)
+    sample = run_policy(model, ids, policy, 4, graphs=True, also_eager=True)
+    assert sample.eager is not None and sample.eager.tokens == sample.tokens and len(sample.tokens[0]) == 5
+    assert sample.eager.prefill_s == sample.prefill_s and sample.eager.decode_s_per_token > 0
+    assert sample.warm_s is not None and sample.warm_s > 0 and sample.eager.warm_s is None
+    # the rows, with the eager step standing in for the fast one (what is checked is the plumbing)
+    monkeypatch.setattr(
+        runner, "decode_step", lambda adapter, compile=False, graphs=False: adapter.decode_step
+    )
+    seen: list[tuple[str, int]] = []
+    rows = benchmark(
+        model,
+        {80: ids},
+        {"snapkv": kvpolicy.get_policy("snapkv", kv_budget=24)},
+        gen=4,
+        repeats=1,
+        warmup=1,
+        graphs=True,
+        also_eager=True,
+        machine=MACHINE,
+        include_transformers=False,
+        on_sample=lambda length, variant, rep, s: seen.append((variant, rep)),
+    )
+    names = [r.variant for r in rows]
+    assert names == [FULL, FULL + EAGER, "snapkv", "snapkv" + EAGER]
+    assert seen == [(n, rep) for rep in (-1, 0) for n in names]
+    by = {r.variant: r for r in rows}
+    eager_full, eager_snap = by[FULL + EAGER], by["snapkv" + EAGER]
+    want = eager_full.decode_ms_per_token["median"] / eager_snap.decode_ms_per_token["median"]
+    assert eager_snap.speedup["decode"] == pytest.approx(want) and eager_full.speedup["decode"] == 1.0
+    assert by["snapkv"].warm_s > 0 and eager_snap.warm_s is None
+    assert "| `snapkv (eager)` | 80 |" in markdown_table(rows, 4)
+
+
+def test_gpu_script_parses():
+    import subprocess
+
+    script = Path(__file__).parents[1] / "bench" / "gpu-h200.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "FAST=${FAST:---graphs}" in text and "FAST=--compile is the fallback" in text

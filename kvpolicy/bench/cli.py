@@ -1,6 +1,11 @@
 """``kvpolicy bench prefill|e2e``: latency and memory per policy and length, with ratios to full KV
 measured in the same run and the cost model's bound beside them, and absolute figures against the
-machine's own limits (read bandwidth, matmul peak) measured at the start of the run."""
+machine's own limits (read bandwidth, matmul peak) measured at the start of the run.
+``bench e2e --throughput``: tokens/s of whole decode batches up to the largest that fits
+(:mod:`kvpolicy.bench.throughput`).
+
+With ``--random-weights`` nothing is loaded but the model's shape: prompts are seeded random token
+ids, never text, so the bench starts on a machine with no network (no tokenizer, no embedded model)."""
 
 from __future__ import annotations
 
@@ -13,15 +18,18 @@ from typing import Any
 
 import torch
 
+from kvpolicy.bench import throughput as tp
 from kvpolicy.bench.machine import Machine, measure_machine
 from kvpolicy.bench.runner import (
+    EAGER,
     FULL,
-    HF_BASELINE,
-    HF_COMPILED,
     Row,
+    Sample,
     benchmark,
+    is_reference,
     machine_description,
     rows_to_json,
+    warm_steps,
 )
 from kvpolicy.interfaces import Policy
 
@@ -79,7 +87,63 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
         help="compile kvpolicy's decode step (torch.compile; CUDA graphs on CUDA)",
     )
     p.add_argument(
-        "--random-weights", metavar="CONFIG", help=f"a config.json path or one of {', '.join(SHAPES)}"
+        "--graphs",
+        action="store_true",
+        help="decode through kvpolicy's graph-replayed step (generate(graphs=True); CUDA graphs on CUDA)",
+    )
+    p.add_argument(
+        "--also-eager",
+        action="store_true",
+        help=(
+            "with --compile or --graphs: also time the eager decode step from the same prefill (a copy "
+            "of its cache), as 'NAME (eager)' rows beside the fast ones, without a second prefill"
+        ),
+    )
+    p.add_argument(
+        "--compile-backend",
+        metavar="NAME",
+        help="torch.compile backend for --compile (default inductor; 'eager' checks capture in seconds)",
+    )
+    p.add_argument(
+        "--random-weights",
+        metavar="CONFIG",
+        help=(
+            f"a config.json path or one of {', '.join(SHAPES)}: random weights, prompts of random token "
+            "ids (no tokenizer, no download)"
+        ),
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random prompts with --random-weights (default 0)"
+    )
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help=(
+            "e2e only: generated tokens/s of whole decode batches at --batch-sizes, 'max' being the "
+            "largest batch that fits in memory (cost model, then confirmed by running it)"
+        ),
+    )
+    p.add_argument(
+        "--batch-sizes",
+        metavar="LIST",
+        help="with --throughput: comma-separated batch sizes and 'max' (default 1,8,32,max)",
+    )
+    p.add_argument(
+        "--memory-gib",
+        type=float,
+        help=(
+            "with --throughput: memory the run may use, weights included (default: free device memory "
+            "plus the weights on CUDA, available RAM plus the weights on a CPU)"
+        ),
+    )
+    p.add_argument(
+        "--prefill-batch",
+        type=int,
+        metavar="N",
+        help=(
+            "with --throughput: prefill every sequence, N at a time, and decode them as one batch "
+            "(default: every sequence's cache is a copy of one prefill of the prompt)"
+        ),
     )
     p.add_argument(
         "--no-transformers-baseline", action="store_true", help="skip plain transformers + DynamicCache"
@@ -155,33 +219,79 @@ def _inputs(tokenizer: Any, model: Any, lengths: list[int], batch_size: int = 1)
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
+def random_inputs(
+    model: Any, lengths: list[int], batch_size: int = 1, seed: int = 0
+) -> dict[int, torch.Tensor]:
+    """Seeded random token ids in ``[0, vocab_size)``, one prompt per length repeated ``batch_size``
+    times: a random-weight model gives text no meaning, and with no tokenizer to load the bench starts
+    on a machine without network."""
+    device = model.get_input_embeddings().weight.device
+    vocab = int(model.config.vocab_size)
+    out = {}
+    for length in lengths:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + length)
+        ids = torch.randint(0, vocab, (1, length), generator=gen)
+        out[length] = ids.repeat(batch_size, 1).to(device)
+    return out
 
-    from kvpolicy.cli import load_from_args, parse_overrides
-    from kvpolicy.models import load_model
 
-    common = parse_overrides(getattr(args, "policy_options", []))
-    specs = args.policy or ["fastkv"]
-    policies = dict(parse_policy_spec(spec, common) for spec in specs)
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad or contradictory options, naming the value (before any model is built)."""
     if args.repeats < 1 or args.warmup < 0 or any(n < 16 for n in args.lengths):
         raise ValueError("--repeats must be >= 1, --warmup >= 0 and every length >= 16")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.mode == "e2e" and args.gen < 1:
+        raise ValueError(f"--gen must be >= 1 in e2e mode, got {args.gen}")
+    if args.also_eager and not (args.compile or args.graphs):
+        raise ValueError("--also-eager adds eager rows beside a fast decode path: give --compile or --graphs")
+    for name in ("batch_sizes", "memory_gib", "prefill_batch"):
+        if getattr(args, name) is not None and not args.throughput:
+            raise ValueError(f"--{name.replace('_', '-')} needs --throughput")
+    if not args.throughput:
+        return
+    if args.mode != "e2e":
+        raise ValueError("--throughput times decoding: use `kvpolicy bench e2e --throughput`")
+    if args.batch_size != 1:
+        raise ValueError("--throughput takes its batch sizes from --batch-sizes, not --batch-size")
+    if args.also_eager:
+        raise ValueError("--also-eager is for latency runs; run --throughput once per decode path")
+    if args.memory_gib is not None and not args.memory_gib > 0:
+        raise ValueError(f"--memory-gib must be > 0, got {args.memory_gib}")
+    if args.prefill_batch is not None and args.prefill_batch < 1:
+        raise ValueError(f"--prefill-batch must be >= 1, got {args.prefill_batch}")
+    warm = warm_steps(args.compile, args.graphs)
+    if args.gen <= warm:
+        raise ValueError(
+            f"--gen must be > {warm}, the untimed warm steps of this decode path, got {args.gen}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from kvpolicy import generation
+    from kvpolicy.cli import load_from_args, parse_overrides
+
+    common = parse_overrides(getattr(args, "policy_options", []))
+    specs = args.policy or ["fastkv"]
+    policies = dict(parse_policy_spec(spec, common) for spec in specs)
+    _check_args(args)
+    batch_sizes = tp.parse_batch_sizes(args.batch_sizes or "1,8,32,max") if args.throughput else []
+    batch = 1 if args.throughput else args.batch_size
     if args.random_weights:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
         if dtype is None:
             raise ValueError(f"unknown --dtype {args.dtype!r}; use fp32, bf16 or fp16")
         model = random_model(args.random_weights, dtype, args.device)
-        _, tokenizer = load_model()  # real text through the embedded tokenizer
+        inputs = random_inputs(model, args.lengths, batch, args.seed)  # no tokenizer: works offline
     else:
         model, tokenizer = load_from_args(args)
+        inputs = _inputs(tokenizer, model, args.lengths, batch)
+    if args.compile_backend:
+        generation.COMPILE_BACKEND = None if args.compile_backend == "inductor" else args.compile_backend
     gen = args.gen if args.mode == "e2e" else 0
-    inputs = _inputs(tokenizer, model, args.lengths, args.batch_size)
-    n_variants = (
-        len(policies) + 1 + (0 if args.no_transformers_baseline else 1) + int(args.transformers_compiled)
-    )
     console = Console()
     if not console.is_terminal:
         console.width = 200
@@ -189,6 +299,39 @@ def run(args: argparse.Namespace) -> int:
     with console.status("measuring the machine (read bandwidth, matmul peak, GEMV)"):
         machine = measure_machine(device, next(model.parameters()).dtype)
     print_machine(console, machine)
+    record: dict[str, Any] = {
+        "mode": args.mode,
+        "model": args.random_weights or args.model or "SmolLM2-135M-Instruct (embedded)",
+        "inputs": "random token ids" if args.random_weights else "text (needle haystack)",
+        "dtype": str(next(model.parameters()).dtype),
+        "gen": gen,
+        "batch_size": batch,
+        "decode": "graphs" if args.graphs else "compiled" if args.compile else "eager",
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "machine": {**machine_description(device), "measured": asdict(machine)},
+    }
+    if args.throughput:
+        return _run_throughput(args, model, inputs, policies, batch_sizes, machine, console, record)
+    n_variants = (
+        len(policies) + 1 + (0 if args.no_transformers_baseline else 1) + int(args.transformers_compiled)
+    )
+    done: list[Row] = []
+
+    def sample_line(length: int, variant: str, rep: int, s: Sample) -> None:
+        label = "warm-up" if rep < 0 else f"repeat {rep + 1}"
+        decode = f", decode {1000 * s.decode_s_per_token:.2f} ms/token" if s.decode_s_per_token else ""
+        if s.warm_s:
+            decode += f" (untimed warm steps {s.warm_s:.2f} s)"
+        console.print(f"  {length} {variant} {label}: prefill {s.prefill_s:.3f} s{decode}")
+
+    def length_done(length: int, rows: list[Row]) -> None:
+        done.extend(rows)
+        for r in rows:
+            console.print(f"  {length} {r.variant}: " + _row_line(r, gen))
+        if args.out:
+            _write(args.out, {**record, "results": rows_to_json(done)}, markdown_table(done, gen))
+
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmark", total=len(inputs) * (args.warmup + args.repeats) * n_variants)
         rows = benchmark(
@@ -203,26 +346,113 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile,
             progress=lambda: progress.advance(task),
             machine=machine,
+            graphs=args.graphs,
+            also_eager=args.also_eager,
+            on_sample=sample_line,
+            on_length=length_done,
         )
     print_rows(console, rows, gen)
     if args.out:
-        record = {
-            "mode": args.mode,
-            "model": args.random_weights or args.model or "SmolLM2-135M-Instruct (embedded)",
-            "dtype": str(next(model.parameters()).dtype),
-            "gen": gen,
-            "batch_size": args.batch_size,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "machine": {**machine_description(device), "measured": asdict(machine)},
-            "results": rows_to_json(rows),
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2))
-        args.out.with_suffix(".md").write_text(markdown_table(rows, gen))
+        _write(args.out, {**record, "results": rows_to_json(rows)}, markdown_table(rows, gen))
         plot = plot_speedups(rows, args.out.with_suffix(".png"))
         console.print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0
+
+
+def _run_throughput(
+    args: argparse.Namespace,
+    model: Any,
+    inputs: dict[int, torch.Tensor],
+    policies: dict[str, Policy],
+    batch_sizes: list[int | str],
+    machine: Machine,
+    console: Any,
+    record: dict[str, Any],
+) -> int:
+    """``bench e2e --throughput``: every cell printed as it is measured, the JSON rewritten after
+    every length (a run cut short keeps what it measured), one summary table at the end."""
+    from rich.progress import Progress
+
+    done: list[tp.Cell] = []
+    record = {**record, "throughput": True, "batch_sizes": batch_sizes, "memory_gib": args.memory_gib}
+    record["prefill"] = (
+        "copies of one prefill" if args.prefill_batch is None else f"{args.prefill_batch} at a time"
+    )
+
+    def length_done(length: int, cells: list[tp.Cell]) -> None:
+        done.extend(cells)
+        for c in cells:
+            if c.requested == tp.MAX and c.vs_full_max is not None:
+                bound = f" (bound {c.vs_full_max_bound:.2f}x)" if c.vs_full_max_bound else ""
+                console.print(
+                    f"  {length} {c.variant}: {c.batch} sequences, "
+                    f"{c.tokens_per_s['median'] if c.tokens_per_s else float('nan'):.4g} tokens/s, "
+                    f"{c.vs_full_max:.2f}x full KV's tokens/s at its largest batch{bound}"
+                )
+        if args.out:
+            _write(args.out, {**record, "results": tp.cells_to_json(done)}, tp.markdown(done, batch_sizes))
+
+    n_variants = len(policies) + (0 if FULL in policies else 1)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(
+            "throughput", total=len(inputs) * (args.warmup + args.repeats) * n_variants * len(batch_sizes)
+        )
+        cells = tp.throughput(
+            model,
+            inputs,
+            policies,
+            batch_sizes,
+            args.gen,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            memory_gib=args.memory_gib,
+            compile=args.compile,
+            graphs=args.graphs,
+            prefill_batch=args.prefill_batch,
+            machine=machine,
+            progress=lambda: progress.advance(task),
+            say=lambda text: console.print("  " + text),
+            on_length=length_done,
+        )
+    print_throughput(console, cells, batch_sizes)
+    if args.out:
+        _write(args.out, {**record, "results": tp.cells_to_json(cells)}, tp.markdown(cells, batch_sizes))
+        console.print(f"wrote {args.out}")
+    return 0
+
+
+def _write(out: Path, record: dict[str, Any], table: str) -> None:
+    """The JSON and its Markdown table (rewritten as results come in)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    out.with_suffix(".md").write_text(table)
+
+
+def _row_line(r: Row, gen: int) -> str:
+    """One row's figures in a line, printed as soon as its length is done."""
+    text = f"prefill {r.prefill_s['median']:.3f} s ({_md_ratio(r, 'prefill')})"
+    if gen and r.decode_ms_per_token:
+        text += f", decode {r.decode_ms_per_token['median']:.2f} ms/token ({_md_ratio(r, 'decode')})"
+        text += f", bound {_decode_bound(r)}"
+    return text + f", KV {r.kv_bytes / 2**20:.1f} MiB"
+
+
+def print_throughput(console: Any, cells: list[tp.Cell], batch_sizes: list[int | str]) -> None:
+    from rich.table import Table
+
+    head, rows = tp.summary_rows(cells, batch_sizes)
+    table = Table(title="throughput: generated tokens/s of the whole batch (share of the bytes bound)")
+    for col in head:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        "fit: the cost model's largest batch (weights + paged KV per sequence incl. reserve and page "
+        "slack + workspace + prefill allowance, against the memory budget); '-': does not fit; the "
+        "bound is the cost model's decode bytes at the measured read bandwidth. Last column: tokens/s "
+        "at each one's largest batch over full KV's at its largest."
+    )
 
 
 def print_machine(console: Any, machine: Machine) -> None:
@@ -319,7 +549,7 @@ def _md_ratio(row: Row, key: str) -> str:
     if measured is None:
         return "-"
     bound = row.bound.get(key)
-    if row.variant in (FULL, HF_BASELINE, HF_COMPILED) or not bound:
+    if is_reference(row.variant) or not bound:
         return f"{measured:.2f}x"
     return f"{measured:.2f}x ({bound:.2f}x, {measured / bound:.0%})"
 
@@ -336,7 +566,7 @@ def _ratio(row: Row, key: str) -> str:
     measured = row.speedup.get(key)
     if measured is None:
         return "-"
-    if row.variant in (FULL, HF_BASELINE, HF_COMPILED):
+    if is_reference(row.variant):
         return f"{measured:.2f}x"
     bound = row.bound.get(key)
     share = f" ({measured / bound:.0%} of bound {bound:.2f}x)" if bound else ""
@@ -356,7 +586,7 @@ def plot_speedups(rows: list[Row], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for variant in dict.fromkeys(r.variant for r in rows):
-            if variant == FULL:
+            if variant in (FULL, FULL + EAGER):
                 continue
             pts = [
                 (r.length, r.speedup.get(key)) for r in rows if r.variant == variant and r.speedup.get(key)

@@ -265,7 +265,9 @@ def fit_batch(
     )
     workspace = max(join, decode_workspace_bytes(shape, slots, bytes_per_elem))
     sub = 1 if prefill_batch is None else max(1, prefill_batch)
-    activations = prefill_peak_bytes(shape, length, sub, bytes_per_elem, [0] * shape.layers, include_weights=False)
+    activations = prefill_peak_bytes(
+        shape, length, sub, bytes_per_elem, [0] * shape.layers, include_weights=False
+    )
     prefill = int(activations * PREFILL_SLACK)
     weights = weight_bytes(shape, bytes_per_elem)
     fixed = int(budget * MARGIN) + shape.layers * block_size * slot_bytes(shape, bytes_per_elem)

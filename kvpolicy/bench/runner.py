@@ -67,6 +67,7 @@ class Sample:
     kv_tokens_per_layer: list[int]
     tokens: list[list[int]] | None = None  # greedy tokens per sequence (first from the prefill)
     eager: Sample | None = None  # the eager decode from the same prefill (``also_eager``)
+    warm_s: float | None = None  # the untimed warm steps before the timed decode (compile, record)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Row:
     prefill_tflops: float | None = None  # cost-model prefill FLOPs x batch / measured seconds
     prefill_flops_share: float | None = None  # of the measured matmul peak
     peak_bound_bytes: int | None = None  # costmodel.prefill_peak_bytes without weights
+    warm_s: float | None = None  # median seconds of the untimed warm steps (compiling, recording graphs)
 
 
 def _sync(device: torch.device) -> None:
@@ -173,29 +175,42 @@ def decode_step(adapter: Any, compile: bool = False, graphs: bool = False) -> An
     return compiled_decode_step(adapter) if compile else adapter.decode_step
 
 
+def warm_steps(compile: bool = False, graphs: bool = False) -> int:
+    """Decode steps run untimed before the timed ones: on the graph path the first step of a batch runs
+    eagerly and the second records the graph (2); a compiled step may compile a new shape on its first
+    call (1); eager steps have nothing to warm (0). A served batch pays these once over its whole
+    generation; in a short timed run they would dominate."""
+    return 2 if graphs else 1 if compile else 0
+
+
 def timed_decode(
-    pre: Prefill, policy: Policy, step_fn: Any, gen: int, warm_step: bool = False
-) -> tuple[float, int, list[list[int]]]:
+    pre: Prefill, policy: Policy, step_fn: Any, gen: int, warm: int = 0
+) -> tuple[float, int, list[list[int]], float]:
     """``gen`` greedy decode steps from ``pre`` through the engine's own loop
     (:func:`kvpolicy.generation._decode`, timers around it, no copy of it). Returns seconds per timed
-    step, the steps timed and each sequence's ``gen + 1`` tokens (the first from the prefill logits).
-
-    ``warm_step``: run the first step before the timed loop (for ``--compile`` and ``--graphs``: that
-    step compiles a new shape or records the batch's graphs, a once-per-batch cost a served batch
-    amortises over its whole generation, which would otherwise dominate a short timed run); then
-    ``gen - 1`` steps are timed."""
+    step, the steps timed, each sequence's ``gen + 1`` tokens (the first from the prefill logits) and
+    the seconds of the ``warm`` steps (:func:`warm_steps`) run before the timed loop (at most
+    ``gen - 1``: one step is always timed)."""
     sampler = _Sampler(False, 1.0, 1.0, None)
     first: list[list[int]] = [[] for _ in range(pre.batch.size)]
-    start = 0
-    if warm_step and gen > 1:
-        token = pre.next_token
-        first = token.tolist()
-        pre = Prefill(logits=step_fn(token, policy, pre.batch, 0), batch=pre.batch, seconds=pre.seconds)
-        start = 1
+    start = max(0, min(warm, gen - 1))
+    device = pre.logits.device
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = pre.logits
+    for step in range(start):  # each warm step: the greedy token, then the step (as the loop does)
+        token = sampler(logits)
+        for row, value in zip(first, token[:, 0].tolist(), strict=True):
+            row.append(value)
+        logits = step_fn(token, policy, pre.batch, step)
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    if start:
+        pre = Prefill(logits=logits, batch=pre.batch, seconds=pre.seconds)
     tokens, stats = _decode(pre, policy, step_fn, sampler, gen + 1 - start, set(), first_step=start)
     steps = stats[0].decode_steps
     seconds = stats[0].decode_seconds / steps if steps else 0.0
-    return seconds, steps, [head + row for head, row in zip(first, tokens, strict=True)]
+    return seconds, steps, [head + row for head, row in zip(first, tokens, strict=True)], warm_s
 
 
 @torch.no_grad()
@@ -219,7 +234,7 @@ def run_policy(
     device = input_ids.device
     adapter = get_adapter(model)
     fast = compile or graphs
-    step_fn = decode_step(adapter, compile, graphs)
+    step_fn = decode_step(adapter, compile, graphs)  # before the prefill: a missing path fails fast
     eager = None
     with _PeakMemory(device) as mem:
         pre = _prefill(adapter, list(input_ids), policy, reserve=gen)
@@ -227,7 +242,7 @@ def run_policy(
         kv_bytes = sum(sum(cache.kv_bytes_of(b)) for b in range(len(pre.states)))
         kv_lengths = cache.kv_lengths_of(0)  # after prefill, before decode appends
         prefill_peak = mem.peak()
-        decode = tokens = None
+        decode = tokens = warm_s = None
         if gen and also_eager and fast:
             twin = Prefill(logits=pre.logits, batch=copy.deepcopy(pre.batch), seconds=pre.seconds)
             eager = timed_decode(twin, policy, adapter.decode_step, gen)
@@ -235,14 +250,14 @@ def run_policy(
             mem.reset_peak()
         if gen:
             # gen + 1 tokens: the first comes from the prefill logits, then `gen` decode steps
-            decode, _, tokens = timed_decode(pre, policy, step_fn, gen, warm_step=fast)
+            decode, _, tokens, warm_s = timed_decode(pre, policy, step_fn, gen, warm_steps(compile, graphs))
         peak = mem.peak()
     # Every layer pass counts for the cost model, a discarded filter pass (GemFilter) included.
     state = pre.state
     passes = [*state.discarded_tokens_per_layer, *state.tokens_per_layer]
     if peak is not None and prefill_peak is not None:
         peak = max(peak, prefill_peak)
-    sample = Sample(pre.seconds, decode, peak, kv_bytes, passes, kv_lengths, tokens)
+    sample = Sample(pre.seconds, decode, peak, kv_bytes, passes, kv_lengths, tokens, warm_s=warm_s)
     if eager is not None:
         sample.eager = Sample(pre.seconds, eager[0], None, kv_bytes, passes, kv_lengths, eager[2])
     return sample
@@ -496,6 +511,7 @@ def _summarise(name: str, length: int, policy: Policy | None, samples: list[Samp
         decode = _stats([1000 * (s.decode_s_per_token or 0.0) for s in samples])
         e2e = _stats([s.prefill_s + gen * (s.decode_s_per_token or 0.0) for s in samples])
     peaks = [s.peak_bytes for s in samples if s.peak_bytes is not None]
+    warms = [s.warm_s for s in samples if s.warm_s]
     last = samples[-1]
     return Row(
         variant=name,
@@ -508,6 +524,7 @@ def _summarise(name: str, length: int, policy: Policy | None, samples: list[Samp
         kv_bytes=last.kv_bytes,
         tokens_per_layer=last.tokens_per_layer,
         kv_tokens_per_layer=last.kv_tokens_per_layer,
+        warm_s=statistics.median(warms) if warms else None,
     )
 
 
