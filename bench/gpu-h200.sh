@@ -11,6 +11,8 @@
 #   3. batch 1 at 128K, as 1 without H2O (its prefill scores every query: O(L^2) fp32, minutes at 128K).
 #   4. transformers StaticCache + torch.compile (its documented fast path) at $HF_LENGTH, fullkv beside.
 #   5. throughput at 128K (as far as it fits in what is left of the time budget).
+# Stage limits are sized from the H200 figures in /work/shared/reference/gpu-decode.md (8B prefill 1.4 s at
+# 32K, 12 s at 128K; eager steps ~45 ms); the whole matrix has not run on a GPU yet.
 # Each stage is one process under `timeout`, capped by what is left of $BUDGET seconds; every run's
 # figures are printed as they come and each stage rewrites its JSON after every length, so a stage cut
 # short still reports. The last step prints one summary of every JSON (bench/summarize.py). Results in
@@ -51,6 +53,7 @@ BATCHES=${BATCHES:-1,8,32,max}
 GEN=${GEN:-32}                         # decode steps per run
 REPEATS=${REPEATS:-1}                  # timed repeats (interleaved across variants)
 WARMUP=${WARMUP:-1}                    # warm-up repeats at 8K / 32K (at 128K: none; its prefills take seconds)
+TP_WARMUP=${TP_WARMUP:-0}              # throughput: every run's untimed warm steps already take JIT and capture
 MEMORY=${MEMORY:-}                     # --memory-gib for throughput; empty: free device memory
 FAST=${FAST:---graphs}                 # the fast decode path (see above)
 BUDGET=${BUDGET:-520}                  # seconds for the whole script
@@ -92,13 +95,13 @@ stage() {
 {
     stage b1 150 e2e "${model[@]}" --warmup "$WARMUP" --lengths $LENGTHS $FAST --also-eager \
         --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$H2O" --policy "$TOVA"
-    stage throughput 170 e2e "${model[@]}" --warmup "$WARMUP" --lengths $TP_LENGTHS $FAST --throughput \
+    stage throughput 170 e2e "${model[@]}" --warmup "$TP_WARMUP" --lengths $TP_LENGTHS $FAST --throughput \
         --batch-sizes "$BATCHES" "${memory[@]}" \
         --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$H2O" --policy "$TOVA"
     stage b1-128k 110 e2e "${model[@]}" --warmup 0 --lengths $LONG $FAST --also-eager \
         --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$TOVA"
     stage hf-static 100 e2e "${model[@]}" --warmup 1 --lengths $HF_LENGTH $FAST --no-transformers-baseline \
-        --transformers-compiled
+        --transformers-compiled --policy "$FASTKV"
     stage throughput-128k 600 e2e "${model[@]}" --warmup 0 --lengths $TP_LONG $FAST --throughput \
         --batch-sizes "$BATCHES" "${memory[@]}" --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$TOVA"
 }

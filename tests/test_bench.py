@@ -429,9 +429,9 @@ def test_paged_kv_bytes_and_batch_fit_by_hand():
     assert slot_bytes(SHAPE, 2) == 2 * 4 * 2 + 8  # K and V of head_dim 4 in fp16, an int64 position
     fit = fit_batch(SHAPE, 2, [[5], [1]], reserve=2, block_size=4, length=6, budget=20_000)
     assert fit.kv_per_sequence == 3 * 4 * 24 == 288
-    # workspace: the larger of joining (2 x widest layer, 1 head x 5 entries x 24 bytes) and a decode
-    # step (8 slots in the largest layer x 2 query heads per KV head x 24 bytes + 10 logits x (2 + 4))
-    assert fit.workspace_per_sequence == max(2 * 5 * 24, 8 * 2 * 24 + 10 * 6) == 444
+    # workspace: a decode step's (8 slots in the largest layer x 2 query heads per KV head x 24 bytes +
+    # 10 logits x (2 + 4)); copies of one prefill are tiled, so joining them needs no more
+    assert fit.workspace_per_sequence == 8 * 2 * 24 + 10 * 6 == 444
     # prefill activations of one 6-token prompt (prefill_peak_bytes without KV and weights) x 1.5
     assert fit.prefill == int(prefill_peak_bytes(SHAPE, 6, 1, 2, [0, 0], include_weights=False) * 1.5)
     assert fit.weights == 2704 and fit.fixed == 1000 + 2 * 4 * 24  # 5 % margin + a null page per layer
@@ -442,6 +442,13 @@ def test_paged_kv_bytes_and_batch_fit_by_hand():
     act = int(prefill_peak_bytes(SHAPE, 6, 4, 2, [0, 0], include_weights=False) * 1.5)
     free = 12_000 - 2704 - (600 + 192)
     assert sub.prefill == act and sub.max_batch == min(free // 732, (free - act) // 288) == 6
+    # joining sub-batches through store holds two copies of the widest layer (1 head x 50 entries of
+    # 2 x 32 x 2 + 8 bytes) for a moment: the workspace where that exceeds a decode step's (52 slots)
+    wide_heads = ModelShape(
+        hidden=64, intermediate=16, layers=2, q_heads=2, kv_heads=1, head_dim=32, vocab=10
+    )
+    wide = fit_batch(wide_heads, 2, [[50], [1]], 2, 4, length=60, budget=10**7, prefill_batch=1)
+    assert wide.workspace_per_sequence == 2 * 50 * 136 > 52 * 2 * 24 + 10 * 6
     assert fit_batch(SHAPE, 2, [[5], [1]], 2, 4, 6, budget=3000).max_batch == 0  # not even one
 
 
@@ -484,6 +491,40 @@ def test_join_decodes_like_one_batch(preset):
     null_pages = 4 * copies.cache.layers[0].block_size * kv_slot
     assert copies.cache.allocated_bytes() == 3 * per_seq + null_pages
     assert timed_decode(join([source], copies=2, reserve=5), policy, adapter.decode_step, 5)[2] == alone * 2
+
+
+@pytest.mark.parametrize("preset", ["snapkv", "ada-snapkv"])
+def test_tile_equals_store(preset):
+    """Copies of a prefilled layer made by ``tile`` (whole-tensor operations) are field for field the
+    layer ``PagedLayer.store`` builds from the repeated sequences (ragged heads too)."""
+    import torch
+
+    from kvpolicy.bench.throughput import TILE_FIELDS, _layer_parts, _moved, tile
+    from kvpolicy.cache import PagedLayer
+    from kvpolicy.generation import _prefill
+    from kvpolicy.registry import get_adapter
+
+    adapter = get_adapter(tiny_llama())
+    prompt = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(4))
+    pre = _prefill(adapter, [prompt], kvpolicy.get_policy(preset, kv_budget=40), reserve=30)
+    for layer in pre.cache.layers:
+        assert set(vars(layer)) == TILE_FIELDS  # the cache's fields are the ones tile repeats
+        tiled = tile(_moved(layer, "cpu"), 3, "cpu")
+        stored = PagedLayer(layer.block_size)
+        stored.store(_layer_parts(layer) * 3, reserve=30)
+        stored.next_position = layer.next_position
+        assert tiled is not None and set(vars(tiled)) == set(vars(stored))
+        for name, want in vars(stored).items():
+            got = getattr(tiled, name)
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got, want), name
+            else:
+                assert got == want, name
+    if preset == "ada-snapkv":
+        assert any(layer.uniform is None for layer in pre.cache.layers)  # ragged rows were tiled
+    layer = pre.cache.layers[0]
+    layer.extra = torch.zeros(1)  # a field tile does not know: join falls back to store
+    assert tile(layer, 2, "cpu") is None
 
 
 def test_bench_throughput_cli(tmp_path, monkeypatch):
@@ -533,6 +574,33 @@ def test_bench_throughput_cli(tmp_path, monkeypatch):
     assert f"| tp | `snapkv:kv_budget=16` | 200 | {snap['fits']} |" in text
 
 
+def test_throughput_prefilling_every_sequence_in_sub_batches(tmp_path):
+    """``--prefill-batch``: every sequence prefilled, 3 at a time, the sub-batches joined and decoded
+    as one batch of 4; the cost model sizes it with the sub-batch's activations beside the batch's KV."""
+    import torch
+
+    from kvpolicy.bench import throughput as tp
+    from kvpolicy.bench.cli import random_inputs
+
+    model = random_model(str(_shape_file(tmp_path)), torch.float32, None)
+    cells = tp.throughput(
+        model,
+        random_inputs(model, [200]),
+        {"snapkv": kvpolicy.get_policy("snapkv", kv_budget=16)},
+        [4],
+        gen=3,
+        repeats=1,
+        warmup=0,
+        memory_gib=0.002,
+        prefill_batch=3,
+        machine=MACHINE,
+    )
+    for cell in cells:
+        assert cell.status == "ok" and cell.batch == 4 and cell.prefill == "prefilled 3 at a time"
+        assert cell.fit["prefill_alongside"] is True and cell.tokens_per_s["median"] > 0
+        assert cell.kv_bytes_allocated == 4 * cell.kv_bytes_per_sequence * 64 // 72 + 2 * 64 * 64
+
+
 def test_throughput_halves_a_max_batch_that_runs_out_of_memory(tmp_path):
     """A largest batch that runs out of memory anyway is halved and retried (and the cell says so); a
     fixed batch size that does is reported as out of memory; one larger than fits is not run."""
@@ -543,6 +611,14 @@ def test_throughput_halves_a_max_batch_that_runs_out_of_memory(tmp_path):
 
     model = random_model(str(_shape_file(tmp_path)), torch.float32, None)
     ran: list[int] = []
+    # an allocation failure inside a graph capture surfaces as the capture's own error
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as oom:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture") from oom
+    except RuntimeError as wrapped:
+        assert tp._is_oom(wrapped) and not tp._is_oom(RuntimeError("shape mismatch"))
 
     def run(adapter, prompt, policy, source, batch, gen, step_fn, warm, prefill_batch):
         ran.append(batch)
@@ -595,6 +671,8 @@ def test_throughput_halves_a_max_batch_that_runs_out_of_memory(tmp_path):
         (["--throughput", "--prefill-batch", "0"], "--prefill-batch must be >= 1, got 0"),
         (["--throughput", "--batch-size", "4"], "not --batch-size"),
         (["--also-eager"], "give --compile or --graphs"),
+        (["--compile", "--compile-backend", "nope"], "--compile-backend 'nope' is not one of"),
+        (["--graphs", "--gen", "1"], "--gen must be > 2, the untimed warm steps"),
         (["--throughput", "--graphs", "--gen", "2"], "--gen must be > 2, the untimed warm steps"),
     ],
 )

@@ -245,6 +245,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--gen must be >= 1 in e2e mode, got {args.gen}")
     if args.also_eager and not (args.compile or args.graphs):
         raise ValueError("--also-eager adds eager rows beside a fast decode path: give --compile or --graphs")
+    if args.compile_backend is not None:
+        known = torch.compiler.list_backends(exclude_tags=())
+        if args.compile_backend not in known:
+            raise ValueError(f"--compile-backend {args.compile_backend!r} is not one of {', '.join(known)}")
+    warm = warm_steps(args.compile, args.graphs)
+    if args.mode == "e2e" and args.gen <= warm:
+        raise ValueError(
+            f"--gen must be > {warm}, the untimed warm steps of this decode path, got {args.gen}"
+        )
     for name in ("batch_sizes", "memory_gib", "prefill_batch"):
         if getattr(args, name) is not None and not args.throughput:
             raise ValueError(f"--{name.replace('_', '-')} needs --throughput")
@@ -260,17 +269,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--memory-gib must be > 0, got {args.memory_gib}")
     if args.prefill_batch is not None and args.prefill_batch < 1:
         raise ValueError(f"--prefill-batch must be >= 1, got {args.prefill_batch}")
-    warm = warm_steps(args.compile, args.graphs)
-    if args.gen <= warm:
-        raise ValueError(
-            f"--gen must be > {warm}, the untimed warm steps of this decode path, got {args.gen}"
-        )
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
-
     from kvpolicy import generation
     from kvpolicy.cli import load_from_args, parse_overrides
 
@@ -289,8 +290,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_from_args(args)
         inputs = _inputs(tokenizer, model, args.lengths, batch)
+    backend = generation.COMPILE_BACKEND
     if args.compile_backend:
         generation.COMPILE_BACKEND = None if args.compile_backend == "inductor" else args.compile_backend
+    try:
+        return _run(args, model, inputs, policies, batch_sizes, batch)
+    finally:
+        generation.COMPILE_BACKEND = backend  # a process-wide setting: only for this run
+
+
+def _run(
+    args: argparse.Namespace,
+    model: Any,
+    inputs: dict[int, torch.Tensor],
+    policies: dict[str, Policy],
+    batch_sizes: list[int | str],
+    batch: int,
+) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
     gen = args.gen if args.mode == "e2e" else 0
     console = Console()
     if not console.is_terminal:
@@ -422,10 +441,13 @@ def _run_throughput(
 
 
 def _write(out: Path, record: dict[str, Any], table: str) -> None:
-    """The JSON and its Markdown table (rewritten as results come in)."""
+    """The JSON and its Markdown table, rewritten as results come in; each replaced whole (written
+    beside, then renamed), so a run killed mid-write (a stage's timeout) leaves the previous version."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    out.with_suffix(".md").write_text(table)
+    for path, text in ((out, json.dumps(record, indent=2)), (out.with_suffix(".md"), table)):
+        part = path.with_name(path.name + ".part")
+        part.write_text(text)
+        part.replace(path)
 
 
 def _row_line(r: Row, gen: int) -> str:

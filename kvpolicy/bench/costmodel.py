@@ -208,8 +208,10 @@ class BatchFit:
         kv_per_sequence: the paged cache of one sequence (:func:`paged_kv_bytes`: kept entries,
             decode reserve and page slack; keys, values and positions).
         workspace_per_sequence: the larger of what joining sub-batch caches into one batch holds for a
-            moment (two copies of the largest layer, padded to its longest KV head) and a decode step's
-            temporaries (:func:`decode_workspace_bytes`); the two never coexist.
+            moment (with ``prefill_batch``: two copies of the largest layer, padded to its longest KV
+            head, as ``PagedLayer.store`` concatenates and selects; copies of one prefill are tiled
+            straight into the new pools) and a decode step's temporaries
+            (:func:`decode_workspace_bytes`); the two never coexist.
         prefill: activations of one prefill sub-batch (:func:`prefill_peak_bytes` without KV or
             weights, times :data:`PREFILL_SLACK`).
         prefill_alongside: whether the batch's kept KV is already held while a sub-batch prefills (every
@@ -251,13 +253,13 @@ def fit_batch(
     ``prefill_batch`` ``None``: the batch's caches are copies of one prefilled sequence, so the prefill's
     activations come and go before the batch exists; else every sequence is prefilled ``prefill_batch``
     at a time while the sequences already prefilled hold their KV. Decode needs every sequence's KV and
-    a per-sequence workspace; joining the sub-batches' caches needs the same KV and a moment's copy of
-    one layer. Returns the terms and the largest batch (see :class:`BatchFit`)."""
+    a per-sequence workspace; joining sub-batches' caches needs the same KV and a moment's copy of one
+    layer. Returns the terms and the largest batch (see :class:`BatchFit`)."""
     if budget <= 0:
         raise ValueError(f"memory budget must be > 0 bytes, got {budget}")
     kv = paged_kv_bytes(head_lengths, reserve, block_size, slot_bytes(shape, bytes_per_elem))
     widest = max(len(layer) * max(layer, default=0) for layer in head_lengths) if head_lengths else 0
-    join = 2 * widest * slot_bytes(shape, bytes_per_elem)
+    join = 0 if prefill_batch is None else 2 * widest * slot_bytes(shape, bytes_per_elem)
     room = max(reserve, 0)
     slots = max(
         (sum(max(1, -(-(n + room) // block_size)) * block_size for n in layer) for layer in head_lengths),

@@ -508,19 +508,11 @@ def _paged_decode_op(
 
 @_paged_decode_op.register_fake
 def _(
-    query: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    table: torch.Tensor,
-    lengths: torch.Tensor,
-    h_kv: int,
-    blk: int,
-    scaling: float,
-    want_probs: bool,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-    splits: int | None,
+    query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, *args: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes only (``torch.compile`` tracing): the operator's other arguments are ``lengths, h_kv, blk,
+    scaling, want_probs, ...``."""
+    _lengths, h_kv, blk, _scaling, want_probs = args[:5]
     b, h_q = query.shape[0], query.shape[1]
     out = query.new_empty((b, 1, h_q * v_pool.shape[-1]))
     slots = table.shape[1] * blk
