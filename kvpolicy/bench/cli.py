@@ -84,7 +84,7 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile kvpolicy's decode step (torch.compile; CUDA graphs on CUDA)",
+        help="compile kvpolicy's decode step (torch.compile; with --graphs the compiled step is recorded)",
     )
     p.add_argument(
         "--graphs",
