@@ -50,6 +50,7 @@ import math
 import warnings
 from collections.abc import Hashable
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,12 @@ from kvpolicy.state import Batch, RequestState
 
 #: The reference's configurations for Llama-3.1-8B, by mean KV retention: (recent_ratio, decay).
 CONFIGS: dict[str, tuple[float, float]] = {"35": (0.01, 0.01), "50": (0.2, 0.3), "60": (0.2, 0.7)}
+
+
+def _continue(columns: torch.Tensor, width: int) -> torch.Tensor:
+    """``columns`` ``(B, C)`` (ascending positions) extended to ``width`` by the positions after each row's last."""
+    extra = width - columns.shape[-1]
+    return torch.cat([columns, columns[:, -1:] + 1 + torch.arange(extra, device=columns.device)], dim=-1)
 
 
 def cosine_schedule(layer: int, num_layers: int, decay: float) -> float:
@@ -308,56 +315,93 @@ class PyramidInferSqueeze(CachePolicy):
         }
         return None
 
+    decodes_batched = True
+
     def decode_variant(self, step: int, batch: Batch) -> Hashable:
         """Squeeze steps and recording steps run different code (one graph each); a step that must
         widen the recorded columns (decoding past the reserve) runs eagerly."""
-        for request in batch.states:
-            for st in request.scratch(self).values():
-                if st["reach"] + step + 1 > st["rows"].shape[2]:
-                    return EAGER_STEP
+        built = batch.scratch(self)  # the batch's decode state once made, else the requests' prefill state
+        states = list(built.values()) or [st for r in batch.states for st in r.scratch(self).values()]
+        if any(st["reach"] + step + 1 > st["rows"].shape[-1] for st in states):
+            return EAGER_STEP
         return (step + 1) % self.interval == 0
 
-    def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:
+    def _batched(self, view: DecodeView, batch: Batch | RequestState) -> dict[str, Any]:
+        """The layer's decode state for the whole batch, made at its first decode step from each
+        request's prefill state (rows padded to the longest ring and the widest columns; a row's extra
+        columns continue its positions), and widened when decoding passes the reserve. Later steps
+        update it in place."""
+        store = batch.scratch(self)
+        key = ("decode", view.layer)
+        st = store.get(key)
+        if st is None:
+            requests = getattr(batch, "states", None) or [batch]  # a batch, or one request's own state
+            parts = [request.scratch(self)[view.layer] for request in requests]
+            recent = max(p["rows"].shape[1] for p in parts)
+            columns = max(p["rows"].shape[2] for p in parts)
+            rows = torch.cat(
+                [
+                    F.pad(p["rows"], (0, columns - p["rows"].shape[2], 0, recent - p["rows"].shape[1]))
+                    for p in parts
+                ]
+            )
+            zpos = torch.cat([_continue(p["columns"], columns) for p in parts])
+            counts = [p["rows"].shape[1] for p in parts]
+            weights = torch.zeros((len(parts), recent), device=rows.device)  # each row's distance weights
+            for b, n in enumerate(counts):
+                weights[b, :n] = torch.linspace(1.0, self.distance_weight, n, device=rows.device)
+            st = store[key] = {
+                "rows": rows,  # (B, R, C) ring of each row's last R_b queries' attention over its columns
+                "columns": zpos,  # (B, C) position of each column, ascending per row
+                "zone_start": torch.cat([p["zone_start"] for p in parts]).clone(),  # (B, H_kv)
+                "recent": torch.tensor(counts, device=rows.device)[:, None],  # (B, 1) R_b
+                "weights": weights,
+                "reach": max(p["reach"] for p in parts),  # host: the most prompt columns of any row
+            }
+        if st["reach"] + view.step + 1 > st["rows"].shape[-1]:  # past the reserve (an eager step)
+            extra = max(self.interval, st["rows"].shape[-1])
+            st["columns"] = _continue(st["columns"], st["columns"].shape[-1] + extra)
+            st["rows"] = F.pad(st["rows"], (0, extra))
+        return st
+
+    def on_decode(self, view: DecodeView, state: Batch | RequestState) -> Evict | None:  # type: ignore[override]
         """Record the new query's attention; every ``interval`` steps squeeze the oldest ``interval``
         squeezable entries to :meth:`squeezed_to`, evicting the rest in place.
 
-        The schedule is host-side arithmetic on ``step`` (:meth:`decode_variant`: one entry leaves the
-        recent window per step), the scores are tensor ops on state updated in place, indexed by the
-        device step counter: no host sync, and a recorded step replays right."""
-        st = state.scratch(self)[view.layer]
-        rows, zpos = st["rows"], st["columns"]
-        recent, columns = rows.shape[1], rows.shape[2]
-        if st["reach"] + view.step + 1 > columns:  # decoding past the reserve: more columns (host-known)
-            extra = max(self.interval, columns)
-            zpos = torch.cat([zpos, zpos[:, -1:] + 1 + torch.arange(extra, device=zpos.device)], dim=-1)
-            rows = F.pad(rows, (0, extra))
-            st["rows"], st["columns"], columns = rows, zpos, columns + extra
+        One call per layer for the whole batch (``decodes_batched``). The schedule is host-side
+        arithmetic on ``step`` (:meth:`decode_variant`: one entry leaves the recent window per step);
+        the scores are tensor ops on state updated in place, indexed by the device step counter: no
+        host sync, and a recorded step replays right."""
+        st = self._batched(view, state)
+        rows, zpos, recent = st["rows"], st["columns"], st["recent"]
+        ring_len, columns = rows.shape[1], rows.shape[2]
         step = view.step_tensor if view.step_tensor is not None else torch.tensor(view.step)
         # The new query's head-mean attention, slot -> column by position.
-        attn = view.attention.mean(dim=(1, 2))  # (1, S)
+        attn = view.attention.mean(dim=(1, 2))  # (B, S)
         pos = view.positions[:, 0]  # heads agree on positions here (the cache was kept whole)
         col = torch.searchsorted(zpos, pos.clamp_min(0)).clamp_max(columns - 1)
         hit = (zpos.gather(-1, col) == pos) & (pos >= 0)
-        row = attn.new_zeros((1, columns + 1)).scatter_add_(-1, torch.where(hit, col, columns), attn)
-        # Ring of rows: the prompt's recent queries fill 0..R-1; decode step s overwrites row s % R
-        # (the oldest), so the oldest row after it is (s + 1) % R. Derived from the step counter: no
+        row = attn.new_zeros((attn.shape[0], columns + 1)).scatter_add_(
+            -1, torch.where(hit, col, columns), attn
+        )
+        # Ring of rows: the prompt's recent queries fill 0..R_b-1; decode step s overwrites row s % R_b
+        # (the oldest), so the oldest row after it is (s + 1) % R_b. Derived from the step counter: no
         # state to guard on when compiled, current when replayed.
-        ring = (step % recent).to(rows.device).view(1)
-        rows.index_copy_(1, ring, row[:, None, :columns])
+        ring = step.to(rows.device) % recent  # (B, 1)
+        rows.scatter_(1, ring[..., None].expand(-1, 1, columns), row[:, None, :columns])
         if (view.step + 1) % self.interval:  # the same test as decode_variant: host-side
             return None
         # Squeeze: the `interval` lowest positions at or after the zone start, per KV head.
         never = torch.iinfo(view.positions.dtype).max
         zone = view.positions.masked_fill((view.positions < st["zone_start"][..., None]) | ~view.valid, never)
-        zone_pos, zone_slots = zone.topk(self.interval, dim=-1, largest=False)  # (1, H, interval)
-        lin = torch.linspace(1.0, self.distance_weight, recent, device=rows.device)
-        oldest = ring + 1
-        # ring index j holds the row of age rank (j - oldest) mod R (torch.roll by a device shift)
-        weights = lin[(torch.arange(recent, device=rows.device) - oldest) % recent]
-        col_scores = (rows * weights[None, :, None]).sum(dim=1) / recent  # (1, C)
-        zone_cols = torch.searchsorted(zpos, zone_pos.clamp_max(zpos[:, -1:]).reshape(1, -1)).clamp_max(
-            columns - 1
-        )
+        zone_pos, zone_slots = zone.topk(self.interval, dim=-1, largest=False)  # (B, H, interval)
+        # ring index j holds the row of age rank (j - oldest) mod R_b (a roll by a device shift per row)
+        j = torch.arange(ring_len, device=rows.device)[None, :]
+        rank = torch.where(j < recent, (j - ring - 1) % recent, j)  # padding rings read weight 0
+        weights = st["weights"].gather(1, rank)
+        col_scores = (rows * weights[:, :, None]).sum(dim=1) / recent  # (B, C)
+        last = zpos[:, -1:, None]
+        zone_cols = torch.searchsorted(zpos, zone_pos.clamp_max(last).flatten(1)).clamp_max(columns - 1)
         scores = col_scores.gather(-1, zone_cols).view_as(zone_pos)
         kept = self.squeezed_to(view.layer, view.num_layers)
         dropped = scores.topk(self.interval - kept, dim=-1, largest=False).indices
