@@ -93,48 +93,54 @@ def _has_bool_index(index: Any) -> bool:
 
 
 # -- what a decode step may touch ------------------------------------------------------------------
-def _walk(value: Any, path: str, out: list[tuple[str, torch.Tensor]]) -> None:
+def _walk(value: Any, path: str | None, out: list[Any]) -> None:
+    """Append the tensors in ``value`` (nested dicts, lists, tuples) to ``out``: ``(path, tensor)``
+    pairs, or bare tensors when ``path`` is ``None`` (the per-step check builds no strings)."""
     if isinstance(value, torch.Tensor):
-        out.append((path, value))
+        out.append(value if path is None else (path, value))
     elif isinstance(value, dict):
         for key, item in value.items():
-            _walk(item, f"{path}[{key!r}]", out)
+            _walk(item, None if path is None else f"{path}[{key!r}]", out)
     elif isinstance(value, (list, tuple)):
         for j, item in enumerate(value):
-            _walk(item, f"{path}[{j}]", out)
+            _walk(item, None if path is None else f"{path}[{j}]", out)
 
 
-def decode_state(batch: Any, policy: Any = None) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor a decode step of ``batch`` may read or write, with a path naming it: each cache
-    layer's tensors, the positions, step counter and flags, and the policies' scratch (the batch's
-    and each request's). ``policy`` names the scratch owners in the paths."""
+def decode_state(batch: Any, policy: Any, named: bool = True) -> list[Any]:
+    """Every tensor a recorded decode step of ``batch`` under ``policy`` may read or write: each cache
+    layer's tensors, the positions, step counter and flags, and the policies' scratch (the batch's, and
+    each request's unless the cache policy ``decodes_batched``: such a policy keeps its decode state in
+    the batch's scratch and reads the requests' only at the first, eager step). ``named``: as
+    ``(path, tensor)`` pairs naming each, else bare tensors (cheaper: the check before every replay)."""
     names: dict[int, str] = {}
-    if policy is not None:
+    if named:
         for part in (policy.cache, policy.propagation):
             names[id(part)] = f"{type(part).__name__} ({part.kind!r})"
-    out: list[tuple[str, torch.Tensor]] = []
+    out: list[Any] = []
     for i, layer in enumerate(batch.cache.layers):
         for name, value in vars(layer).items():
             if isinstance(value, torch.Tensor):
-                out.append((f"cache layer {i} {name}", value))
-    out += [
-        ("next_positions", batch.next_positions),
-        ("step_counter", batch.step_counter),
-        ("flags", batch.flags),
-    ]
+                out.append((f"cache layer {i} {name}", value) if named else value)
+    for name in ("next_positions", "step_counter", "flags"):
+        out.append((name, getattr(batch, name)) if named else getattr(batch, name))
     for owner, store in batch._scratch.items():
-        _walk(store, f"batch scratch of {names.get(owner, 'policy')}", out)
-    for b, state in enumerate(batch.states):
-        for owner, store in state._scratch.items():
-            _walk(store, f"request {b} scratch of {names.get(owner, 'policy')}", out)
+        _walk(store, f"batch scratch of {names.get(owner, 'policy')}" if named else None, out)
+    if not policy.cache.decodes_batched:
+        for b, state in enumerate(batch.states):
+            for owner, store in state._scratch.items():
+                _walk(store, f"request {b} scratch of {names.get(owner, 'policy')}" if named else None, out)
     return out
 
 
-Fingerprint = tuple[tuple[str, int, tuple[int, ...], torch.dtype], ...]
+Fingerprint = tuple[Any, ...]
 
 
-def fingerprint(batch: Any, policy: Any = None) -> Fingerprint:
+def fingerprint(batch: Any, policy: Any) -> Fingerprint:
     """Addresses, shapes and dtypes of :func:`decode_state`: what a recorded step has baked in."""
+    return tuple((t.data_ptr(), t.shape, t.dtype) for t in decode_state(batch, policy, named=False))
+
+
+def _named_fingerprint(batch: Any, policy: Any) -> Fingerprint:
     return tuple((path, t.data_ptr(), tuple(t.shape), t.dtype) for path, t in decode_state(batch, policy))
 
 
@@ -261,6 +267,7 @@ class DecodeGraphs:
         if recorded is not None:
             self.replays += 1
             return self.backend.replay(recorded).clone()
+        named = _named_fingerprint(batch, policy)
         try:
             with self.adapter.routing(), HostReadGuard("a recorded decode step"):
                 recorded = self.backend.record(lambda: self.forward(self.token, policy, batch, step))
@@ -268,11 +275,10 @@ class DecodeGraphs:
             if isinstance(exc.__cause__, GraphContractError):
                 raise GraphContractError(str(exc)) from exc
             raise
-        after = fingerprint(batch, policy)
-        if after != now:
+        if fingerprint(batch, policy) != now:
             raise GraphContractError(
                 f"decode step {step} of policy {policy.describe()} cannot be replayed: "
-                f"{describe_change(now, after)} inside the step"
+                f"{describe_change(named, _named_fingerprint(batch, policy))} inside the step"
             )
         self.recordings += 1
         self.graphs[variant] = recorded
