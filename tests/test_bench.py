@@ -701,6 +701,8 @@ def test_also_eager_times_both_paths_from_one_prefill(monkeypatch):
     assert sample.eager is not None and sample.eager.tokens == sample.tokens and len(sample.tokens[0]) == 5
     assert sample.eager.prefill_s == sample.prefill_s and sample.eager.decode_s_per_token > 0
     assert sample.warm_s is not None and sample.warm_s > 0 and sample.eager.warm_s is None
+    # whether graphs replayed is reported: 4 decode steps = 1 eager + 1 recorded + 2 replayed
+    assert sample.graphs == "traced stand-in (no CUDA): 2 of 4 steps replayed (1 recorded, 1 eager)"
     # the rows, with the eager step standing in for the fast one (what is checked is the plumbing)
     monkeypatch.setattr(
         runner, "decode_step", lambda adapter, compile=False, graphs=False: adapter.decode_step

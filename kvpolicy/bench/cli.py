@@ -342,6 +342,8 @@ def _run(
         decode = f", decode {1000 * s.decode_s_per_token:.2f} ms/token" if s.decode_s_per_token else ""
         if s.warm_s:
             decode += f" (untimed warm steps {s.warm_s:.2f} s)"
+        if s.graphs:
+            decode += f"; {s.graphs}"
         console.print(f"  {length} {variant} {label}: prefill {s.prefill_s:.3f} s{decode}")
 
     def length_done(length: int, rows: list[Row]) -> None:
@@ -456,7 +458,8 @@ def _row_line(r: Row, gen: int) -> str:
     if gen and r.decode_ms_per_token:
         text += f", decode {r.decode_ms_per_token['median']:.2f} ms/token ({_md_ratio(r, 'decode')})"
         text += f", bound {_decode_bound(r)}"
-    return text + f", KV {r.kv_bytes / 2**20:.1f} MiB"
+    text += f", KV {r.kv_bytes / 2**20:.1f} MiB"
+    return text + (f"; {r.graphs}" if r.graphs else "")
 
 
 def print_throughput(console: Any, cells: list[tp.Cell], batch_sizes: list[int | str]) -> None:

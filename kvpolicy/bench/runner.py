@@ -43,7 +43,6 @@ from kvpolicy.generation import (
     _prefill,
     _Sampler,
     cache_keyword,
-    compiled_decode_step,
 )
 from kvpolicy.interfaces import Policy
 from kvpolicy.registry import get_adapter, get_policy
@@ -68,6 +67,7 @@ class Sample:
     tokens: list[list[int]] | None = None  # greedy tokens per sequence (first from the prefill)
     eager: Sample | None = None  # the eager decode from the same prefill (``also_eager``)
     warm_s: float | None = None  # the untimed warm steps before the timed decode (compile, record)
+    graphs: str | None = None  # whether recorded graphs replayed (graph_note)
 
 
 @dataclass
@@ -95,6 +95,7 @@ class Row:
     prefill_flops_share: float | None = None  # of the measured matmul peak
     peak_bound_bytes: int | None = None  # costmodel.prefill_peak_bytes without weights
     warm_s: float | None = None  # median seconds of the untimed warm steps (compiling, recording graphs)
+    graphs: str | None = None  # whether recorded graphs replayed, from the last repeat (graph_note)
 
 
 def _sync(device: torch.device) -> None:
@@ -161,18 +162,28 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 def decode_step(adapter: Any, compile: bool = False, graphs: bool = False) -> Any:
     """The decode step :func:`kvpolicy.generate` would use: eager, ``torch.compile``-d, or replayed
-    from recorded graphs (``graphs``: kvpolicy's graph decode path, where this kvpolicy has one)."""
+    from recorded graphs (:func:`kvpolicy.generation.decode_step_fn`)."""
+    return generation.decode_step_fn(adapter, compile=compile, graphs=graphs)
+
+
+def graph_note(batch: Any, compile: bool = False, graphs: bool = False) -> str | None:
+    """Whether the fast decode path really replayed graphs in a run, in words (a run where it silently
+    did not must say so): the graph path's own counters, or inductor's logged CUDA-graph skips."""
     if graphs:
-        factory = getattr(generation, "decode_step_fn", None)
-        try:
-            if factory is None:
-                raise ImportError("kvpolicy.generation.decode_step_fn")
-            return factory(adapter, compile=compile, graphs=True)
-        except ImportError as exc:
-            raise ValueError(
-                f"--graphs: this kvpolicy has no graph-replayed decode step yet ({exc}); use --compile"
-            ) from None
-    return compiled_decode_step(adapter) if compile else adapter.decode_step
+        g = batch.graphs
+        where = "CUDA graphs" if batch.next_positions.device.type == "cuda" else "traced stand-in (no CUDA)"
+        if g is None or not g.replays:
+            return f"{where}: NOT replayed (every step ran eagerly)"
+        total = g.replays + g.recordings + g.eager_steps
+        return (
+            f"{where}: {g.replays} of {total} steps replayed ({g.recordings} recorded, {g.eager_steps} eager)"
+        )
+    if compile and batch.next_positions.device.type == "cuda":
+        skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
+        if skips:
+            return "inductor's CUDA graphs: NOT replayed (skipped: mutated inputs)"
+        return "inductor's CUDA graphs: no skip logged"
+    return None
 
 
 def warm_steps(compile: bool = False, graphs: bool = False) -> int:
@@ -252,12 +263,15 @@ def run_policy(
             # gen + 1 tokens: the first comes from the prefill logits, then `gen` decode steps
             decode, _, tokens, warm_s = timed_decode(pre, policy, step_fn, gen, warm_steps(compile, graphs))
         peak = mem.peak()
+    note = graph_note(pre.batch, compile, graphs) if gen else None
     # Every layer pass counts for the cost model, a discarded filter pass (GemFilter) included.
     state = pre.state
     passes = [*state.discarded_tokens_per_layer, *state.tokens_per_layer]
     if peak is not None and prefill_peak is not None:
         peak = max(peak, prefill_peak)
-    sample = Sample(pre.seconds, decode, peak, kv_bytes, passes, kv_lengths, tokens, warm_s=warm_s)
+    sample = Sample(
+        pre.seconds, decode, peak, kv_bytes, passes, kv_lengths, tokens, warm_s=warm_s, graphs=note
+    )
     if eager is not None:
         sample.eager = Sample(pre.seconds, eager[0], None, kv_bytes, passes, kv_lengths, eager[2])
     return sample
@@ -525,6 +539,7 @@ def _summarise(name: str, length: int, policy: Policy | None, samples: list[Samp
         tokens_per_layer=last.tokens_per_layer,
         kv_tokens_per_layer=last.kv_tokens_per_layer,
         warm_s=statistics.median(warms) if warms else None,
+        graphs=last.graphs,
     )
 
 

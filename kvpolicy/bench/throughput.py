@@ -45,7 +45,15 @@ from torch import nn
 
 from kvpolicy.bench.costmodel import BatchFit, ModelShape, decode_bytes_per_token, fit_batch
 from kvpolicy.bench.machine import Machine
-from kvpolicy.bench.runner import FULL, _PeakMemory, _stats, decode_step, timed_decode, warm_steps
+from kvpolicy.bench.runner import (
+    FULL,
+    _PeakMemory,
+    _stats,
+    decode_step,
+    graph_note,
+    timed_decode,
+    warm_steps,
+)
 from kvpolicy.cache import KVPolicyCache, PagedLayer
 from kvpolicy.generation import Prefill, _prefill
 from kvpolicy.interfaces import Policy
@@ -365,6 +373,7 @@ class Run:
     kv_bytes_allocated: int
     peak_bytes: int | None
     warm_s: float = 0.0  # the untimed warm steps (compiling, recording graphs)
+    graphs: str | None = None  # whether recorded graphs replayed (runner.graph_note)
 
     @property
     def tokens_per_s(self) -> float:
@@ -409,6 +418,7 @@ class Cell:
     prefill_s: float | None = None
     warm_s: float | None = None
     fit: dict[str, Any] | None = None
+    graphs: str | None = None  # whether recorded graphs replayed (runner.graph_note), last run
 
 
 def _run(
@@ -441,9 +451,10 @@ def _run(
             del subs
         allocated = pre.cache.allocated_bytes()
         seconds, steps, _, warm_s = timed_decode(pre, policy, step_fn, gen, warm)
+        note = graph_note(pre.batch, graphs=pre.batch.graphs is not None)
         del pre
         peak = mem.peak()
-    return Run(batch, seconds, steps, prefill_s, allocated, peak, warm_s)
+    return Run(batch, seconds, steps, prefill_s, allocated, peak, warm_s, note)
 
 
 def throughput(
@@ -562,6 +573,7 @@ def throughput(
                                 f"{length} {name} batch {b}{' (max)' if req == MAX else ''} {label}: "
                                 f"{result.tokens_per_s:.1f} tokens/s ({1000 * result.decode_s_per_step:.2f} "
                                 f"ms/step; untimed warm steps {result.warm_s:.2f} s)"
+                                + (f"; {result.graphs}" if result.graphs else "")
                             )
                             break
                         cell.oom.append(b)
@@ -602,6 +614,7 @@ def _summarise(
     cell.tokens_per_s = _stats([r.tokens_per_s for r in runs])
     cell.kv_bytes_allocated = runs[-1].kv_bytes_allocated
     cell.warm_s = statistics.median(r.warm_s for r in runs)
+    cell.graphs = runs[-1].graphs
     peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
     cell.peak_bytes = int(statistics.median(peaks)) if peaks else None
     if cell.fit is not None:
