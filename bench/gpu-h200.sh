@@ -91,6 +91,9 @@ stage() {
     fi
 }
 
+echo "== check (limit $((120 * SCALE))s)"
+timeout -k 5 $((120 * SCALE)) $PYTHON bench/gpu_check.py || echo "== check: FAILED or cut (see above); timing goes on"
+
 # shellcheck disable=SC2086
 {
     stage b1 150 e2e "${model[@]}" --warmup "$WARMUP" --lengths $LENGTHS $FAST --also-eager \
