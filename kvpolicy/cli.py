@@ -11,13 +11,14 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kvpolicy.adapters.base import AdapterError
 from kvpolicy.models import ModelLoadError
-from kvpolicy.registry import RegistryError, get_policy, get_registry, load_policy_config
+from kvpolicy.registry import PluginWarning, RegistryError, get_policy, get_registry, load_policy_config
 
 #: Modules adding further subcommands (``eval``, ``bench``); each has ``add_parser(sub, model_args)``.
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -141,7 +142,10 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    registry = get_registry()
+    with warnings.catch_warnings():
+        if not args.json:  # the table lists the plugin problems itself: no second copy on stderr
+            warnings.simplefilter("ignore", PluginWarning)
+        registry = get_registry()
     rows = [
         {"name": e.name, "category": e.category, "provider": e.provider, "description": e.description}
         for e in registry.entries()
@@ -180,8 +184,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         console.print(
             f"refused with a reason: {', '.join(sorted(refused))}", soft_wrap=not console.is_terminal
         )
-    for problem in registry.problems:
-        print(f"warning: {problem}", file=sys.stderr)
+    if registry.problems:
+        console.print(f"plugin problems ({len(registry.problems)}; every other entry above works):")
+        for problem in registry.problems:
+            console.print(f"  - {problem}", soft_wrap=True, markup=False)
     return 0
 
 
@@ -262,7 +268,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """A plugin's problem as one plain line (not Python's warning format with an internal path)."""
+    if issubclass(category, PluginWarning):
+        print(f"kvpolicy: warning: {message}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, *args, **kwargs)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # Policy settings arrive as unknown options (--kv-budget 256); commands that take them say so

@@ -59,6 +59,10 @@ class Entry:
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+class _Clash(Entry):
+    """A name two plugins provide, kept only until the registry is built (then dropped)."""
+
+
 @dataclass
 class Registry:
     presets: dict[str, Entry] = field(default_factory=dict)
@@ -70,15 +74,22 @@ class Registry:
         return [*self.presets.values(), *self.components.values(), *self.adapters.values()]
 
     def add(self, table: dict[str, Entry], entry: Entry) -> None:
+        """Add ``entry``; raise :class:`RegistryError` (and add nothing) for an empty name or a name
+        already taken by another object. A clash between two plugins leaves the name marked, so that
+        neither is picked silently (the registry drops it when it is built); a built-in keeps its name."""
         if not entry.name:
             raise RegistryError(
-                f"{entry.provider} registered a {entry.category} with an empty name: {entry.obj!r}"
+                f"{entry.provider} registered a {entry.category} with an empty name "
+                f"({_qualname(entry.obj)}: give it a `kind`)"
             )
         other = table.get(entry.name)
         if other is not None and other.obj is not entry.obj:
+            if other.provider != BUILTIN:
+                table[entry.name] = _Clash(entry.name, other.obj, other.provider, other.category)
+            kept = "the built-in is kept" if other.provider == BUILTIN else "neither is used"
             raise RegistryError(
                 f"{entry.category} name {entry.name!r} is provided twice: by {other.provider} "
-                f"({_qualname(other.obj)}) and by {entry.provider} ({_qualname(entry.obj)}); uninstall one "
+                f"({_qualname(other.obj)}) and by {entry.provider} ({_qualname(entry.obj)}); {kept}: uninstall one "
                 "or skip it with KVPOLICY_DISABLE_PLUGINS=<distribution name>"
             )
         table[entry.name] = entry
@@ -157,6 +168,12 @@ def _build() -> Registry:
             continue
         if plugin_name is not None:
             providers[str(plugin_name)] = dist_label
+            if not pm.get_hookcallers(plugin):
+                _problem(
+                    registry,
+                    f"kvpolicy plugin {ep.name!r} from {dist_label} registers nothing: it has no "
+                    f"@hookimpl-decorated kvpolicy_register_* function (from kvpolicy.hookspecs import hookimpl)",
+                )
 
     tables = {"preset": registry.presets, "adapter": registry.adapters}
     hooks = (
@@ -165,7 +182,12 @@ def _build() -> Registry:
         ("kvpolicy_register_adapters", "adapter"),
     )
     for hook_name, category in hooks:
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        # built-ins first: a plugin's name clash is then the plugin's problem, never the built-in's
+        impls = sorted(
+            getattr(pm.hook, hook_name).get_hookimpls(),
+            key=lambda impl: providers.get(impl.plugin_name) != BUILTIN,
+        )
+        for impl in impls:
             provider = providers.get(impl.plugin_name, impl.plugin_name)
             try:
                 provided = list(impl.function())
@@ -181,7 +203,13 @@ def _build() -> Registry:
                         registry, f"kvpolicy plugin {provider} registered an unsupported object: {obj!r}"
                     )
                     continue
-                registry.add(tables.get(entry.category, registry.components), entry)
+                try:
+                    registry.add(tables.get(entry.category, registry.components), entry)
+                except RegistryError as exc:  # one plugin's bad entry costs that entry, not the registry
+                    _problem(registry, f"kvpolicy plugin {provider}: {exc}")
+    for table in (registry.presets, registry.components, registry.adapters):
+        for name in [n for n, e in table.items() if isinstance(e, _Clash)]:
+            del table[name]  # two plugins claim it: neither is picked silently
     return registry
 
 
