@@ -11,11 +11,34 @@ from collections.abc import Callable
 from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
+
+
+def _check_budget(value: object) -> object:
+    """One plain sentence for a bad budget, instead of the two union branches' messages."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"a budget is a token count (an int >= 1) or a fraction of the prompt (a float in (0, 1]), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"a token budget must be at least 1, got {value}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        hint = (
+            f" (for {int(value)} tokens write the int {int(value)})"
+            if value > 1 and value.is_integer()
+            else ""
+        )
+        raise ValueError(f"a fractional budget must lie in (0, 1], got {value}{hint}")
+    return value
+
 
 #: A KV or token budget: an ``int`` is a token count (>= 1), a ``float`` a fraction of the prompt
 #: length in (0, 1]. Strict types keep ``1`` (one token) and ``1.0`` (the whole prompt) apart.
-Budget = Annotated[StrictInt, Field(ge=1)] | Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
+Budget = Annotated[
+    Annotated[StrictInt, Field(ge=1)] | Annotated[StrictFloat, Field(gt=0.0, le=1.0)],
+    BeforeValidator(_check_budget),
+]
 
 
 def _odd_kernel(kernel: int) -> int:

@@ -9,6 +9,7 @@ distribution and its error (``KVPOLICY_STRICT_PLUGINS=1`` makes that an error), 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -233,8 +234,17 @@ def _entry_for(obj: Any, provider: str, category: str | None) -> Entry | None:
 
 
 # -- lookups ------------------------------------------------------------------------------------
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest known name, or nothing when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _unknown(what: str, name: str, known: Iterable[str]) -> RegistryError:
-    return RegistryError(f"unknown {what} {name!r}; known: {', '.join(sorted(known)) or '(none)'}")
+    names = sorted(known)
+    return RegistryError(
+        f"unknown {what} {name!r}{_did_you_mean(name, names)}; known: {', '.join(names) or '(none)'}"
+    )
 
 
 def validate_settings(cls: type[Settings], values: dict[str, Any], label: str | None = None) -> Any:
@@ -242,16 +252,17 @@ def validate_settings(cls: type[Settings], values: dict[str, Any], label: str | 
     try:
         return cls(**values)
     except ValidationError as exc:
-        raise PolicyConfigError(_explain(label or cls.kind or cls.__name__, exc)) from None
+        raise PolicyConfigError(_explain(label or cls.kind or cls.__name__, exc, cls)) from None
 
 
-def _explain(label: str, exc: ValidationError) -> str:
+def _explain(label: str, exc: ValidationError, cls: type[Settings] | None = None) -> str:
     parts = []
+    fields = list(cls.model_fields) if cls is not None else []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("constrained-", "function-")))
         loc = loc.split(".")[0] if loc else ""
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown setting {loc!r}")
+            parts.append(f"unknown setting {loc!r}{_did_you_mean(loc, fields)}")
         elif loc:
             parts.append(f"{loc}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
         else:

@@ -22,8 +22,14 @@ from kvpolicy.policies import TSP, SnapKV
         ({"tsp_layer": -1}, "tsp_layer=-1"),
         ({"kv_budget": 4}, "window (8) is larger than the budget (4)"),
         ({"kernel": 4}, "kernel must be odd"),
-        ({"kv_budget": "lots"}, "kv_budget='lots'"),
+        ({"kv_budget": "lots"}, "kv_budget='lots': a budget is a token count (an int >= 1) or a fraction"),
+        ({"kv_budget": 0}, "kv_budget=0: a token budget must be at least 1, got 0"),
+        (
+            {"kv_budget": 256.0},
+            "a fractional budget must lie in (0, 1], got 256.0 (for 256 tokens write the int 256)",
+        ),
         ({"bogus": 1}, "unknown setting 'bogus'"),
+        ({"kv_budgt": 1}, "unknown setting 'kv_budgt' (did you mean 'kv_budget'?)"),
     ],
 )
 def test_invalid_preset_settings_name_the_value(kwargs, needle):
@@ -53,8 +59,13 @@ def test_settings_are_immutable_and_round_trip_json():
 
 
 def test_unknown_policy_lists_known_ones():
-    with pytest.raises(RegistryError, match=r"unknown policy 'fastkvv'; known: .*fastkv, fullkv, .*snapkv"):
+    with pytest.raises(
+        RegistryError,
+        match=r"unknown policy 'fastkvv' \(did you mean 'fastkv'\?\); known: .*fastkv, fullkv, .*snapkv",
+    ):
         kvpolicy.get_policy("fastkvv")
+    with pytest.raises(RegistryError, match=r"unknown policy 'nothing-like-it'; known: "):
+        kvpolicy.get_policy("nothing-like-it")  # no close name: no guess
 
 
 def test_tsp_layer_outside_the_model(tiny_model, prompt_ids):
