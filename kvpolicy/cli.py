@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_list = sub.add_parser("list", help="registered policies, components and adapters, with their providers")
+    p_list.add_argument(
+        "name", nargs="?", help="a preset: print its settings with types, defaults and what they mean"
+    )
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
 
     p_gen = sub.add_parser(
@@ -146,6 +149,21 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not args.json:  # the table lists the plugin problems itself: no second copy on stderr
             warnings.simplefilter("ignore", PluginWarning)
         registry = get_registry()
+    if args.name is not None:
+        if args.name not in registry.presets:
+            from kvpolicy.registry import _unknown
+
+            raise _unknown("policy", args.name, registry.presets)
+        from kvpolicy.describe import describe_preset, preset_settings
+
+        if args.json:
+            from dataclasses import asdict
+
+            settings = [asdict(s) for s in preset_settings(registry.presets[args.name].obj)]
+            print(json.dumps({"name": args.name, "settings": settings}, indent=2))
+        else:
+            print(describe_preset(args.name))
+        return 0
     rows = [
         {"name": e.name, "category": e.category, "provider": e.provider, "description": e.description}
         for e in registry.entries()
@@ -268,6 +286,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _generate_help(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """``generate --policy NAME --help``: the command's help, then the preset's own settings (they are
+    options too, but argparse cannot know them before the preset is chosen)."""
+    from kvpolicy.describe import describe_preset
+
+    name = argv[argv.index("--policy") + 1] if argv.index("--policy") + 1 < len(argv) else ""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices["generate"].print_help()
+    if name not in get_registry().presets:
+        from kvpolicy.registry import _unknown
+
+        print(f"\nkvpolicy: error: {_unknown('policy', name, get_registry().presets)}", file=sys.stderr)
+        return 2
+    print("\npreset " + describe_preset(name))
+    return 0
+
+
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     """A plugin's problem as one plain line (not Python's warning format with an internal path)."""
     if issubclass(category, PluginWarning):
@@ -287,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["generate"] and ({"-h", "--help"} & set(argv)) and "--policy" in argv:
+        return _generate_help(parser, argv)
     args, extra = parser.parse_known_args(argv)
     # Policy settings arrive as unknown options (--kv-budget 256); commands that take them say so
     # with `accepts_policy_options` and find them in `args.policy_options`.

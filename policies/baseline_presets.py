@@ -78,6 +78,13 @@ class GemFilterPreset(Preset):
     """GemFilter: an early layer selects the tokens, then the whole model reruns on them.
 
     ``kv_budget`` is the number of tokens the filter keeps, hence what every layer caches.
+
+    Attributes:
+        kv_budget: tokens the filter layer keeps and the rerun caches at every layer: tokens (int) or a
+            fraction of the prompt (float).
+        filter_layer: the filter layer (0-based); ``None`` means the reference's table (13 of 32, 17
+            of 36, 19 of 40), interpolated for other depths.
+        kernel: average-pooling kernel along the tokens (odd).
     """
 
     kind = "gemfilter"
@@ -102,6 +109,23 @@ class PyramidInferPreset(Preset):
     mean retention over layers is ``kv_budget``; ``recent_ratio`` then defaults to the reference's
     pairing (0.2 for fractions of at least 0.5, else 0.01). PyramidInfer cannot go below about a
     third of the prompt: smaller budgets use ``decay = 0`` and warn.
+
+    Attributes:
+        kv_budget: mean KV retention over layers to reach (a fraction, or tokens); ``None`` uses the
+            reference configuration ``config``.
+        config: the reference configuration by mean retention on 32 layers: "35", "50" or "60" (%).
+        recent_ratio: the recent window, the last ``1 + int(L * recent_ratio)`` prompt tokens, never
+            pruned (``None``: the configuration's or the budget's pairing).
+        decay: floor of the prefill pruning's cosine schedule over depth (``None``: the
+            configuration's, or solved from ``kv_budget``).
+        squeeze: also compress while decoding (PyramidInferSqueeze); ``False`` keeps the prefill cache.
+        sinks: first prompt positions never pruned.
+        distance_weight: weight of the newest recent query relative to the oldest in the scores.
+        min_context: a layer whose pruned context would not exceed this many tokens prunes nothing.
+        decode_interval: entries that must leave the recent window before a decode squeeze (16).
+        decode_ratio: fraction of them a squeeze keeps before the depth decay (0.9).
+        decode_decay: depth decay of the kept count while decoding; 1 keeps the same count at every
+            layer.
     """
 
     kind = "pyramidinfer"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvpolicy.cli import main, parse_overrides
@@ -95,3 +97,33 @@ def test_generate_on_real_model(tmp_path, capsys, real_model):
     captured = capsys.readouterr()
     assert code == 0 and "Paris" in captured.out
     assert "prefill" in captured.err and "KV" in captured.err
+
+
+def test_list_name_prints_every_setting_documented(capsys):
+    """`kvpolicy list NAME`: each setting with its option, type, default and meaning, for every
+    built-in preset (the meanings come from the docstrings of the preset and its components)."""
+    from kvpolicy.describe import preset_settings
+    from kvpolicy.registry import BUILTIN, get_registry
+
+    for name, entry in get_registry().presets.items():
+        if entry.provider != BUILTIN:
+            continue
+        settings = preset_settings(entry.obj)
+        assert all(s.doc for s in settings), (name, [s.name for s in settings if not s.doc])
+    assert main(["list", "fastkv"]) == 0
+    out = capsys.readouterr().out
+    assert "--tsp-rate (tsp_rate): float, default 0.2" in out
+    assert "--kv-budget (kv_budget): int (tokens) | float (fraction of the prompt), default 0.1" in out
+    assert "fraction of the prompt that propagates" in out
+    assert main(["list", "snapkv", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {s["name"] for s in data["settings"]} == {"kv_budget", "window", "kernel", "pooling"}
+    assert main(["list", "fastkb"]) == 2
+    assert "did you mean 'fastkv'?" in capsys.readouterr().err
+
+
+def test_generate_help_with_a_policy_lists_its_settings(capsys):
+    assert main(["generate", "--policy", "h2o", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--max-new-tokens" in out  # the command's own help
+    assert "preset h2o" in out and "--evict-during-decode (evict_during_decode): bool, default False" in out

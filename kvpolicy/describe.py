@@ -1,0 +1,123 @@
+"""What a preset's settings are, for ``kvpolicy list NAME`` and ``generate --policy NAME --help``.
+
+Preset fields carry no descriptions of their own: their meanings (and the reference each default
+comes from) are written once, in the ``Attributes:`` section of the docstrings of the preset and of
+the components it builds. This module finds each field's line there (``kv_budget`` is a cache's
+``budget``, ``tsp_layer`` the TSP component's ``layer``), so nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic_core import PydanticUndefined
+
+from kvpolicy.config import Settings
+
+#: Preset-field prefixes that name the component field they set (``tsp_rate`` is TSP's ``rate``).
+_PREFIXES = ("kv_", "tsp_", "filter_", "cache_")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One preset setting: its option, type, default and the documented meaning."""
+
+    name: str
+    option: str
+    type: str
+    default: str
+    doc: str
+
+
+def attributes(cls: type) -> dict[str, str]:
+    """``{name: text}`` of the ``Attributes:`` section of ``cls``'s docstring (Google style)."""
+    doc = inspect.getdoc(cls) or ""
+    out: dict[str, str] = {}
+    section = re.split(r"^Attributes:\s*$", doc, maxsplit=1, flags=re.M)
+    if len(section) < 2:
+        return out
+    current = None
+    for line in section[1].splitlines():
+        if line and not line.startswith(" "):
+            break  # the next section
+        match = re.match(r"^ {4}(\w+)(?: \([^)]*\))?: (.*)$", line)
+        if match:
+            current = match.group(1)
+            out[current] = match.group(2).strip()
+        elif current and line.strip():
+            out[current] += " " + line.strip()
+    return out
+
+
+def preset_settings(preset: type) -> list[Setting]:
+    """Every setting of ``preset`` (a :class:`~kvpolicy.presets.Preset` subclass), documented from the
+    docstrings of the preset and of the components its defaults build."""
+    from kvpolicy.registry import get_registry
+
+    docs: list[dict[str, str]] = [attributes(preset)]
+    try:
+        built = preset().build()
+        for part in (built.cache, built.propagation):
+            docs.append(attributes(type(part)))
+            # components wrapping another (AdaKV around SnapKV): the wrapped one's settings too
+            docs += [attributes(type(v)) for v in vars(part).values() if isinstance(v, Settings)]
+    except Exception:  # settings without defaults (a required file): the component of the same kind
+        same = get_registry().components.get(getattr(preset, "kind", ""))
+        if same is not None:
+            docs.append(attributes(same.obj))
+    out = []
+    for name, field in preset.model_fields.items():
+        keys = [name] + [name[len(p) :] for p in _PREFIXES if name.startswith(p)]
+        text = _plain(next((d[k] for k in keys for d in docs if k in d), ""))
+        default = "(required)" if field.default is PydanticUndefined else repr(field.default)
+        out.append(Setting(name, "--" + name.replace("_", "-"), _type_name(field.annotation), default, text))
+    return out
+
+
+def _plain(text: str) -> str:
+    """Docstring markup as plain text: ``x`` -> x, :func:`y` -> y."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+
+def _type_name(annotation: Any) -> str:
+    if getattr(annotation, "__origin__", None) is Literal:
+        return " | ".join(repr(a) for a in annotation.__args__)
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    text = re.sub(r"typing\.|Annotated\[|, [A-Z]\w+\(.*?\)\]|StrictInt|StrictFloat", _simplify, text)
+    if (
+        "Strict" in str(annotation)
+        and "int" in str(annotation).lower()
+        and "float" in str(annotation).lower()
+    ):
+        return "int (tokens) | float (fraction of the prompt)"
+    return text
+
+
+def _simplify(match: re.Match[str]) -> str:
+    return {"StrictInt": "int", "StrictFloat": "float"}.get(match.group(0), "")
+
+
+def describe_preset(name: str) -> str:
+    """The text ``kvpolicy list NAME`` prints: what the preset builds and each setting."""
+    from kvpolicy.registry import get_registry
+
+    registry = get_registry()
+    entry = registry.presets[name]
+    preset = entry.obj
+    lines = [f"{name} ({entry.provider}): {entry.description}"]
+    with contextlib.suppress(Exception):  # settings without defaults: nothing to build
+        lines.append(f"with its defaults: {preset().build().describe()}")
+    settings = preset_settings(preset)
+    if not settings:
+        lines.append("no settings")
+        return "\n".join(lines)
+    lines.append("settings (options of generate, eval and bench; keyword arguments of kvpolicy.get_policy):")
+    for s in settings:
+        lines.append(f"  {s.option} ({s.name}): {s.type}, default {s.default}")
+        if s.doc:
+            lines.append(f"      {s.doc}")
+    return "\n".join(lines)
