@@ -27,8 +27,9 @@ Defaults and where they come from:
   ``head_map_file`` reads that TSV (values clipped to ``[0, 1]`` as the official ``load_attn_pattern``
   does) or JSON (a list of lists, or an object with a ``"head_map"`` list, as
   :func:`write_head_map` writes). kvpress instead marks the lowest-scoring
-  ``head_compression_ratio`` share of heads as streaming; :func:`threshold_for_ratio` gives the
-  threshold that does the same.
+  ``head_compression_ratio`` share of heads as streaming: ``ratio`` does the same, exactly (ties
+  broken by layer then head order); :func:`threshold_for_ratio` gives a threshold for at least that
+  share (a threshold cannot split tied heads).
 * Compression is at prefill only by default, as kvpress does (its press masks the streaming heads'
   middle entries at prefill); ``rolling=True`` also keeps each streaming head at ``sink + recent``
   while decoding, as the official static cache does (``duo_attn/patch/static_kv_cache.py``).
@@ -126,17 +127,29 @@ def write_head_map(path: Path | str, head_map: Sequence[Sequence[float]], **meta
 
 
 def threshold_for_ratio(head_map: Sequence[Sequence[float]], ratio: float) -> float:
-    """The threshold that makes about ``ratio`` of the heads streaming heads (kvpress's
-    ``head_compression_ratio``: the ``round(ratio * n)`` lowest-scoring heads); ties may add more."""
+    """A threshold that makes at least ``ratio`` of the heads streaming heads (kvpress's
+    ``head_compression_ratio``: the ``round(ratio * n)`` lowest-scoring heads). A threshold cannot
+    split heads of equal score: heads tied with the last one the ratio takes stream too, so a tie at
+    the cut makes *more* heads stream, never fewer. For exactly the ratio, ties broken by layer then
+    head order as kvpress's sort does, give :class:`DuoAttention` ``ratio`` instead."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio={ratio!r} must be in [0, 1]")
     scores = sorted(v for row in head_map for v in row)
     n = round(ratio * len(scores))
     if n == 0:
         return 0.0
-    if n >= len(scores):
-        return float("inf")
-    return scores[n]
+    above = [v for v in scores[n:] if v > scores[n - 1]]
+    return above[0] if above else float("inf")
+
+
+def streaming_for_ratio(head_map: Sequence[Sequence[float]], ratio: float) -> list[list[bool]]:
+    """Per layer and KV head: whether it streams when exactly ``round(ratio * n)`` of the ``n`` heads
+    do, the lowest-scoring ones, ties broken by layer then head order (kvpress's stable sort)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio={ratio!r} must be in [0, 1]")
+    flat = [(v, layer, head) for layer, row in enumerate(head_map) for head, v in enumerate(row)]
+    chosen = {(layer, head) for _, layer, head in sorted(flat)[: round(ratio * len(flat))]}
+    return [[(layer, head) in chosen for head in range(len(row))] for layer, row in enumerate(head_map)]
 
 
 class DuoAttention(CachePolicy):
@@ -149,6 +162,9 @@ class DuoAttention(CachePolicy):
         head_map_file: a JSON or TSV file holding the head map (see :func:`read_head_map`); read and
             checked when the policy is built.
         threshold: a head whose score is at or above it keeps everything (official default 0.5).
+        ratio: instead of ``threshold``, the share of heads that stream, met exactly: the
+            ``round(ratio * heads)`` lowest-scoring heads, ties broken by layer then head order
+            (kvpress's ``head_compression_ratio``).
         sink: initial prompt positions a streaming head keeps (official default 64).
         recent: most recent entries a streaming head keeps besides its sinks (official default 256).
         rolling: streaming heads keep evicting while decoding (their oldest non-sink entry once they
@@ -161,11 +177,13 @@ class DuoAttention(CachePolicy):
     head_map: list[list[float]] | None = None
     head_map_file: Path | None = None
     threshold: float = Field(DEFAULT_THRESHOLD, ge=0.0, le=1.0)
+    ratio: float | None = Field(None, ge=0.0, le=1.0)
     sink: int = Field(DEFAULT_SINK, ge=0)
     recent: int = Field(DEFAULT_RECENT, ge=1)
     rolling: bool = False
 
     _scores: list[list[float]] = PrivateAttr(default_factory=list)
+    _retrieval: list[list[bool]] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> DuoAttention:
@@ -179,6 +197,11 @@ class DuoAttention(CachePolicy):
             self._scores = _check_map(self.head_map, "head_map")
         else:
             self._scores = read_head_map(self.head_map_file)  # type: ignore[arg-type]
+        if self.ratio is not None:
+            streaming = streaming_for_ratio(self._scores, self.ratio)
+            self._retrieval = [[not s for s in row] for row in streaming]
+        else:
+            self._retrieval = [[v >= self.threshold for v in row] for row in self._scores]
         return self
 
     def _file_repr(self) -> str:
@@ -191,7 +214,7 @@ class DuoAttention(CachePolicy):
 
     def retrieval_heads(self, layer: int) -> list[bool]:
         """Per KV head of ``layer``: whether it is a retrieval head (keeps everything)."""
-        return [s >= self.threshold for s in self._scores[layer]]
+        return list(self._retrieval[layer])
 
     @property
     def streaming_keep(self) -> int:
@@ -269,6 +292,7 @@ class DuoAttentionPreset(Preset):
 
     head_map_file: Path
     threshold: float = Field(DEFAULT_THRESHOLD, ge=0.0, le=1.0)
+    ratio: float | None = Field(None, ge=0.0, le=1.0)
     sink: int = Field(DEFAULT_SINK, ge=0)
     recent: int = Field(DEFAULT_RECENT, ge=1)
     rolling: bool = False
@@ -277,6 +301,7 @@ class DuoAttentionPreset(Preset):
         cache = DuoAttention(
             head_map_file=self.head_map_file,
             threshold=self.threshold,
+            ratio=self.ratio,
             sink=self.sink,
             recent=self.recent,
             rolling=self.rolling,
@@ -398,6 +423,7 @@ __all__ = [
     "calibrate_heads",
     "duo_head_scores",
     "read_head_map",
+    "streaming_for_ratio",
     "threshold_for_ratio",
     "write_head_map",
 ]

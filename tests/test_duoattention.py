@@ -26,6 +26,7 @@ from kvpolicy.policies.duoattention import (  # noqa: E402
     DuoAttentionPreset,
     duo_head_scores,
     read_head_map,
+    streaming_for_ratio,
     threshold_for_ratio,
     write_head_map,
 )
@@ -322,6 +323,25 @@ def test_threshold_for_ratio():
     assert threshold_for_ratio(scores, 1.0) == float("inf")
     with pytest.raises(ValueError, match=r"ratio=1\.5"):
         threshold_for_ratio(scores, 1.5)
+    # a tie at the cut: the heads tied with the last one taken stream too (never fewer than the ratio)
+    tied = [[0.1, 0.3], [0.3, 0.9]]
+    threshold = threshold_for_ratio(tied, 0.5)
+    streaming = sum(v < threshold for row in tied for v in row)
+    assert threshold == 0.9 and streaming == 3 >= 2
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_ratio_is_met_exactly_with_ties(ratio):
+    """`ratio`: exactly round(ratio * heads) stream, the lowest first, ties broken by layer then head
+    (kvpress's head_compression_ratio), where a threshold cannot split tied heads."""
+    tied = [[0.3, 0.3], [0.3, 0.3]]  # every head tied
+    policy = DuoAttention(head_map=tied, ratio=ratio, sink=SINK, recent=RECENT)
+    streaming = [
+        (layer, h) for layer in range(2) for h, r in enumerate(policy.retrieval_heads(layer)) if not r
+    ]
+    assert len(streaming) == round(4 * ratio)
+    assert streaming == [(0, 0), (0, 1), (1, 0), (1, 1)][: round(4 * ratio)]  # first by layer, then head
+    assert streaming_for_ratio([[0.2, 0.1], [0.9, 0.1]], 0.5) == [[False, True], [False, True]]
 
 
 def test_preset_builds_the_policy(tmp_path, model, ids):
