@@ -79,6 +79,22 @@ class DecoderAdapter:
         if impl in _FLASH and importlib.util.find_spec("flash_attn") is not None:
             self._paged_kernel = flash_paged_attention
 
+    @property
+    def plain_rope_theta(self) -> float | None:
+        """The RoPE base when the model's rotary embedding is plain RoPE over the whole head (rope type
+        ``default``, no partial rotation, one set of parameters for every layer), else ``None``."""
+        cfg = self.config
+        params = getattr(cfg, "rope_parameters", None) or {}
+        if any(isinstance(v, dict) for v in params.values()):  # per layer type (Gemma 3): not one RoPE
+            return None
+        scaling = getattr(cfg, "rope_scaling", None) or {}
+        rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+        partial = getattr(cfg, "partial_rotary_factor", None) or 1.0
+        if rope_type != "default" or partial != 1.0 or not isinstance(theta, (int, float)):
+            return None
+        return float(theta)
+
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return type(model).__name__ in cls.architectures
@@ -377,6 +393,7 @@ class DecoderAdapter:
                     key=k[b : b + 1, :, lo:],
                     value=v[b : b + 1, :, lo:],
                     scaling=attn.scaling,
+                    rope_theta=self.plain_rope_theta,
                 )
                 if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
                     parts.append(None)

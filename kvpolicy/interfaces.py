@@ -60,6 +60,10 @@ class LayerView:
     #: cache policy is asked first, then the propagation policy). Keys: tuples starting with the
     #: producing policy's ``kind``; values depend only on this view and the key.
     shared: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    #: The model's RoPE base when its rotary embedding is plain RoPE over the whole head (no scaling,
+    #: no partial rotation, one kind for every layer), else ``None``: what a policy that undoes RoPE
+    #: (ExpectedAttention) may rely on.
+    rope_theta: float | None = None
 
     @property
     def num_tokens(self) -> int:

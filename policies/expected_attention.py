@@ -28,13 +28,16 @@ the *average* RoPE rotation over those positions, ``R̄ = mean_p R(p)``: ``μ' =
 positions estimated better but scored lower end to end). A :class:`~kvpolicy.interfaces.LayerView`
 holds queries *after* RoPE and no rotary tables, so the two routes here are:
 
-* ``rope_theta`` given (the model's ``config.rope_theta``; plain RoPE, HF's half-rotation layout, no
-  rope scaling): each post-RoPE query is rotated back to pre-RoPE with the inverse rotation at its
-  original position (RoPE is orthogonal: ``q_pre = R(p)ᵀ q_post``), then the kvpress computation runs
-  exactly, with the future positions ``prompt_len .. prompt_len + n_future_positions - 1`` (where
-  decoding continues, whatever a propagation cut left at this layer). A wrong theta silently gives
-  wrong statistics, hence no default.
-* ``rope_theta=None`` (default; any model, any rope type): statistics of the post-RoPE queries of the
+* a RoPE base (the default ``rope_theta="model"`` takes the model's own from its config, through the
+  adapter, when its rotary embedding is plain RoPE: HF's half-rotation layout, no rope scaling, no
+  partial rotation, one kind for every layer; a number sets it by hand): each post-RoPE query is
+  rotated back to pre-RoPE with the inverse rotation at its original position (RoPE is orthogonal:
+  ``q_pre = R(p)ᵀ q_post``), then the kvpress computation runs exactly, with the future positions
+  ``prompt_len .. prompt_len + n_future_positions - 1`` (where decoding continues, whatever a
+  propagation cut left at this layer). A wrong theta silently gives wrong statistics, hence the base
+  comes from the model's config, never from a guess.
+* no plain RoPE (``rope_theta=None``, or ``"model"`` on a model with scaled, partial or per-layer RoPE;
+  any rope type): statistics of the post-RoPE queries of the
   last ``n_future_positions`` tokens (past the sinks), used as they are, in the keys' frame. Under
   kvpress's own model (pre-RoPE queries i.i.d.) their mean is ``R̄_past μ``, the rotation averaged over
   the *last* ``n`` positions, where kvpress uses the next ``n``: RoPE rotations commute, so
@@ -59,6 +62,7 @@ exactly and must exceed ``n_sink``.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -279,7 +283,7 @@ class ExpectedAttentionSettings(Settings):
     use_vnorm: bool = True
     epsilon: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     stats_window: int | None = Field(None, ge=1)
-    rope_theta: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    rope_theta: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["model"] | None = "model"
 
 
 class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
@@ -299,8 +303,11 @@ class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
         stats_window: the most recent queries the statistics are taken over (sinks excluded). ``None``:
             every query past the sinks with ``rope_theta`` (kvpress), the last ``n_future_positions``
             without (see the module docstring for why).
-        rope_theta: the model's plain-RoPE base: rotate queries back and run kvpress's pre-RoPE
-            computation exactly. ``None``: post-RoPE statistics, for any model.
+        rope_theta: ``"model"`` (default): the model's own plain-RoPE base, from its config, when its
+            rotary embedding is plain RoPE (the adapter reports it: ``LayerView.rope_theta``); then
+            queries are rotated back and kvpress's pre-RoPE computation runs exactly; a model with
+            scaled, partial or per-layer RoPE gets the post-RoPE statistics. A number: that base.
+            ``None``: post-RoPE statistics, for any model.
     """
 
     kind = "expected_attention"
@@ -320,11 +327,16 @@ class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
         ``n_sink + 8``)."""
         return resolve_budget(self.budget, prompt_len, floor=self.n_sink + MIN_SCORED)
 
-    def statistics_window(self, num_tokens: int) -> int:
-        """How many of the last tokens present the query statistics read (sinks among them excluded)."""
+    def theta_for(self, view: LayerView) -> float | None:
+        """The RoPE base this policy undoes on ``view`` (``None``: post-RoPE statistics)."""
+        return view.rope_theta if self.rope_theta == "model" else self.rope_theta  # type: ignore[return-value]
+
+    def statistics_window(self, num_tokens: int, theta: float | None = None) -> int:
+        """How many of the last tokens present the query statistics read (sinks among them excluded);
+        ``theta``: the RoPE base in use (:meth:`theta_for`)."""
         if self.stats_window is not None:
             window = self.stats_window
-        elif self.rope_theta is not None:
+        elif theta is not None:
             window = num_tokens
         else:
             window = self.n_future_positions
@@ -337,11 +349,12 @@ class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
         with :meth:`resolved_budget`.
         """
         t = view.num_tokens
-        lo = t - self.statistics_window(t)
+        theta = self.theta_for(view)
+        lo = t - self.statistics_window(t, theta)
         positions = view.positions[:, lo:]
         inv_freq = None
-        if self.rope_theta is not None:
-            inv_freq = rope_inverse_frequencies(self.rope_theta, view.query.shape[-1], view.query.device)
+        if theta is not None:
+            inv_freq = rope_inverse_frequencies(theta, view.query.shape[-1], view.query.device)
         return expected_attention_scores(
             view.query[:, :, lo:],
             view.key,

@@ -72,8 +72,8 @@ def naive_scores(view, policy: ExpectedAttention) -> torch.Tensor:
     h_kv = k.shape[0]
     n_rep = h_q // h_kv
     s = view.scaling
-    window = policy.statistics_window(t)
-    theta = policy.rope_theta
+    theta = policy.theta_for(view)
+    window = policy.statistics_window(t, theta)
     if theta is not None:
         rotations = [
             naive_rotation(p, theta, d)
@@ -115,6 +115,7 @@ def naive_scores(view, policy: ExpectedAttention) -> torch.Tensor:
 
 ROUTES = [
     {},
+    {"rope_theta": None},
     {"rope_theta": 10000.0},
     {"rope_theta": 500.0, "n_future_positions": 7, "stats_window": 12, "n_sink": 2},
     {"use_covariance": False, "use_vnorm": False},
@@ -440,3 +441,40 @@ class TestExpectedAttentionConformance(CachePolicyConformance):
             budgeted=lambda budget: ExpectedAttention(budget=budget, rope_theta=10000.0),
         ),
     )
+
+
+def test_rope_base_comes_from_the_model_by_default(tiny_model):
+    """The default ``rope_theta="model"`` takes the base the adapter reports (plain RoPE only): the
+    same scores as giving that base by hand; without one (scaled or per-layer RoPE), the post-RoPE
+    statistics of ``rope_theta=None``."""
+    from dataclasses import replace
+
+    import kvpolicy
+
+    theta = kvpolicy.get_adapter(tiny_model).plain_rope_theta
+    assert theta == tiny_model.config.rope_parameters["rope_theta"]
+    view = make_view(t=40, seed=0)
+    by_model = ExpectedAttention(budget=12).key_scores(replace(view, rope_theta=theta))
+    by_hand = ExpectedAttention(budget=12, rope_theta=theta).key_scores(view)
+    assert torch.equal(by_model, by_hand)
+    no_plain = ExpectedAttention(budget=12).key_scores(view)  # the view reports no plain RoPE
+    assert torch.equal(no_plain, ExpectedAttention(budget=12, rope_theta=None).key_scores(view))
+    assert not torch.equal(no_plain, by_hand)
+
+
+def test_scaled_rope_is_not_plain():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import kvpolicy
+
+    scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_parameters=scaled,
+    )
+    assert kvpolicy.get_adapter(LlamaForCausalLM(cfg)).plain_rope_theta is None
