@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import types
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from pydantic import StrictFloat, StrictInt
 from pydantic_core import PydanticUndefined
 
 from kvpolicy.config import Settings
@@ -84,21 +86,21 @@ def _plain(text: str) -> str:
 
 
 def _type_name(annotation: Any) -> str:
-    if getattr(annotation, "__origin__", None) is Literal:
-        return " | ".join(repr(a) for a in annotation.__args__)
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    text = re.sub(r"typing\.|Annotated\[|, [A-Z]\w+\(.*?\)\]|StrictInt|StrictFloat", _simplify, text)
-    if (
-        "Strict" in str(annotation)
-        and "int" in str(annotation).lower()
-        and "float" in str(annotation).lower()
-    ):
-        return "int (tokens) | float (fraction of the prompt)"
-    return text
-
-
-def _simplify(match: re.Match[str]) -> str:
-    return {"StrictInt": "int", "StrictFloat": "float"}.get(match.group(0), "")
+    """A readable type: ``int | None``, ``'max' | 'avg'``; a budget says what its two forms mean."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        inner = _type_name(args[0])
+        return "int (tokens) | float (fraction of the prompt)" if inner == "int | float" else inner
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        text = " | ".join(dict.fromkeys(_type_name(a) for a in args))
+        return "int (tokens) | float (fraction of the prompt)" if text == "int | float" else text
+    if annotation is type(None):
+        return "None"
+    if annotation in (StrictInt, StrictFloat):
+        return "int" if annotation is StrictInt else "float"
+    return getattr(annotation, "__name__", None) or str(annotation)
 
 
 def describe_preset(name: str) -> str:
