@@ -11,7 +11,7 @@
 #   3. batch 1 at 128K, as 1 without H2O (its prefill scores every query: O(L^2) fp32, minutes at 128K).
 #   4. transformers StaticCache + torch.compile (its documented fast path) at $HF_LENGTH, fullkv beside.
 #   5. throughput at 128K (as far as it fits in what is left of the time budget).
-# Stage limits are sized from the H200 figures in /work/shared/reference/gpu-decode.md (8B prefill 1.4 s at
+# Stage limits are sized from the first H200 run (docs/performance.md, GPU section: 8B prefill 1.4 s at
 # 32K, 12 s at 128K; eager steps ~45 ms); the whole matrix has not run on a GPU yet.
 # Each stage is one process under `timeout`, capped by what is left of $BUDGET seconds; every run's
 # figures are printed as they come and each stage rewrites its JSON after every length, so a stage cut
@@ -25,7 +25,7 @@
 # stages then run into their timeouts); FAST="--graphs --compile" records the compiled step.
 #
 # On the device machine (torch and transformers there, no network): build kvpolicy's wheel and fetch the
-# missing ones here (see /work/shared/reference/gpu-decode.md section 5: `pip wheel --no-deps -w .whl .`,
+# missing ones here (`pip wheel --no-deps -w .whl .`,
 # and pydantic, pydantic-core, annotated-types, typing-inspection, gguf, transformers==5.24.0 with
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`), carry .whl, and run
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \

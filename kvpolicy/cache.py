@@ -1,6 +1,6 @@
 """The one KV cache: paged, ragged per (sequence, KV head), appended and evicted in place.
 
-Why this layout (design-notes §4, §7):
+Why this layout (Design notes: "The cache: paged, ragged per (sequence, KV head)"):
 
 * **Per-head lengths.** Head-adaptive methods (AdaKV, DuoAttention) keep a different number of entries
   per KV head; sequences of a batch keep different numbers too (budgets resolve against each prompt).
@@ -20,7 +20,7 @@ Why this layout (design-notes §4, §7):
   the same in torch, page by page (split-K, then an exact log-sum-exp merge), reading each entry once.
 
 The same object is a transformers ``Cache`` whose reported length is the *logical* one (prompt length
-plus tokens generated, design-notes §3), so ``model.generate`` can continue from it when every row of a
+plus tokens generated), so ``model.generate`` can continue from it when every row of a
 layer holds the same number of entries (the dense view transformers attends to needs that).
 """
 
@@ -469,7 +469,7 @@ def paged_attention(
     weights = torch.exp(scores - row_max[layer.page_owner][..., None])  # (P+1, n_rep, blk)
     denom = scores.new_zeros((rows + 1, n_rep)).index_add_(0, layer.page_owner, weights.sum(dim=-1))
     part = torch.bmm(weights.to(layer.v_pool.dtype), layer.v_pool)  # (P+1, n_rep, d_v)
-    # page partials summed in float32: bf16 sums over thousands of pages lose ~1 % (gpu-decode.md §3)
+    # page partials summed in float32: bf16 sums over thousands of pages lose ~1 % (measured against fp64)
     out = scores.new_zeros((rows + 1, n_rep, part.shape[-1])).index_add_(0, layer.page_owner, part.float())
     if sink is not None:  # the sink's share of the softmax: in the denominator, no value
         denom = torch.cat([denom[:rows] + torch.exp(sink - row_max[:rows]), denom[rows:]])

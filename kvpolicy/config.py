@@ -2,7 +2,7 @@
 
 Policies are immutable settings (pydantic models, ``frozen=True``) plus pure functions; anything that
 changes during one request lives in :class:`kvpolicy.state.RequestState`, never here. That is what lets
-one policy object serve interleaved requests and threads (design-notes §5).
+one policy object serve interleaved requests and threads.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ OddKernel = Annotated[int, Field(ge=1), AfterValidator(_odd_kernel)]
 def resolve_budget(budget: int | float, prompt_len: int, floor: int = 0) -> int:
     """Token count of ``budget`` for a prompt of ``prompt_len`` tokens.
 
-    Fractions round down as the reference does (``int(L * r)``, methods.md), but never below one
+    Fractions round down as the FastKV reference code does (``int(L * r)``), but never below one
     token nor below ``floor``, and never above the prompt: ``min(L, max(int(L * r), floor, 1))``.
     The floor is what the calling policy needs to stay meaningful (SnapKV: its window plus as many
     selected entries), because a fraction chosen for long prompts would otherwise gut a short one

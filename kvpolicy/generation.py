@@ -1,6 +1,6 @@
 """Generation under a policy: prefill through the adapter, then a decode loop with explicit positions.
 
-Decode positions continue at the original prompt length (design-notes §3), not at the number of
+Decode positions continue at the original prompt length, not at the number of
 entries the compressed cache holds. :func:`prefill` also hands back a transformers ``Cache`` that
 ``model.generate`` can continue from (see the README).
 """

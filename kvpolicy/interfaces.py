@@ -1,7 +1,7 @@
 """The two hook interfaces every method is built from, and the views adapters hand them.
 
-A model adapter owns the prefill layer loop (design-notes §1). After each layer it builds one
-:class:`LayerView` and asks
+A model adapter owns the prefill layer loop (Overview: "Where each hook fires"). After each layer it
+builds one :class:`LayerView` and asks
 
 * the :class:`CachePolicy` which KV entries that layer keeps for decoding (per KV head), and
 * the :class:`PropagationPolicy` which tokens go on to the next layer (or to restart the model on).
@@ -55,7 +55,7 @@ class LayerView:
     key: torch.Tensor
     value: torch.Tensor
     scaling: float
-    _window_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _window_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, kw_only=True)
     #: Results one policy of a composition computed from this layer that the other may reuse (the
     #: cache policy is asked first, then the propagation policy). Keys: tuples starting with the
     #: producing policy's ``kind``; values depend only on this view and the key.
@@ -127,7 +127,7 @@ class DecodeView:
     positions: torch.Tensor
     lengths: torch.Tensor
     scaling: float
-    _dense: Any = field(default=None, repr=False)
+    _dense: Any = field(default=None, repr=False, kw_only=True)  # engine-internal: keyword only
     #: the prompt length of each row (``(prompt_len,)`` for a one-sequence view).
     prompt_lens: tuple[int, ...] = ()
     step_tensor: torch.Tensor | None = None
@@ -184,7 +184,7 @@ DecodeDecision = torch.Tensor | PerHead | Evict | None
 @dataclass(frozen=True)
 class Propagate:
     """Only these tokens go on to the next layer. ``indices``: ``(B, T')`` sorted indices into the
-    tokens present at this layer. They keep their original positions (methods.md, FastKV)."""
+    tokens present at this layer. They keep their original positions (as in FastKV)."""
 
     indices: torch.Tensor
 
@@ -194,7 +194,7 @@ class Restart:
     """Run the whole model again on these prompt tokens, with fresh positions ``0..k-1``.
 
     ``indices``: ``(B, k)`` sorted indices into the *original prompt*. The cache built so far is
-    discarded; the second pass has no propagation (GemFilter, methods.md)."""
+    discarded; the second pass has no propagation (as in GemFilter)."""
 
     indices: torch.Tensor
 

@@ -2,7 +2,7 @@
 
 Nothing here keeps state or knows a policy by name. Costs are O(window · T) per layer: keys are
 never repeated to query heads (queries are reshaped to the grouped-query layout instead) and no
-T × T matrix is formed (design-notes §2).
+T × T matrix is formed (Design notes: "Scores without attention weights").
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ Pooling = Literal["max", "avg"]
 def window_attention(query: torch.Tensor, key: torch.Tensor, window: int, scaling: float) -> torch.Tensor:
     """Softmax attention of the last ``window`` queries over all keys, summed over those queries.
 
-    Steps 1-3 of the shared SnapKV scoring (methods.md): scores ``Q_win · Kᵀ · scaling`` per query
+    Steps 1-3 of the SnapKV scoring in FastKV's reference: scores ``Q_win · Kᵀ · scaling`` per query
     head, causal mask inside the ``window × window`` block only (prefix keys all precede the window),
     softmax over keys in float32, sum over the window queries.
 

@@ -1,8 +1,8 @@
 """Per-request state: everything that belongs to one generation, and nothing else.
 
 Policies are immutable; what they need to remember between layers or decode steps (H2O's running
-scores, a decode counter, ...) goes in :meth:`RequestState.scratch`, created fresh for each request
-(design-notes §5). Sharing a policy object across threads or interleaved requests is therefore safe.
+scores, a decode counter, ...) goes in :meth:`RequestState.scratch`, created fresh for each request.
+Sharing a policy object across threads or interleaved requests is therefore safe.
 
 A :class:`Batch` groups the requests that prefill and decode together (one prompt is a batch of
 one): their shared cache, their next positions on the device, and the checks deferred out of the

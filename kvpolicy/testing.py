@@ -13,7 +13,13 @@ Any policy author can run the checks every built-in cache policy passes against 
 
 Enable the plugin in the conftest.py at the root of your tests (or ``pytest -p kvpolicy.testing``)::
 
+    import pytest
+
+    pytest.register_assert_rewrite("kvpolicy.testing")
     pytest_plugins = ["kvpolicy.testing"]
+
+(``register_assert_rewrite`` first: a conftest that imports ``kvpolicy.testing`` at module level, as
+below, otherwise makes pytest warn on every run that it cannot rewrite the plugin's asserts.)
 
 declare what to test with the ``pytest_kvpolicy_cases`` hook in that conftest.py::
 

@@ -4,7 +4,7 @@ H2O needs column sums of the *whole* causal attention matrix, PyramidInfer the a
 recent block of queries, and both the new token's attention during decoding. All of it is computed
 here in the grouped-query layout (queries reshaped to ``(H_kv, n_rep, ...)``, keys never repeated) and
 in query chunks, so memory stays ``O(chunk · T)`` per layer and no ``T × T`` matrix is ever formed
-(design-notes §2). Everything is float32, as the reference's softmaxes are.
+(Design notes: "Scores without attention weights"). Everything is float32, as the reference's softmaxes are.
 
 Shapes: ``B`` batch, ``H_q``/``H_kv`` query/KV heads, ``n_rep = H_q / H_kv``, ``T`` keys, ``d`` head dim.
 """

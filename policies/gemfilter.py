@@ -7,8 +7,8 @@ top ``int(L · r)`` tokens, in prompt order, are then run through the *whole* mo
 contiguous positions ``0..k-1`` (a :class:`~kvpolicy.interfaces.Restart`). The composition's cache
 policy applies to that second pass: full by default, as in the reference.
 
-Defaults are the FastKV reference's (github.com/dongwonjo/FastKV, ``baseline/gemfilter``;
-``../shared/reference/methods.md``): kernel 5, retention 0.1. Its filter layer is 13 of 32 for
+Defaults are the FastKV reference code's (github.com/dongwonjo/FastKV,
+``baseline/gemfilter``): kernel 5, retention 0.1. Its filter layer is 13 of 32 for
 Llama-3.1-8B, 17 of 36 for Ministral-8B and 19 of 40 for Mistral-Nemo; without a ``layer`` this uses
 exactly that table for those depths, and for other depths a piecewise-linear rule through its three
 points (:func:`default_filter_layer`): linear between 32 and 40 layers, the nearest end's depth
@@ -62,14 +62,14 @@ def gemfilter_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.cat([top, last], dim=-1).sort(dim=-1).values
 
 
-#: The reference's filter layers by model depth (methods.md): Llama-3.1-8B, Ministral-8B, Mistral-Nemo.
+#: The FastKV reference code's filter layers by model depth: Llama-3.1-8B, Ministral-8B, Mistral-Nemo.
 REFERENCE_FILTER_LAYERS: dict[int, int] = {32: 13, 36: 17, 40: 19}
 
 
 def default_filter_layer(num_layers: int) -> int:
     """The filter layer for an ``N``-layer model: the reference's table, interpolated.
 
-    The reference (methods.md) filters at 13 of 32 layers, 17 of 36 and 19 of 40, which no single
+    The FastKV reference code filters at 13 of 32 layers, 17 of 36 and 19 of 40, which no single
     depth fraction fits. This reproduces those three points exactly and joins them piecewise
     linearly: between 32 and 40 layers the layer is interpolated linearly between the neighbouring
     points (e.g. 18 of 38); below 32 it is ``13 N / 32`` and above 40 ``19 N / 40`` (the nearest

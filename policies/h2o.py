@@ -3,7 +3,7 @@
 Each layer scores its keys by the attention they receive from *every* query (column sums of the
 causal attention matrix, summed over the query heads of each KV group) and keeps, per KV head, the
 top ``budget - window`` keys outside the last ``window`` plus that window. Defaults are the FastKV
-reference's (github.com/dongwonjo/FastKV; ``../shared/reference/methods.md``): window 8, retention
+reference code's (github.com/dongwonjo/FastKV): window 8, retention
 0.1, compression at prefill only; ``evict_during_decode=True`` keeps evicting while generating, as
 the H2O paper does: each new token's attention is added to per-request running scores and the
 lowest-scoring entry outside the window leaves, so the cache stays at its budget.

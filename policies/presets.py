@@ -56,7 +56,7 @@ DEFAULT_TSP_LENGTH = 2048
 class FastKVPreset(_SnapKVSettings):
     """FastKV: token-selective propagation plus independent SnapKV-style cache compression.
 
-    How many tokens propagate follows the reference (``../shared/reference/methods.md``), which pairs
+    How many tokens propagate follows the FastKV reference code (github.com/dongwonjo/FastKV), which pairs
     its two TSP modes with its two budget modes:
 
     * ``kv_budget`` a fraction (default 0.1): proportional TSP, ``int(L * tsp_rate)`` tokens

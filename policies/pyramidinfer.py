@@ -21,7 +21,7 @@ of 16 by default) that the last ``R`` queries (the recent prompt queries, then t
 attend to most, weighted as above; ``g`` is the cosine schedule with the decode ``decay``.
 
 Defaults are the FastKV reference's (github.com/dongwonjo/FastKV, ``baselines/pyramidinfer``, from
-github.com/mutonix/pyramidinfer; ``../shared/reference/methods.md``): 4 sinks, distance weight 1.2,
+github.com/mutonix/pyramidinfer): 4 sinks, distance weight 1.2,
 minimum context 64, squeeze every 16 entries with ratio 0.9; its 35 % configuration (recent 0.01,
 decay 0.01) is the component default, and :data:`CONFIGS` holds its 35/50/60 % ones. The mean KV
 retention over layers that a (recent_ratio, decay) pair gives is :func:`mean_retention`;
@@ -38,7 +38,7 @@ Where the reference is wrong, this does the right thing:
 * the reference's linear decay schedule is overwritten by its ``if``/``if``-``else`` chain (only the
   cosine one, used by every configuration, works); only the cosine schedule is offered here.
 
-The decode decay defaults to 1 (every layer keeps 14 of 16, as ``methods.md`` states); the original
+The decode decay defaults to 1 (every layer keeps 14 of 16, as in the FastKV reference); the original
 PyramidInfer configurations decay it to 0.1 over depth (``PyramidInferSqueeze(decay=0.1)``, the
 preset's ``decode_decay``). The squeeze state is ``R × (R + interval)`` floats per layer: small for the
 35 % configuration (``R`` is 1 % of the prompt), but quadratic in the prompt for the 60 % one.

@@ -4,7 +4,7 @@ Each layer scores its keys by the softmax attention of the last ``window`` queri
 window), pools the scores along the key axis, sums the query heads of each KV group, and keeps the
 top ``budget - window`` prefix keys per KV head plus the window itself.
 
-Defaults are the FastKV reference's (github.com/dongwonjo/FastKV; ``../shared/reference/methods.md``):
+Defaults are the FastKV reference code's (github.com/dongwonjo/FastKV):
 window 8, kernel 7, max-pooling, retention 0.1 of the prompt. Unlike the reference's SnapKV baseline,
 the cache holds KV heads, never keys repeated to every query head (4x less memory at equal budget).
 

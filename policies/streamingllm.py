@@ -2,7 +2,7 @@
 
 Each layer keeps the first ``sinks`` tokens of the prompt (the attention sinks) and the most recent
 ``budget - sinks`` tokens. Defaults are the FastKV reference's (github.com/dongwonjo/FastKV, its
-StreamingLLM baseline; ``../shared/reference/methods.md``): 4 sinks, retention 0.1 of the prompt, and
+StreamingLLM baseline): 4 sinks, retention 0.1 of the prompt, and
 compression at prefill only; ``rolling=True`` keeps rolling while generating, as the StreamingLLM
 paper does, so the cache stays at its budget.
 

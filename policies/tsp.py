@@ -5,7 +5,7 @@ window attends to most (SnapKV-style scores, summed over all KV heads into one r
 the later layers, with the window itself; everything else stops there. The propagated hidden states
 are the TSP layer's outputs and keep their original positions.
 
-Defaults are the reference's (github.com/dongwonjo/FastKV; ``../shared/reference/methods.md``): TSP
+Defaults are the FastKV reference code's (github.com/dongwonjo/FastKV): TSP
 layer ``N/2 - 1`` (15 of 32 for Llama-3.1-8B), rate 0.2 (``int(L * rate)`` tokens propagate), window
 8, kernel 7, max-pooling. These do not transfer to every model: on SmolLM2-135M layer 14 loses a
 needle that layer 20 keeps, so measure (``kvpolicy calibrate``) before trusting them.

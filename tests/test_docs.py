@@ -19,17 +19,27 @@ The convention (also on the docs' authoring pages):
   ``--8<-- [end:name]``; paths are relative to the repository root.
 * A page using ``kvpolicy_keynorm`` is skipped when that package is not installed
   (``pip install -e contrib/kvpolicy-keynorm``; ``make setup`` does).
+
+The built site is checked too (one ``mkdocs build --strict`` per session, into a temporary folder):
+it loads nothing from another host (it must work offline), every page it builds can be reached from
+the home page by links, and nothing cites the developers' ``../shared/`` notes, which users do not have.
 """
 
 from __future__ import annotations
 import __future__
 
 import importlib.util
+import os
+import posixpath
 import re
+import subprocess
 import sys
 import types
 from dataclasses import dataclass
+from functools import cached_property
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -233,3 +243,188 @@ def test_cli_reference_covers_every_subcommand():
 
     for name, _ in hook._subcommands(_parser()):
         assert f"`kvpolicy {name}`" in rendered and f"usage: kvpolicy {name}" in rendered
+
+
+# --- The built site -----------------------------------------------------------------------------------
+
+#: Attributes through which a page makes the browser fetch something, by tag (``<a href>`` only links).
+ASSET_ATTRS = {
+    "script": ("src",),
+    "img": ("src", "srcset"),
+    "source": ("src", "srcset"),
+    "iframe": ("src",),
+    "embed": ("src",),
+    "object": ("data",),
+    "video": ("src", "poster"),
+    "audio": ("src",),
+    "track": ("src",),
+    "input": ("src",),
+    "image": ("href", "xlink:href"),  # inside inline SVG
+    "use": ("href", "xlink:href"),
+}
+#: ``<link rel=...>`` values that only name a URL (the canonical address is site_url's); any other rel
+#: (stylesheet, icon, preconnect, preload, ...) fetches or connects.
+LINK_NAMES_ONLY = {"canonical", "alternate", "prev", "next", "author", "license", "help"}
+EXTERNAL = re.compile(r"^\s*(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)  # http://, https://, //host
+CSS_EXTERNAL = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"])\s*(?:[a-z][a-z0-9+.-]*:)?//""", re.IGNORECASE)
+SVG_EXTERNAL = re.compile(r"""\b(?:xlink:)?href\s*=\s*["']\s*(?:[a-z][a-z0-9+.-]*:)?//""", re.IGNORECASE)
+#: Developer-only notes (``../shared/`` beside a checkout) that users do not have.
+PRIVATE_NOTES = re.compile(r"\.\./shared/|shared/reference/")
+PRIVATE_NOTE_NAMES = re.compile(r"\bmethods\.md\b|design-notes|gpu-decode\.md")
+
+
+class _Page(HTMLParser):
+    """The tags of one built page: assets fetched, links followed, Mermaid diagrams, inline CSS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.assets: list[tuple[str, str]] = []  # ("<tag attr>", URL) of everything the page fetches
+        self.links: list[str] = []
+        self.mermaid = False
+        self.css: list[str] = []
+        self._in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        for name in ASSET_ATTRS.get(tag, ()):
+            if name in values:
+                urls = (
+                    [u.strip().split(" ")[0] for u in values[name].split(",")]
+                    if name == "srcset"
+                    else [values[name]]
+                )
+                self.assets += [(f"<{tag} {name}>", url) for url in urls]
+        if tag == "link" and not set(values.get("rel", "").lower().split()) <= LINK_NAMES_ONLY:
+            self.assets.append((f"<link rel={values.get('rel')}>", values.get("href", "")))
+        if tag == "a" and "href" in values:
+            self.links.append(values["href"])
+        if "mermaid" in values.get("class", "").split():
+            self.mermaid = True
+        if "style" in values:
+            self.css.append(values["style"])
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_style = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_style:
+            self.css.append(data)
+
+
+@dataclass
+class Site:
+    root: Path
+    log: str  # mkdocs' output (its INFO and WARNING lines)
+
+    @cached_property
+    def pages(self) -> dict[str, _Page]:
+        """Every built HTML page, parsed, by its path relative to the site root."""
+        out = {}
+        for path in sorted(self.root.rglob("*.html")):
+            page = _Page()
+            page.feed(path.read_text(encoding="utf-8"))
+            out[path.relative_to(self.root).as_posix()] = page
+        return out
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory) -> Site:
+    """The documentation site, built once per session as ``make docs`` builds it (``--strict``)."""
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.skip("needs the docs tools: pip install -e '.[docs]'")
+    out = tmp_path_factory.mktemp("site")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}{proc.stderr}"
+    return Site(out, proc.stdout + proc.stderr)
+
+
+def test_site_loads_nothing_from_other_hosts(site):
+    bad = []
+    for name, page in site.pages.items():
+        bad += [f"{name}: {tag} {url}" for tag, url in page.assets if EXTERNAL.match(url)]
+        bad += [f"{name}: inline CSS {css.strip()[:80]!r}" for css in page.css if CSS_EXTERNAL.search(css)]
+        if page.mermaid:  # Material loads mermaid.js from a CDN for these
+            bad.append(f"{name}: a Mermaid diagram (its script comes from a CDN)")
+    for path in site.root.rglob("*.css"):
+        if CSS_EXTERNAL.search(path.read_text(encoding="utf-8")):
+            bad.append(f"{path.relative_to(site.root)}: url() or @import of another host")
+    for path in site.root.rglob("*.svg"):
+        if SVG_EXTERNAL.search(path.read_text(encoding="utf-8")):
+            bad.append(f"{path.relative_to(site.root)}: href to another host")
+    assert not bad, "the site must work offline; loaded from another host:\n" + "\n".join(bad)
+
+
+def _target(page: str, href: str) -> str | None:
+    """The built file a link on ``page`` opens, relative to the site root (None: not a page here)."""
+    url = urlsplit(href)
+    if url.scheme or url.netloc or not url.path:
+        return None
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(page), url.path))
+    if url.path.endswith("/") or "." not in posixpath.basename(path):
+        path = posixpath.join(path, "index.html")
+    return path if path.endswith(".html") else None
+
+
+def test_every_built_page_is_reachable(site):
+    listed = re.search(r'not included in the "nav" configuration:\n((?:\s+- .*\n?)+)', site.log)
+    assert listed is None, (
+        "pages built but neither in mkdocs.yml's nav nor in its not_in_nav list (add them to the nav, or "
+        "link them from the page they belong to and list them in not_in_nav, or exclude_docs them):\n"
+        + listed.group(1)
+    )
+    pages = site.pages
+    reached, todo = {"index.html"}, ["index.html"]  # every page carries the whole nav
+    while todo:
+        name = todo.pop()
+        for href in pages[name].links:
+            target = _target(name, href)
+            if target in pages and target not in reached:
+                reached.add(target)
+                todo.append(target)
+    orphans = sorted(set(pages) - reached - {"404.html"})
+    assert not orphans, "built pages no link leads to (not in the nav, linked from no page):\n" + "\n".join(
+        orphans
+    )
+
+
+def test_docs_cite_no_developer_only_files(site):
+    bad = []
+    for path in sorted([*DOCS.rglob("*.md"), ROOT / "mkdocs.yml"]):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if PRIVATE_NOTES.search(line) or PRIVATE_NOTE_NAMES.search(line):
+                bad.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    # the API reference shows the docstrings: the built pages catch a citation in any of them
+    for path in sorted(site.root.rglob("*.html")):
+        text = path.read_text(encoding="utf-8")
+        bad += [
+            f"{path.relative_to(site.root)}: ...{text[max(0, m.start() - 60) : m.end() + 20]}..."
+            for m in PRIVATE_NOTES.finditer(text)
+        ]
+    assert not bad, (
+        "cite what users can follow (the paper, the reference implementation's repository), not the "
+        "developers' ../shared/ notes:\n" + "\n".join(bad)
+    )
+
+
+def test_site_checks_catch_what_they_look_for():
+    page = _Page()
+    page.feed(
+        '<link rel="canonical" href="https://kvpolicy.invalid/"><link rel="stylesheet" href="//cdn/x.css">'
+        '<script src="https://cdn/m.js"></script><img srcset="a.png 1x, https://cdn/b.png 2x">'
+        '<div class="mermaid">flowchart TD</div><p style="background: url(\'http://x/y.png\')">'
+        '<a href="../other/#part">x</a><a href="https://elsewhere/">y</a>'
+    )
+    external = [url for _, url in page.assets if EXTERNAL.match(url)]
+    assert external == ["//cdn/x.css", "https://cdn/m.js", "https://cdn/b.png"]
+    assert page.mermaid and CSS_EXTERNAL.search(page.css[0])
+    assert [_target("guide/page/index.html", href) for href in page.links] == ["guide/other/index.html", None]
+    assert _target("index.html", "results/compare/") == "results/compare/index.html"
+    assert _target("index.html", "images/plot.png") is None

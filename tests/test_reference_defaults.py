@@ -1,4 +1,4 @@
-"""Depth and length defaults that must equal the FastKV reference's (../shared/reference/methods.md)."""
+"""Depth and length defaults that must equal the FastKV reference's (github.com/dongwonjo/FastKV)."""
 
 from __future__ import annotations
 

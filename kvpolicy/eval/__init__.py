@@ -1,4 +1,4 @@
-"""Evaluation: needle-in-a-haystack, RULER and LongBench under any policy (methods.md, "Evaluation harness").
+"""Evaluation: needle-in-a-haystack, RULER and LongBench under any policy, as FastKV's reference runs them.
 
 ``kvpolicy.eval.run_eval(benchmark, model, tokenizer, policy=..., out=...)`` runs one benchmark and stores
 its results (resumable, keyed by the full configuration); ``kvpolicy.eval.compare(dirs, out)`` tabulates

@@ -2,7 +2,7 @@
 
 Reads ``<task>.jsonl`` (or ``<task>_e.jsonl`` for LongBench-E) from a directory the user gives; nothing
 is downloaded. Prompts are the official ``config/dataset2prompt.json`` templates, answers are capped at
-the official per-task ``dataset2maxlen`` (methods.md's table), prompts longer than the budget are cut in
+the official per-task ``dataset2maxlen`` (as in FastKV's reference), prompts longer than the budget are cut in
 the middle (first half + last half of the token budget, decoded back to text as the official
 ``pred.py`` does), and the chat template wraps every task but trec, triviaqa, samsum, lcc and
 repobench-p. Scores: :func:`kvpolicy.eval.metrics.longbench_score`, plus the LongBench-E length bucket.
@@ -75,7 +75,7 @@ PROMPTS: dict[str, str] = {
     "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
 }
 
-#: Official maximum new tokens per task (dataset2maxlen.json; methods.md).
+#: Official maximum new tokens per task (dataset2maxlen.json).
 MAX_NEW_TOKENS: dict[str, int] = {
     "narrativeqa": 128,
     "qasper": 128,

