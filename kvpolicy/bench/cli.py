@@ -308,7 +308,8 @@ def _run(
     batch: int,
 ) -> int:
     from rich.console import Console
-    from rich.progress import Progress
+
+    from kvpolicy.progress import track
 
     gen = args.gen if args.mode == "e2e" else 0
     console = Console()
@@ -353,8 +354,9 @@ def _run(
         if args.out:
             _write(args.out, {**record, "results": rows_to_json(done)}, markdown_table(done, gen))
 
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmark", total=len(inputs) * (args.warmup + args.repeats) * n_variants)
+    with track(
+        "benchmark", len(inputs) * (args.warmup + args.repeats) * n_variants, console=console
+    ) as progress:
         rows = benchmark(
             model,
             inputs,
@@ -365,7 +367,7 @@ def _run(
             include_transformers=not args.no_transformers_baseline,
             include_transformers_compiled=args.transformers_compiled,
             compile=args.compile,
-            progress=lambda: progress.advance(task),
+            progress=progress.advance,
             machine=machine,
             graphs=args.graphs,
             also_eager=args.also_eager,
@@ -392,7 +394,7 @@ def _run_throughput(
 ) -> int:
     """``bench e2e --throughput``: every cell printed as it is measured, the JSON rewritten after
     every length (a run cut short keeps what it measured), one summary table at the end."""
-    from rich.progress import Progress
+    from kvpolicy.progress import track
 
     done: list[tp.Cell] = []
     record = {**record, "throughput": True, "batch_sizes": batch_sizes, "memory_gib": args.memory_gib}
@@ -414,10 +416,8 @@ def _run_throughput(
             _write(args.out, {**record, "results": tp.cells_to_json(done)}, tp.markdown(done, batch_sizes))
 
     n_variants = len(policies) + (0 if FULL in policies else 1)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(
-            "throughput", total=len(inputs) * (args.warmup + args.repeats) * n_variants * len(batch_sizes)
-        )
+    total = len(inputs) * (args.warmup + args.repeats) * n_variants * len(batch_sizes)
+    with track("throughput", total, console=console) as progress:
         cells = tp.throughput(
             model,
             inputs,
@@ -431,7 +431,7 @@ def _run_throughput(
             graphs=args.graphs,
             prefill_batch=args.prefill_batch,
             machine=machine,
-            progress=lambda: progress.advance(task),
+            progress=progress.advance,
             say=lambda text: console.print("  " + text),
             on_length=length_done,
         )

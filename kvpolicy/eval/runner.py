@@ -387,29 +387,14 @@ def _run_items(
     compile: bool = False,
     graphs: bool = False,
 ) -> int:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from kvpolicy.generation import generate
+    from kvpolicy.progress import track
 
-    columns = [
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
-        bar = progress.add_task(f"{task.benchmark} {label}", total=total, completed=total - len(pending))
+    done_before = total - len(pending)
+    with track(f"{task.benchmark} {label}", total, done_before, quiet=quiet, console=console) as progress:
         n_layers = getattr(model.config, "num_hidden_layers", None)
         for group in _batches(task, pending, tokenizer, batch_size):
-            progress.update(bar, description=f"{task.benchmark} {label}: {group[0][0].id}")
+            progress.describe(group[0][0].id)
             new_tokens = group[0][1].max_new_tokens
             ids = [b.input_ids for _, b in group]
             if group[0][1].question_ids is not None:  # query-agnostic: one context, its question
@@ -441,8 +426,7 @@ def _run_items(
                 record = _record(item, b, out, task.score(item, b, out.text), n_layers)
                 store.append(record)
                 records.append(record)
-                progress.advance(bar)
-        progress.update(bar, description=f"{task.benchmark} {label}")
+                progress.advance()
     return len(pending)
 
 
