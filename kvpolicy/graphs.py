@@ -40,7 +40,7 @@ contract and "graph decode equals eager, token for token" are tested on a CPU. I
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -307,13 +307,3 @@ def graph_decode_step(adapter: Any, compile: bool = False) -> Callable[..., torc
         return batch.graphs.step(token_ids, policy, batch, step)
 
     return step
-
-
-def iter_graph_stats(batches: Iterator[Any]) -> dict[str, int]:
-    """Summed :meth:`DecodeGraphs.stats` of ``batches`` (those that ran on the graph path)."""
-    total = {"eager_steps": 0, "recordings": 0, "replays": 0}
-    for batch in batches:
-        if batch.graphs is not None:
-            for key, value in batch.graphs.stats().items():
-                total[key] += value
-    return total
