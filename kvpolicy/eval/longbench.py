@@ -98,7 +98,6 @@ MAX_NEW_TOKENS: dict[str, int] = {
 #: Few-shot and code tasks go in without the chat template (official pred.py).
 NO_CHAT = frozenset({"trec", "triviaqa", "samsum", "lcc", "repobench-p"})
 DATA_ENV = "KVPOLICY_LONGBENCH_DIR"
-_SHARED = Path("shared") / "data" / "longbench"
 
 
 class DataError(ValueError):
@@ -115,8 +114,8 @@ class LoadReport:
 
 
 def find_data_dir(explicit: str | Path | None = None) -> Path:
-    """The LongBench folder: ``explicit``, ``$KVPOLICY_LONGBENCH_DIR``, or ``shared/data/longbench`` in or
-    beside the current directory or the kvpolicy checkout (as the needle haystack is found)."""
+    """The LongBench folder: ``explicit`` (``--data-dir``), else ``$KVPOLICY_LONGBENCH_DIR``. LongBench's
+    files are not shipped (its licence is the data sets'); nothing is searched for."""
     import os
 
     if explicit is not None or os.environ.get(DATA_ENV):
@@ -124,12 +123,9 @@ def find_data_dir(explicit: str | Path | None = None) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"LongBench data folder {path} does not exist")
         return path
-    for root in [Path.cwd(), *Path.cwd().parents, *Path(__file__).resolve().parents]:
-        for candidate in (root / _SHARED, root.parent / _SHARED):
-            if candidate.is_dir():
-                return candidate
     raise FileNotFoundError(
-        f"no LongBench data folder: pass --data-dir (a folder of official <task>.jsonl files) or set {DATA_ENV}"
+        f"no LongBench data folder: pass --data-dir (a folder of official <task>.jsonl files, e.g. "
+        f"LongBench's data.zip unpacked) or set {DATA_ENV}"
     )
 
 

