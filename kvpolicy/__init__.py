@@ -12,33 +12,85 @@ Quick use::
 
 from __future__ import annotations
 
-from kvpolicy.config import Budget, Settings, resolve_budget
-from kvpolicy.generation import GenerationOutput, GenerationStats, Prefill, encode_prompt, generate, prefill
-from kvpolicy.interfaces import (
-    CachePolicy,
-    DecodeView,
-    LayerView,
-    Policy,
-    Propagate,
-    PropagationPolicy,
-    Restart,
-)
-from kvpolicy.models import ModelLoadError, load_model
-from kvpolicy.registry import (
-    PolicyConfigError,
-    RegistryError,
-    get_adapter,
-    get_policy,
-    get_registry,
-    load_policy_config,
-    policy_from_dict,
-)
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvpolicy.config import Budget, Settings, resolve_budget
+    from kvpolicy.generation import (
+        GenerationOutput,
+        GenerationStats,
+        Prefill,
+        encode_prompt,
+        generate,
+        prefill,
+    )
+    from kvpolicy.interfaces import (
+        CachePolicy,
+        DecodeView,
+        LayerView,
+        Policy,
+        Propagate,
+        PropagationPolicy,
+        Restart,
+    )
+    from kvpolicy.models import ModelLoadError, load_model
+    from kvpolicy.registry import (
+        PolicyConfigError,
+        RegistryError,
+        get_adapter,
+        get_policy,
+        get_registry,
+        load_policy_config,
+        policy_from_dict,
+    )
 
 __version__ = "0.1.0"
+
+#: Where each public name lives. They load on first use (PEP 562), so ``import kvpolicy`` costs no
+#: torch import: the CLI's ``--help`` and ``list`` answer at once.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("Budget", "Settings", "resolve_budget"), "kvpolicy.config"),
+    **dict.fromkeys(
+        ("GenerationOutput", "GenerationStats", "Prefill", "encode_prompt", "generate", "prefill"),
+        "kvpolicy.generation",
+    ),
+    **dict.fromkeys(
+        ("CachePolicy", "DecodeView", "LayerView", "Policy", "Propagate", "PropagationPolicy", "Restart"),
+        "kvpolicy.interfaces",
+    ),
+    **dict.fromkeys(("ModelLoadError", "load_model"), "kvpolicy.models"),
+    **dict.fromkeys(
+        (
+            "PolicyConfigError",
+            "RegistryError",
+            "get_adapter",
+            "get_policy",
+            "get_registry",
+            "load_policy_config",
+            "policy_from_dict",
+        ),
+        "kvpolicy.registry",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvpolicy' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 def compose(propagation: PropagationPolicy | None = None, cache: CachePolicy | None = None) -> Policy:
     """A policy from one propagation and one cache policy; either defaults to keeping everything."""
+    from kvpolicy.interfaces import Policy
     from kvpolicy.policies.full import AllTokens, FullCache
 
     return Policy(propagation=propagation or AllTokens(), cache=cache or FullCache())

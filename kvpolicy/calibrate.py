@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -135,6 +136,15 @@ def earliest_layer(accepts: Callable[[int], bool], low: int, high: int) -> int |
         else:
             low = mid + 1
     return low
+
+
+def search_steps(
+    shape: ModelShape, rates: Sequence[float], budgets: Sequence[float], min_layer: int = 1
+) -> int:
+    """At most how many settings :func:`recommend` evaluates: full KV, a bisection over the layers for
+    each rate (one probe of the last layer, then ``ceil(log2(span))``), and each budget."""
+    span = max(1, shape.layers - 2 - min_layer + 1)
+    return 1 + len(rates) * (1 + math.ceil(math.log2(span))) + len(budgets)
 
 
 def predicted(
@@ -406,16 +416,27 @@ def run_calibration(
     tasks: Sequence[str] | None = None,
     prompts: Path | None = None,
     seed: int = 42,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Stability curve, recommendation, plots and config into ``out``; returns the summary.
+
+    Progress goes to stderr (a bar in a terminal, plain lines elsewhere) unless ``quiet``: first the
+    per-layer importance of each sample, then the search, whose length is known only as a bound
+    (:func:`search_steps`), so its estimate is on the safe side.
 
     ``task`` is ``"needle"`` (``samples`` depths at ``length`` tokens) or ``"ruler"`` (``samples``
     prompts per RULER task in ``tasks``); ``prompts``, a folder of ``.txt`` files, replaces both and
     is scored by agreement with full KV.
     """
+    from kvpolicy.progress import track
+
     out.mkdir(parents=True, exist_ok=True)
     prepared = calibration_samples(tokenizer, task, length, samples, tasks, prompts, seed)
-    curves = [stability(layer_scores(model, s.input_ids), answer=s.answer) for s in prepared]
+    curves = []
+    with track("calibrate: importance per layer", len(prepared), quiet=quiet) as progress:
+        for s in prepared:
+            curves.append(stability(layer_scores(model, s.input_ids), answer=s.answer))
+            progress.advance()
     n = len(curves[0]["recall"])
     mean: dict[str, list[float]] = {
         "recall": [sum(c["recall"][i] for c in curves) / len(curves) for i in range(n)]
@@ -428,7 +449,17 @@ def run_calibration(
     )
     mean_length = round(sum(len(s.input_ids) for s in prepared) / len(prepared))
     shape = ModelShape.from_config(model.config)
-    rec = recommend(evaluator(model, tokenizer, prepared), shape, mean_length, rates, budgets, tolerance)
+    evaluate = evaluator(model, tokenizer, prepared)
+    with track("calibrate: search", search_steps(shape, rates, budgets), quiet=quiet) as progress:
+
+        def tracked(layer: int | None, rate: float, budget: float) -> float:
+            progress.describe(f"TSP layer {layer}, rate {rate}, budget {budget}")
+            accuracy = evaluate(layer, rate, budget)
+            progress.advance()
+            return accuracy
+
+        rec = recommend(tracked, shape, mean_length, rates, budgets, tolerance)
+        progress.advance(max(0, progress.total - progress.done))  # the search ended early
     summary: dict[str, Any] = {
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "task": "prompts" if prompts is not None else task,
@@ -492,7 +523,9 @@ def plot_calibration(out: Path) -> None:
 
 
 def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("calibrate", help="choose TSP layer, TSP rate and KV budget for a model, measured")
+    from kvpolicy.cli import SUBCOMMANDS
+
+    p = sub.add_parser("calibrate", help=SUBCOMMANDS["calibrate"][1])
     p.add_argument(
         "--task", choices=["needle", "ruler"], default="needle", help="calibration prompts (default needle)"
     )

@@ -16,21 +16,42 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvpolicy.adapters.base import AdapterError
-from kvpolicy.models import ModelLoadError
-from kvpolicy.registry import PluginWarning, RegistryError, get_policy, get_registry, load_policy_config
+from kvpolicy.hookspecs import PluginWarning
 
-#: Modules adding further subcommands (``eval``, ``bench``); each has ``add_parser(sub, model_args)``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "kvpolicy.bench.cli",
-    "kvpolicy.calibrate",
-    "kvpolicy.eval.cli",
+#: Further subcommands: the module that adds each (``add_parser(sub, model_args)``, setting ``func``)
+#: and its one-line help. A module is imported only when its command runs, so ``kvpolicy --help`` and
+#: ``kvpolicy list`` load no torch.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("kvpolicy.bench.cli", "latency and memory of policies vs full KV, with the cost model's bound"),
+    "calibrate": ("kvpolicy.calibrate", "choose TSP layer, TSP rate and KV budget for a model, measured"),
+    "eval": (
+        "kvpolicy.eval.cli",
+        "accuracy under a policy: needle-in-a-haystack, RULER, LongBench; compare runs",
+    ),
+}
+
+#: The errors that are the user's to fix (one line, exit 2), by module and name: a module that was
+#: never imported cannot have raised its error, so none is imported to check.
+_USER_ERRORS = (
+    ("kvpolicy.registry", "RegistryError"),
+    ("kvpolicy.models", "ModelLoadError"),
+    ("kvpolicy.adapters.base", "AdapterError"),
 )
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RegistryError, ModelLoadError, AdapterError)
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ValueError, TypeError, FileNotFoundError)):
+        return True
+    return any(
+        isinstance(exc, cls)
+        for module, name in _USER_ERRORS
+        if (cls := getattr(sys.modules.get(module), name, None)) is not None
+    )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; of the further subcommands only ``command``'s module is imported (the others get
+    their help line, enough for ``kvpolicy --help``)."""
     parser = argparse.ArgumentParser(prog="kvpolicy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -82,9 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     p_demo.add_argument(
         "--haystack-dir", type=Path, help="folder of .txt files (default: the Paul Graham essays)"
     )
-    for module in _SUBCOMMAND_MODULES:
-        # Each module adds its subcommand and sets `func` (called with the parsed args) as a default.
-        importlib.import_module(module).add_parser(sub, _model_args)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if name == command:  # adds its subcommand and sets `func` (called with the parsed args)
+            importlib.import_module(module).add_parser(sub, _model_args)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -145,41 +168,29 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from kvpolicy.listing import listing
+
     with warnings.catch_warnings():
         if not args.json:  # the table lists the plugin problems itself: no second copy on stderr
             warnings.simplefilter("ignore", PluginWarning)
-        registry = get_registry()
+        data = listing()
     if args.name is not None:
-        if args.name not in registry.presets:
+        preset = data["presets"].get(args.name)
+        if preset is None:
             from kvpolicy.registry import _unknown
 
-            raise _unknown("policy", args.name, registry.presets)
-        from kvpolicy.describe import describe_preset, preset_settings
-
+            raise _unknown("policy", args.name, data["presets"])
         if args.json:
-            from dataclasses import asdict
-
-            settings = [asdict(s) for s in preset_settings(registry.presets[args.name].obj)]
-            print(json.dumps({"name": args.name, "settings": settings}, indent=2))
+            print(json.dumps({"name": args.name, "settings": preset["settings"]}, indent=2))
         else:
-            print(describe_preset(args.name))
+            print(preset["text"])
         return 0
-    rows = [
-        {"name": e.name, "category": e.category, "provider": e.provider, "description": e.description}
-        for e in registry.entries()
-    ]
-    from kvpolicy.coverage import recorded
-
-    results = recorded()
-    covered = {r.model_type: r.architecture for r in results.values() if r.status == "covered"}
-    refused = {r.model_type: r.detail for r in results.values() if r.status == "refused"}
+    rows = data["entries"]
+    covered, refused = data["architectures"]["covered"], data["architectures"]["refused"]
+    problems = data["problems"]
     if args.json:
         architectures = {"covered": covered, "refused": refused}
-        print(
-            json.dumps(
-                {"entries": rows, "architectures": architectures, "problems": registry.problems}, indent=2
-            )
-        )
+        print(json.dumps({"entries": rows, "architectures": architectures, "problems": problems}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -202,15 +213,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         console.print(
             f"refused with a reason: {', '.join(sorted(refused))}", soft_wrap=not console.is_terminal
         )
-    if registry.problems:
-        console.print(f"plugin problems ({len(registry.problems)}; every other entry above works):")
-        for problem in registry.problems:
+    if problems:
+        console.print(f"plugin problems ({len(problems)}; every other entry above works):")
+        for problem in problems:
             console.print(f"  - {problem}", soft_wrap=True, markup=False)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from kvpolicy.generation import generate
+    from kvpolicy.registry import get_policy, load_policy_config
 
     if args.policy_config is not None:
         if extra:
@@ -289,17 +301,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _generate_help(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     """``generate --policy NAME --help``: the command's help, then the preset's own settings (they are
     options too, but argparse cannot know them before the preset is chosen)."""
-    from kvpolicy.describe import describe_preset
+    from kvpolicy.listing import listing
 
+    presets = listing()["presets"]
     name = argv[argv.index("--policy") + 1] if argv.index("--policy") + 1 < len(argv) else ""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub.choices["generate"].print_help()
-    if name not in get_registry().presets:
+    if name not in presets:
         from kvpolicy.registry import _unknown
 
-        print(f"\nkvpolicy: error: {_unknown('policy', name, get_registry().presets)}", file=sys.stderr)
+        print(f"\nkvpolicy: error: {_unknown('policy', name, presets)}", file=sys.stderr)
         return 2
-    print("\npreset " + describe_preset(name))
+    print("\npreset " + presets[name]["text"])
     return 0
 
 
@@ -321,8 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(next((a for a in argv if not a.startswith("-")), None))
     if argv[:1] == ["generate"] and ({"-h", "--help"} & set(argv)) and "--policy" in argv:
         return _generate_help(parser, argv)
     args, extra = parser.parse_known_args(argv)
@@ -339,7 +352,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
         return int(args.func(args))
-    except _USER_ERRORS as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"kvpolicy: error: {exc}", file=sys.stderr)
         return 2
 

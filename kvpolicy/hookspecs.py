@@ -27,6 +27,11 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+class PluginWarning(UserWarning):
+    """A plugin failed to load or register; the other plugins still work. (Defined here, with the
+    plugin contract, so that the CLI can filter it without loading the registry.)"""
+
+
 @hookspec
 def kvpolicy_register_components() -> Sequence[type[PropagationPolicy] | type[CachePolicy]]:
     """Propagation and cache policy classes, addressable by their ``kind`` (e.g. ``"tsp"``)."""

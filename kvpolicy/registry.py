@@ -27,6 +27,7 @@ from torch import nn
 
 from kvpolicy import hookspecs
 from kvpolicy.config import Settings
+from kvpolicy.hookspecs import PluginWarning
 from kvpolicy.interfaces import CachePolicy, Policy, PropagationPolicy
 
 BUILTIN = "kvpolicy (built-in)"
@@ -35,10 +36,6 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT
 
 class RegistryError(ValueError):
     """A name is unknown, provided twice, or a plugin could not be loaded in strict mode."""
-
-
-class PluginWarning(UserWarning):
-    """A plugin failed to load or register; the other plugins still work."""
 
 
 class PolicyConfigError(ValueError):

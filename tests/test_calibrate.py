@@ -4,6 +4,7 @@ logic on synthetic accuracy tables, and (slow) a small end-to-end run on the emb
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -103,6 +104,58 @@ def test_recommend_on_synthetic_table():
         for p in rec.points
         if p.accuracy == 100.0 and p.kv_budget == 1.0
     )
+
+
+@pytest.mark.parametrize("layers", [4, 8, 30, 33])
+def test_search_steps_bounds_every_search(layers):
+    """The progress display's total: no search evaluates more settings than the bound."""
+    from kvpolicy.calibrate import search_steps
+
+    shape = ModelShape(
+        hidden=64, intermediate=256, layers=layers, q_heads=4, kv_heads=2, head_dim=16, vocab=100
+    )
+    rates, budgets = (0.1, 0.2, 0.3, 0.5), (0.05, 0.1, 0.2, 0.3, 0.5)
+    for cut in range(0, layers + 1):
+        for budget_cut in (0.0, 0.2, 0.6):
+            calls = []
+
+            def evaluate(layer, rate, budget, cut=cut, budget_cut=budget_cut):
+                calls.append((layer, rate, budget))
+                return 100.0 if layer is None or (layer >= cut and budget >= budget_cut) else 0.0
+
+            recommend(evaluate, shape, 1000, rates, budgets)
+            assert len(calls) <= search_steps(shape, rates, budgets), (cut, budget_cut)
+
+
+def test_calibration_reports_progress_on_stderr(tmp_path, capsys):
+    """Not a terminal: plain lines for both phases, each ending at its total."""
+    from kvpolicy.calibrate import run_calibration
+
+    class Tok:
+        """Just enough tokenizer for prompt-folder calibration."""
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 + (ord(c) % 100) for c in text]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(32 + (i % 90)) for i in ids)
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for i in range(2):
+        (prompts / f"p{i}.txt").write_text("The quick brown fox jumps over the lazy dog. " * 3 + str(i))
+    run_calibration(
+        tiny_llama(layers=4),
+        Tok(),
+        tmp_path / "out",
+        samples=2,
+        rates=(0.5,),
+        budgets=(0.5,),
+        prompts=prompts,
+    )
+    err = capsys.readouterr().err
+    assert "calibrate: importance per layer: 2/2 (100 %)" in err
+    assert re.search(r"calibrate: search.*: (\d+)/\1 \(100 %\)", err), err
 
 
 def test_recommend_reports_none_when_nothing_holds():

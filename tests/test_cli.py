@@ -127,3 +127,66 @@ def test_generate_help_with_a_policy_lists_its_settings(capsys):
     out = capsys.readouterr().out
     assert "--max-new-tokens" in out  # the command's own help
     assert "preset h2o" in out and "--evict-during-decode (evict_during_decode): bool, default False" in out
+
+
+_PROBE = """
+import json, sys
+from kvpolicy.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # --help
+    code = exc.code
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}), file=sys.stderr)
+"""
+
+
+def _probe(tmp_path, *argv):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KVPOLICY_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    return proc.stdout, json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+def test_help_and_list_answer_without_loading_torch(tmp_path):
+    """`kvpolicy --help` never loads torch; `list` loads it once to build the listing, then answers
+    from the kept one, with the same output (each within a fraction of a second)."""
+    _, helped = _probe(tmp_path, "--help")
+    assert helped == {"code": 0, "torch": False}
+    first_out, first = _probe(tmp_path, "list", "--json")
+    again_out, again = _probe(tmp_path, "list", "--json")
+    assert first == {"code": 0, "torch": True} and again == {"code": 0, "torch": False}
+    assert again_out == first_out and '"fastkv"' in again_out
+    described, probe = _probe(tmp_path, "list", "snapkv")
+    assert probe == {"code": 0, "torch": False} and "--kv-budget" in described
+
+
+def test_the_kept_listing_follows_installs_and_edits(tmp_path, monkeypatch):
+    """The listing's fingerprint changes when a plugin is installed, when its source is edited, and
+    with the plugin environment variables; nothing else needs clearing by hand."""
+    import os
+
+    from kvpolicy.listing import fingerprint
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    before = fingerprint()
+    assert fingerprint() == before  # stable while nothing changes
+    (site / "xlist_plug.py").write_text("X = 1\n")
+    info = site / "xlist_plug-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xlist-plug\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[kvpolicy]\nxlist_plug = xlist_plug\n")
+    installed = fingerprint()
+    assert installed != before
+    stat = (site / "xlist_plug.py").stat()
+    os.utime(site / "xlist_plug.py", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert fingerprint() != installed  # an editable plugin's source changed
+    monkeypatch.setenv("KVPOLICY_DISABLE_PLUGINS", "xlist_plug")
+    assert fingerprint() not in (before, installed)

@@ -60,9 +60,11 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    from kvpolicy.cli import SUBCOMMANDS
+
     p = sub.add_parser(
         "bench",
-        help="latency and memory of policies vs full KV, with the cost model's bound",
+        help=SUBCOMMANDS["bench"][1],
         description=(
             "Benchmark policies against full KV in one interleaved run. --policy takes NAME or "
             "NAME:key=value,key=value and may repeat; extra --key value options apply to every policy."
