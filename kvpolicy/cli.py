@@ -220,16 +220,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
-    from kvpolicy.generation import generate
-    from kvpolicy.registry import get_policy, load_policy_config
+def _policy_for(args: argparse.Namespace, extra: list[str], model: Any = None) -> Any:
+    """The policy ``generate`` runs; a preset name is built for ``model`` (its measured settings fill
+    what the user did not set, and a line on stderr says so)."""
+    from kvpolicy.calibrated import resolve_preset
+    from kvpolicy.registry import load_policy_config
 
     if args.policy_config is not None:
         if extra:
             raise ValueError(f"--policy-config takes no policy options; got {' '.join(extra)}")
-        policy = load_policy_config(args.policy_config)
-    else:
-        policy = get_policy(args.policy, **parse_overrides(extra))
+        return load_policy_config(args.policy_config)
+    resolved = resolve_preset(args.policy, parse_overrides(extra), model)
+    if model is not None and resolved.note:
+        print(f"kvpolicy: note: {resolved.note}", file=sys.stderr)
+    return resolved.policy
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from kvpolicy.generation import generate
+
+    _policy_for(args, extra)  # a bad setting is reported before the model loads
     if (args.context_file is None) != (args.question is None):
         raise ValueError("--question needs --context-file, and --context-file needs at least one --question")
     sampling = {
@@ -245,10 +255,12 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if args.context_file is not None:
         context = read_prompt_file(args.context_file)
         model, tokenizer = load_from_args(args)
+        policy = _policy_for(args, extra, model)
         outs = generate(model, tokenizer, policy=policy, context=context, questions=args.question, **sampling)
         return _print_answers(args, policy, outs)
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     model, tokenizer = load_from_args(args)
+    policy = _policy_for(args, extra, model)
     out = generate(model, tokenizer, prompt, policy=policy, **sampling)
     s = out.stats
     if args.json:

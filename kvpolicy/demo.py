@@ -15,24 +15,19 @@ from typing import Any
 
 from kvpolicy.eval import needle
 from kvpolicy.generation import generate
-from kvpolicy.interfaces import Policy
-from kvpolicy.policies import SnapKV
-
-#: The calibrated FastKV configuration for the embedded model (output of ``kvpolicy calibrate``).
-CALIBRATED = Path(__file__).parent / "configs" / "smollm2-135m-instruct.json"
-#: SnapKV budget, as a fraction of the prompt, measured to keep the needle at ~2K tokens.
-DEMO_KV_BUDGET = 0.5
 
 
-def demo_policies() -> list[tuple[str, Policy]]:
-    from kvpolicy import compose, get_policy
-    from kvpolicy.registry import load_policy_config
+def demo_policies(model: Any = None) -> list[tuple[str, Any]]:
+    """Full KV, SnapKV and FastKV, each with the settings measured for ``model`` where they ship
+    (``kvpolicy/configs/<model>/``; the embedded model's: SnapKV at half the prompt, FastKV as
+    ``kvpolicy calibrate`` recommended), else the presets' defaults."""
+    from kvpolicy.calibrated import resolve_preset
 
-    return [
-        ("full KV", get_policy("fullkv")),
-        ("SnapKV", compose(cache=SnapKV(budget=DEMO_KV_BUDGET))),
-        ("FastKV", load_policy_config(CALIBRATED)),
-    ]
+    return [(label, resolve_preset(name, {}, model)) for label, name in DEMO_PRESETS]
+
+
+#: The demo's rows: its label and the preset it runs.
+DEMO_PRESETS = (("full KV", "fullkv"), ("SnapKV", "snapkv"), ("FastKV", "fastkv"))
 
 
 def run_demo(
@@ -46,7 +41,8 @@ def run_demo(
     console = Console()
     haystack = needle.load_haystack(needle.find_haystack_dir(haystack_dir))
     samples = [needle.build_sample(tokenizer, length, d, haystack) for d in needle.depths(n_depths)]
-    policies = demo_policies()
+    resolved = demo_policies(model)
+    policies = [(label, r.policy) for label, r in resolved]
     results: dict[str, list[Any]] = {label: [] for label, _ in policies}
     with track("needle-in-a-haystack", len(samples) * len(policies), console=console) as progress:
         for sample in samples:
@@ -77,12 +73,18 @@ def run_demo(
             f"{processed / full_tokens:.0%}",
         )
     console.print(table)
+    settings = "; ".join(f"{label} = {r.label}" for label, r in resolved[1:])
+    measured = [r.note for _, r in resolved if r.note]
     console.print(
-        f"settings: SnapKV budget {DEMO_KV_BUDGET:.0%} of the prompt per layer and KV head (window 8, max-pool 7); "
-        f"FastKV as calibrated for this model ({CALIBRATED.name}): {policies[2][1].describe()} "
-        f"on a {n_layers}-layer model. "
-        "'found' = the answer names the sandwich and Dolores Park; 'recall' = share of the needle's words in the "
-        "answer; 'prefill tokens' = token-layers processed relative to full KV."
+        f"settings on this {n_layers}-layer model: {settings}"
+        + (
+            f" ({'; '.join(measured)})"
+            if measured
+            else " (the presets' defaults: none measured for this model)"
+        )
+        + ". 'found' = the answer names the sandwich and Dolores Park; 'recall' = share of the needle's "
+        "words in the answer; 'prefill tokens' = token-layers processed relative to full KV.",
+        markup=False,
     )
     for label, outs in results.items():
         console.print(f"[bold]{label}[/bold] @ depth {samples[-1].depth:.0%}: {outs[-1].text!r}")

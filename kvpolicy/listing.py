@@ -64,7 +64,12 @@ def fingerprint() -> str:
             parts.append(f"{entry}:{os.stat(entry or '.').st_mtime_ns}")
         except OSError:
             parts.append(f"{entry}:-")
+    # kvpolicy's own built-ins: the package and its sub-packages that live elsewhere in a checkout
+    # (policies/ and adapters/ at the repository root)
     roots = [Path(__file__).resolve().parent]
+    for sub in ("kvpolicy.policies", "kvpolicy.adapters"):
+        spec = importlib.util.find_spec(sub)  # imports kvpolicy (light), not the sub-package
+        roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
     for ep in sorted(metadata.entry_points(group=_GROUP), key=lambda e: (e.name, e.value)):
         dist = ep.dist
         label = f"{dist.metadata['Name']}=={dist.version}" if dist is not None else "?"

@@ -8,7 +8,7 @@ Every preset takes ``kv_budget`` as its cache-budget override.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from kvpolicy.config import Settings
 from kvpolicy.interfaces import Policy
@@ -22,3 +22,9 @@ class Preset(Settings, ABC):
     @abstractmethod
     def build(self) -> Policy:
         """The composition these settings describe."""
+
+    def resolved_settings(self, num_layers: int | None = None) -> dict[str, Any]:
+        """Every setting as the preset runs on a model of ``num_layers`` layers. Presets that work a
+        value out from the model (a default layer) fill it in, so that the name of a run in a table
+        or plot title says what ran (``fastkv tsp_layer=14 ...``), not ``tsp_layer=None``."""
+        return self.model_dump()

@@ -8,14 +8,14 @@ Every preset takes ``kv_budget`` (tokens or a fraction of the prompt) as its cac
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget
 from kvpolicy.interfaces import CachePolicy, Policy
 from kvpolicy.policies.full import AllTokens, FullCache
-from kvpolicy.policies.gemfilter import GemFilter
+from kvpolicy.policies.gemfilter import GemFilter, default_filter_layer
 from kvpolicy.policies.h2o import H2O
 from kvpolicy.policies.presets import _SnapKVSettings
 from kvpolicy.policies.pyramidinfer import CONFIGS, PyramidInfer, PyramidInferSqueeze
@@ -93,6 +93,12 @@ class GemFilterPreset(Preset):
     kv_budget: Budget = 0.1
     filter_layer: int | None = Field(None, ge=0)
     kernel: int = Field(5, ge=1)
+
+    def resolved_settings(self, num_layers: int | None = None) -> dict[str, Any]:
+        out = super().resolved_settings(num_layers)
+        if out["filter_layer"] is None and num_layers:
+            out["filter_layer"] = default_filter_layer(num_layers)
+        return out
 
     def build(self) -> Policy:
         return Policy(

@@ -7,7 +7,7 @@ cache-budget override every compressing preset takes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -15,7 +15,7 @@ from kvpolicy.config import Budget
 from kvpolicy.interfaces import Policy
 from kvpolicy.policies.full import AllTokens, FullCache
 from kvpolicy.policies.snapkv import SnapKV
-from kvpolicy.policies.tsp import TSP
+from kvpolicy.policies.tsp import TSP, default_tsp_layer
 from kvpolicy.presets import Preset
 
 
@@ -88,6 +88,13 @@ class FastKVPreset(_SnapKVSettings):
         if isinstance(self.kv_budget, int) and "tsp_rate" not in self.model_fields_set:
             return max(DEFAULT_TSP_LENGTH, self.window)  # TSP keeps its window, whatever its length
         return None
+
+    def resolved_settings(self, num_layers: int | None = None) -> dict[str, Any]:
+        out = super().resolved_settings(num_layers)
+        if out["tsp_layer"] is None and num_layers:
+            out["tsp_layer"] = default_tsp_layer(num_layers)
+        out["tsp_length"] = self.resolved_tsp_length()
+        return out
 
     def build(self) -> Policy:
         tsp = TSP(

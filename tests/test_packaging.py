@@ -25,9 +25,14 @@ def test_every_package_directory_is_listed():
 
 
 def test_calibrated_configs_ship_and_load():
+    """Every measured config ships, loads as a --policy-config file, and names a packaged model."""
     import kvpolicy
-    from kvpolicy.demo import CALIBRATED
+    from kvpolicy.calibrated import CONFIGS
+    from kvpolicy.models import PACKAGED
 
-    assert CALIBRATED.is_file()
-    policy = kvpolicy.load_policy_config(CALIBRATED)
-    assert policy.name == "fastkv" and policy.propagation.layer == 23
+    files = sorted(CONFIGS.glob("*/*.json"))
+    assert files and all(f.parent.name in PACKAGED for f in files)
+    for f in files:
+        assert kvpolicy.load_policy_config(f).name == f.stem
+    fastkv = kvpolicy.load_policy_config(CONFIGS / "SmolLM2-135M-Instruct" / "fastkv.json")
+    assert fastkv.propagation.layer == 23

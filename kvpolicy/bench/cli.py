@@ -187,10 +187,12 @@ def random_model(spec: str, dtype: torch.dtype, device: str | None) -> Any:
     return model.eval()
 
 
-def parse_policy_spec(spec: str, common: dict[str, Any]) -> tuple[str, Policy]:
-    """``"fastkv:tsp_rate=0.2,kv_budget=0.1"`` -> (label, policy); ``common`` overrides apply too."""
+def parse_policy_spec(spec: str, common: dict[str, Any], model: Any = None) -> tuple[str, Policy]:
+    """``"fastkv:tsp_rate=0.2,kv_budget=0.1"`` -> (label, policy); ``common`` overrides apply too.
+    With ``model``, settings measured for that (packaged) model fill the rest and a line says so,
+    with every resolved setting (:func:`kvpolicy.calibrated.resolve_preset`)."""
+    from kvpolicy.calibrated import resolve_preset
     from kvpolicy.cli import parse_overrides
-    from kvpolicy.registry import get_policy
 
     name, _, rest = spec.partition(":")
     overrides = dict(common)
@@ -200,7 +202,10 @@ def parse_policy_spec(spec: str, common: dict[str, Any]) -> tuple[str, Policy]:
         if bad:
             raise ValueError(f"bad policy spec {spec!r}: settings look like name:key=value,key=value")
         overrides.update(parse_overrides([f"--{k}={v}" for k, v in pairs]))
-    return spec, get_policy(name, **overrides)
+    resolved = resolve_preset(name, overrides, model)
+    if model is not None:
+        print(f"{spec}: {resolved.label}" + (f" (note: {resolved.note})" if resolved.note else ""))
+    return spec, resolved.policy
 
 
 def _inputs(tokenizer: Any, model: Any, lengths: list[int], batch_size: int = 1) -> dict[int, torch.Tensor]:
@@ -292,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_from_args(args)
         inputs = _inputs(tokenizer, model, args.lengths, batch)
+    policies = dict(parse_policy_spec(spec, common, model) for spec in specs)  # resolved for the model
     backend = generation.COMPILE_BACKEND
     if args.compile_backend:
         generation.COMPILE_BACKEND = None if args.compile_backend == "inductor" else args.compile_backend

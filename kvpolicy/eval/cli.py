@@ -142,7 +142,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     options = parse_overrides(getattr(args, "policy_options", []))
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    # Validate the policy and the shard before loading the model: a typo should not cost a model load.
+    # Validate the policy and the shard before loading the model: a typo should not cost a model load
+    # (the model's measured settings are applied once it is loaded).
     resolve_policy(args.policy, options, args.policy_config)
     shard = parse_shard(args.shard)
     if shard and args.device is None:

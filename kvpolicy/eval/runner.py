@@ -50,27 +50,31 @@ def resolve_policy(
     policy: Policy | str | dict[str, Any] | None = "fullkv",
     options: dict[str, Any] | None = None,
     policy_config: str | Path | None = None,
-) -> tuple[Policy, str]:
-    """The policy to run and a readable label for it (``snapkv kv_budget=128``)."""
-    from kvpolicy.registry import get_policy, load_policy_config, policy_from_dict
+    model: Any = None,
+) -> tuple[Policy, str, str | None]:
+    """The policy to run, a readable label for it and a note for the user (or ``None``).
+
+    A preset name is built for ``model`` (:func:`kvpolicy.calibrated.resolve_preset`): settings
+    measured for a packaged model fill what the user did not set (the note says which), and the
+    label lists every resolved setting (``fastkv kv_budget=1.0 ... tsp_layer=23 tsp_rate=0.1``)."""
+    from kvpolicy.calibrated import resolve_preset
+    from kvpolicy.registry import load_policy_config, policy_from_dict
 
     options = dict(options or {})
     if policy_config is not None:
         if options:
             raise ValueError(f"--policy-config takes no policy options; got {sorted(options)}")
-        return load_policy_config(policy_config), Path(policy_config).stem
+        return load_policy_config(policy_config), Path(policy_config).stem, None
     if isinstance(policy, Policy):
         if options:
             raise ValueError("policy options apply to a preset name, not to a Policy object")
-        return policy, policy.name or "custom"
+        return policy, policy.name or "custom", None
     if isinstance(policy, dict):
         if options:
             raise ValueError("policy options apply to a preset name, not to a policy dict")
-        return policy_from_dict(policy), str(policy.get("name") or policy.get("policy") or "custom")
-    name = policy or "fullkv"
-    pol = get_policy(name, **options)
-    label = " ".join([name, *(f"{k}={options[k]}" for k in sorted(options))])
-    return pol, label
+        return policy_from_dict(policy), str(policy.get("name") or policy.get("policy") or "custom"), None
+    resolved = resolve_preset(policy or "fullkv", options, model)
+    return resolved.policy, resolved.label, resolved.note
 
 
 def model_identity(model: Any, model_name: str | None = None) -> dict[str, Any]:
@@ -236,7 +240,16 @@ def run_eval(
     part = parse_shard(shard)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be an int >= 1, got {batch_size!r}")
-    pol, default_label = resolve_policy(policy, policy_options, policy_config)
+    if model is None:
+        from kvpolicy.models import load_model
+
+        model, tokenizer = load_model()
+        model_name = model_name or EMBEDDED_LABEL
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer with the model")
+    pol, default_label, policy_note = resolve_policy(policy, policy_options, policy_config, model)
+    if policy_note:
+        console.print(f"note: {policy_note}", markup=False)
     label = label or default_label
     task = make_task(
         benchmark,
@@ -255,13 +268,6 @@ def run_eval(
         max_new_tokens=max_new_tokens,
         strict=strict,
     )
-    if model is None:
-        from kvpolicy.models import load_model
-
-        model, tokenizer = load_model()
-        model_name = model_name or EMBEDDED_LABEL
-    elif tokenizer is None:
-        raise ValueError("pass the tokenizer with the model")
     task.prepare(model, tokenizer)
     notes = task.notes()
     _report_notes(console, notes)

@@ -1,0 +1,99 @@
+"""Measured preset settings for the packaged models, applied where a preset meets its model.
+
+A preset's defaults are the reference's, chosen for 8B models; on the 135M embedded model some lose
+the task (FastKV's mid-depth TSP layer finds the needle 1 time in 5). Settings measured on a packaged
+model ship as ``kvpolicy/configs/<model>/<preset>.json`` (each a ``--policy-config`` file:
+``kvpolicy calibrate``'s recommendation, or a sweep's result, docs/calibration.md). When the CLI,
+``kvpolicy.eval.run_eval`` or the demo build a preset *by name* for that model, the measured settings
+fill whatever the user did not set, and a note says so; a user's own setting always wins, and
+``kvpolicy.get_policy`` (which knows no model) never changes.
+
+The resolved settings (user's, measured, then the preset's defaults, with model-dependent values such
+as a default TSP layer worked out for the model) also name the run in every table and plot title.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.interfaces import Policy
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def packaged_model_name(model: Any) -> str | None:
+    """The packaged model (``kvpolicy.models.PACKAGED``) that ``model`` was loaded as, else ``None``."""
+    from kvpolicy.models import PACKAGED, cache_root
+
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not source:
+        return None
+    for name in PACKAGED:
+        try:
+            if Path(source).resolve() == (cache_root() / "models" / name).resolve():
+                return name
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def measured_file(model: Any, preset: str) -> Path | None:
+    """The measured settings of ``preset`` on ``model``, if any ship."""
+    name = packaged_model_name(model)
+    path = CONFIGS / name / f"{preset}.json" if name else None
+    return path if path is not None and path.is_file() else None
+
+
+@dataclass
+class ResolvedPreset:
+    """A preset built for one model: the policy, every resolved setting, and which were measured."""
+
+    name: str
+    policy: Policy
+    settings: dict[str, Any]
+    measured: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+    model: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``fastkv tsp_layer=23 tsp_rate=0.1 kv_budget=1.0 ...``: every setting that has a value."""
+        parts = [f"{k}={v}" for k, v in self.settings.items() if v is not None]
+        return " ".join([self.name, *parts])
+
+    @property
+    def note(self) -> str | None:
+        """What the measured settings changed, for the user to read (``None``: nothing did)."""
+        if not self.measured:
+            return None
+        chosen = ", ".join(f"{k}={v}" for k, v in self.measured.items())
+        where = f"kvpolicy/configs/{self.source.parent.name}/{self.source.name}" if self.source else "?"
+        return (
+            f"{self.name} on {self.model}: {chosen} as measured for this model ({where}); "
+            "set any of them to override"
+        )
+
+
+def resolve_preset(name: str, options: dict[str, Any] | None = None, model: Any = None) -> ResolvedPreset:
+    """Preset ``name`` with the user's ``options``, the measured settings for ``model`` where they
+    ship, then the preset's defaults. Validation errors name the bad setting as ``get_policy`` does."""
+    from kvpolicy.registry import get_policy, preset_class
+
+    options = dict(options or {})
+    source = measured_file(model, name) if model is not None else None
+    measured: dict[str, Any] = {}
+    if source is not None:
+        data = json.loads(source.read_text(encoding="utf-8"))
+        measured = {k: v for k, v in data.items() if k not in ("policy", "name") and k not in options}
+    merged = {**measured, **options}
+    policy = get_policy(name, **merged)
+    preset = preset_class(name).model_validate(merged)
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    resolved = getattr(preset, "resolved_settings", None)
+    settings = resolved(layers) if callable(resolved) else preset.model_dump()
+    return ResolvedPreset(
+        name, policy, settings, measured, source, packaged_model_name(model) if source else None
+    )
