@@ -41,7 +41,7 @@ test: lint
 TRANSFORMERS_FLOOR ?= 5.18.0
 FLOOR_VENV ?= .venv-floor
 FLOOR_PINS ?= transformers==$(TRANSFORMERS_FLOOR) pydantic==2.7.0 accelerate==1.2.0 gguf==0.13.0
-FLOOR_TESTS ?= tests/test_generation_tiny.py tests/test_engine.py -k "not compile"
+FLOOR_TESTS ?= tests/test_generation_tiny.py tests/test_engine.py tests/test_coverage.py -k "not compile"
 
 $(FLOOR_VENV)/.installed: pyproject.toml
 	python3 -m venv $(FLOOR_VENV)
