@@ -57,12 +57,18 @@ class ResolvedPreset:
     measured: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     model: str | None = None
+    given: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         """``fastkv tsp_layer=23 tsp_rate=0.1 kv_budget=1.0 ...``: every setting that has a value."""
         parts = [f"{k}={v}" for k, v in self.settings.items() if v is not None]
         return " ".join([self.name, *parts])
+
+    @property
+    def short_label(self) -> str:
+        """``fastkv tsp_layer=20``: the name and the settings the user gave (a stable folder name)."""
+        return " ".join([self.name, *(f"{k}={v}" for k, v in sorted(self.given.items()))])
 
     @property
     def note(self) -> str | None:
@@ -95,5 +101,5 @@ def resolve_preset(name: str, options: dict[str, Any] | None = None, model: Any 
     resolved = getattr(preset, "resolved_settings", None)
     settings = resolved(layers) if callable(resolved) else preset.model_dump()
     return ResolvedPreset(
-        name, policy, settings, measured, source, packaged_model_name(model) if source else None
+        name, policy, settings, measured, source, packaged_model_name(model) if source else None, options
     )

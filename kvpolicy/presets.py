@@ -27,4 +27,6 @@ class Preset(Settings, ABC):
         """Every setting as the preset runs on a model of ``num_layers`` layers. Presets that work a
         value out from the model (a default layer) fill it in, so that the name of a run in a table
         or plot title says what ran (``fastkv tsp_layer=14 ...``), not ``tsp_layer=None``."""
-        return self.model_dump()
+        values = self.model_dump()
+        own = [name for name in vars(type(self)).get("__annotations__", {}) if name in values]
+        return {name: values[name] for name in [*own, *(n for n in values if n not in own)]}

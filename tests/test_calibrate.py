@@ -119,7 +119,7 @@ def test_search_steps_bounds_every_search(layers):
         for budget_cut in (0.0, 0.2, 0.6):
             calls = []
 
-            def evaluate(layer, rate, budget, cut=cut, budget_cut=budget_cut):
+            def evaluate(layer, rate, budget, cut=cut, budget_cut=budget_cut, calls=calls):
                 calls.append((layer, rate, budget))
                 return 100.0 if layer is None or (layer >= cut and budget >= budget_cut) else 0.0
 

@@ -46,8 +46,9 @@ def test_needle_slice_with_policy_options(tiny_dir, tmp_path):
     argv += ["--max-new-tokens", "4", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     meta, run_dir = _meta(out, "needle")
-    assert meta["label"] == "fastkv kv_budget=64 tsp_layer=2 tsp_rate=0.5"
-    assert run_dir.name.startswith("fastkv_kv_budget=64_tsp_layer=2_tsp_rate=0.5-")
+    # every resolved setting names the run, the user's and the preset's defaults alike
+    assert meta["label"] == "fastkv tsp_layer=2 tsp_rate=0.5 kv_budget=64 window=8 kernel=7 pooling=max"
+    assert run_dir.name.startswith("fastkv_kv_budget=64_tsp_layer=2_tsp_rate=0.5-")  # what the user gave
     assert meta["policy"]["cache"]["budget"] == 64
     assert meta["policy"]["propagation"]["layer"] == 2 and meta["policy"]["propagation"]["rate"] == 0.5
     assert meta["model"]["name"] == str(tiny_dir)
@@ -170,7 +171,7 @@ def test_compare_table_and_plots(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "compare", str(out), "--out", str(tmp_path / "cmp")]) == 0
     printed = capsys.readouterr().out
-    assert "fullkv" in printed and "snapkv kv_budget=64" in printed
+    assert "fullkv" in printed and "snapkv kv_budget=64 window=8 kernel=7 pooling=max" in printed
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "## needle" in md and "## ruler" in md
     needle_rows = [
@@ -179,7 +180,7 @@ def test_compare_table_and_plots(tiny_dir, tmp_path, capsys):
     assert len(needle_rows) == 3  # two needle runs, one RULER run
     for name in (
         "needle-fullkv.png",
-        "needle-snapkv_kv_budget=64.png",
+        "needle-snapkv_kv_budget=64_window=8_kernel=7_pooling=max.png",
         "needle-by-length.png",
         "ruler-by-task.png",
     ):

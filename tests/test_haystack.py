@@ -67,7 +67,7 @@ def test_default_haystack_is_fetched_once_and_never_climbs_to_shared(clean, monk
 
 def test_a_wheel_that_does_not_match_the_digest_is_refused(clean, monkeypatch):
     _serve(monkeypatch, {"a.txt": "tampered"}, digest_matches=False)
-    with pytest.raises(FileNotFoundError, match="sha256 .* does not match"):
+    with pytest.raises(FileNotFoundError, match=r"sha256 .* does not match"):
         needle.find_haystack_dir()
     assert not (clean / "cache" / "haystack" / "paul_graham_essays").exists()
 

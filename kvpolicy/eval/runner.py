@@ -51,12 +51,13 @@ def resolve_policy(
     options: dict[str, Any] | None = None,
     policy_config: str | Path | None = None,
     model: Any = None,
-) -> tuple[Policy, str, str | None]:
-    """The policy to run, a readable label for it and a note for the user (or ``None``).
+) -> tuple[Policy, str, str | None, str]:
+    """The policy to run, a readable label for it, a note for the user (or ``None``) and the short
+    name of its run folder (the preset and the settings the user gave).
 
     A preset name is built for ``model`` (:func:`kvpolicy.calibrated.resolve_preset`): settings
     measured for a packaged model fill what the user did not set (the note says which), and the
-    label lists every resolved setting (``fastkv kv_budget=1.0 ... tsp_layer=23 tsp_rate=0.1``)."""
+    label lists every resolved setting (``fastkv tsp_layer=23 tsp_rate=0.1 kv_budget=1.0 ...``)."""
     from kvpolicy.calibrated import resolve_preset
     from kvpolicy.registry import load_policy_config, policy_from_dict
 
@@ -64,17 +65,18 @@ def resolve_policy(
     if policy_config is not None:
         if options:
             raise ValueError(f"--policy-config takes no policy options; got {sorted(options)}")
-        return load_policy_config(policy_config), Path(policy_config).stem, None
+        return load_policy_config(policy_config), Path(policy_config).stem, None, Path(policy_config).stem
     if isinstance(policy, Policy):
         if options:
             raise ValueError("policy options apply to a preset name, not to a Policy object")
-        return policy, policy.name or "custom", None
+        return policy, policy.name or "custom", None, policy.name or "custom"
     if isinstance(policy, dict):
         if options:
             raise ValueError("policy options apply to a preset name, not to a policy dict")
-        return policy_from_dict(policy), str(policy.get("name") or policy.get("policy") or "custom"), None
+        name = str(policy.get("name") or policy.get("policy") or "custom")
+        return policy_from_dict(policy), name, None, name
     resolved = resolve_preset(policy or "fullkv", options, model)
-    return resolved.policy, resolved.label, resolved.note
+    return resolved.policy, resolved.label, resolved.note, resolved.short_label
 
 
 def model_identity(model: Any, model_name: str | None = None) -> dict[str, Any]:
@@ -247,9 +249,12 @@ def run_eval(
         model_name = model_name or EMBEDDED_LABEL
     elif tokenizer is None:
         raise ValueError("pass the tokenizer with the model")
-    pol, default_label, policy_note = resolve_policy(policy, policy_options, policy_config, model)
+    pol, default_label, policy_note, folder_label = resolve_policy(
+        policy, policy_options, policy_config, model
+    )
     if policy_note:
         console.print(f"note: {policy_note}", markup=False)
+    folder_label = label or folder_label
     label = label or default_label
     task = make_task(
         benchmark,
@@ -277,7 +282,8 @@ def run_eval(
     whole_key = run_key(config)
     key = run_key({**config, "shard": list(part)}) if part else whole_key
     out = Path(out)
-    folder = f"{slug(label)}-shard{part[0]}of{part[1]}-{key[:12]}" if part else f"{slug(label)}-{key[:12]}"
+    name = slug(folder_label)
+    folder = f"{name}-shard{part[0]}of{part[1]}-{key[:12]}" if part else f"{name}-{key[:12]}"
     run_dir = find_run_dir(out, benchmark, key) or out / benchmark / folder
     items = task.items()
     if part:
