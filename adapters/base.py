@@ -59,12 +59,14 @@ class DecoderAdapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.base = model.model
         self.config = model.config
-        self.layers = list(self.base.layers)
+        self.base, self.layers = self._locate(model)
+        #: the output projection (``lm_head``; found through transformers' accessor, whatever its name)
+        head = model.get_output_embeddings()
+        self.lm_head: nn.Module = head if head is not None else model.lm_head
         self._devices: dict[int, torch.device] = {}  # module_device per module, looked up once
         self._attention_fns: dict[torch.device, Callable[..., Any]] = {}
-        attn0 = self.layers[0].self_attn
+        attn0 = self.attention(self.layers[0])
         # The rotary helper lives in each family's modeling module; use that family's own function.
         self._apply_rotary: Callable[..., Any] | None = getattr(
             sys.modules[type(attn0).__module__], "apply_rotary_pos_emb", None
@@ -78,6 +80,14 @@ class DecoderAdapter:
         self._paged_kernel: Callable[..., torch.Tensor] | None = None
         if impl in _FLASH and importlib.util.find_spec("flash_attn") is not None:
             self._paged_kernel = flash_paged_attention
+
+    def _locate(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        """The module holding the decoder layers, and the layers (Llama shape: ``model.model.layers``)."""
+        return model.model, list(model.model.layers)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """A decoder layer's attention module (``self_attn`` in the Llama shape)."""
+        return layer.self_attn
 
     @property
     def plain_rope_theta(self) -> float | None:
@@ -212,7 +222,9 @@ class DecoderAdapter:
         return h
 
     # -- one layer, as the loops call it (the generic adapter calls the model's layer whole instead) --
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first layer for ``ids`` at ``positions`` (both ``(B, T)``;
+        families with learned absolute positions add them here, RoPE families ignore them)."""
         return self.base.embed_tokens(ids)
 
     def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> Any:
@@ -274,7 +286,7 @@ class DecoderAdapter:
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         norm = self._final_norm
         h = norm(h_last.to(self._device_of(norm, default=h_last.device)))
-        return self.model.lm_head(h.to(self._device_of(self.model.lm_head)))[:, -1, :]
+        return self.lm_head(h.to(self._device_of(self.lm_head)))[:, -1, :]
 
     def _decode_attention(self, device: torch.device) -> Callable[..., Any]:
         """Decode attention over the paged cache on ``device``, chosen once per device
@@ -372,12 +384,12 @@ class DecoderAdapter:
         """The prefill layer loop: returns per-sequence restart requests (or None) and the last
         position's hidden state ``(B, 1, D)``."""
         width = ids.shape[1]
-        h = self._embed(ids)
         positions = _positions(counts, width, ids.device)
+        h = self._embed(ids, positions)
         cos_sin = self._rotary(h, positions)
         uncached: list[int] = []
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            attn = self.attention(layer)
             h, cos_sin, positions, (q, k, v) = self._prefill_layer(i, layer, h, cos_sin, positions, counts)
 
             parts, decisions = [], []
@@ -478,13 +490,15 @@ class DecoderAdapter:
         cache = batch.cache
         evict = policy.cache.evicts_during_decode
         positions = batch.next_positions
-        h = self._embed(token_ids)
+        h = self._embed(token_ids, positions[:, None])
         cos_sin = self._rotary(h, positions[:, None])
         for i, layer in enumerate(self.layers):
             lc = cache.layers[i]
             h, cos_sin, q, probs = self._decode_layer(i, layer, h, cos_sin, positions, lc, evict)
             if probs is not None:
-                _on_decode(policy, i, step, q, probs, lc, batch, layer.self_attn.scaling, self.num_layers)
+                _on_decode(
+                    policy, i, step, q, probs, lc, batch, self.attention(layer).scaling, self.num_layers
+                )
         positions += 1
         batch.step_counter += 1
         return self._logits(h)
@@ -498,7 +512,7 @@ class DecoderAdapter:
         """One forward of ``token_ids`` ``(B, 1)`` at ``positions`` ``(B, 1)`` with a caller's attention
         ``attend(layer, attn_module, q, k, v) -> (B, 1, H_q * d)`` (the bench's plain-transformers
         baselines and tests use it); returns logits ``(B, V)``."""
-        h = self._embed(token_ids)
+        h = self._embed(token_ids, positions)
         cos_sin = self._rotary(h, positions)
         for i, layer in enumerate(self.layers):
             h, cos_sin, _, (q, k, v) = self._enter_layer(layer, h, cos_sin)

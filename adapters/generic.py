@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvpolicy.adapters.base import DecoderAdapter
@@ -54,6 +55,7 @@ class _LayerCall:
     want_probs: bool = False
     qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     probs: torch.Tensor | None = None
+    calls: int = 0  # attention-function calls in this layer call: kvpolicy caches one k/v per layer
 
 
 def _routed_attention(
@@ -69,15 +71,32 @@ def _routed_attention(
     call: _LayerCall | None = kwargs.pop("kvpolicy", None)
     if call is None:  # someone else runs the model meanwhile: the backend it was loaded with
         return _ORIGINAL[id(module.config)](module, query, key, value, attention_mask, *args, **kwargs)
+    out = _attend_routed(module, query, key, value, call, kwargs.get("softcap"))
+    # the interface's contract: (B, T, H, d), whatever the caller flattens it to (GPT-2 keeps the shape)
+    return out.reshape(query.shape[0], query.shape[2], query.shape[1], -1), None
+
+
+def _attend_routed(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    call: _LayerCall,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Prefill: record ``(q, k, v)`` for the policies and attend; decode: write the new entries
+    into the layer's paged cache and attend over it. Returns ``(B, T, H * d)``."""
+    call.calls += 1
+    if call.calls > 1:
+        raise _Unsupported(_TWICE.format(name=type(module).__name__))
     adapter = call.adapter
-    softcap = kwargs.get("softcap")  # Gemma 2's attention-logit soft-capping
-    extra = {"softcap": softcap} if softcap is not None else {}
+    extra = {"softcap": softcap} if softcap is not None else {}  # Gemma 2's attention-logit soft-capping
     if call.cache is None:  # prefill
         call.qkv = (query, key, value)
         window = adapter.windows[module.layer_idx]
         if window and call.token_positions is not None and query.shape[2] > 1:
-            return adapter._attend_window(module, query, key, value, call, int(window), extra), None
-        return adapter._attend_prefill(module, query, key, value, call.counts or [], extra), None
+            return adapter._attend_window(module, query, key, value, call, int(window), extra)
+        return adapter._attend_prefill(module, query, key, value, call.counts or [], extra)
     call.cache.write(key, value, call.positions)
     call.qkv = (query, key, value)
     out, call.probs = adapter._decode_attention(query.device)(
@@ -88,8 +107,17 @@ def _routed_attention(
         softcap=softcap,
         sinks=getattr(module, "sinks", None),  # GPT-OSS: a learned logit per head in the softmax
     )
-    return out.to(query.dtype), None
+    return out.to(query.dtype)
 
+
+class _Unsupported(RuntimeError):
+    """Found while running a layer: the family does something kvpolicy cannot drive."""
+
+
+_TWICE = (
+    "{name} calls the attention function more than once per layer (differential attention, as in "
+    "DiffLlama): kvpolicy's cache holds one set of keys and values per layer"
+)
 
 #: The backend function each routed config had before kvpolicy routed it, by ``id(config)``.
 _ORIGINAL: dict[int, Any] = {}
@@ -126,6 +154,68 @@ FAMILY_TRAITS: dict[str, dict[str, Any]] = {
     "lfm2": {"final_norm": "embedding_norm"},
 }
 
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its pieces, relative to the ``*ForCausalLM`` (data, not code): the Llama
+    shape is the default; GPT-2-style families keep their layers elsewhere and may add learned
+    absolute positions to the token embeddings (which then travel with each token: a token TSP keeps
+    still carries its original position)."""
+
+    #: dotted path of the module holding the decoder layers (and the rotary embedding, final norm)
+    base: str = "model"
+    #: that module's list of decoder layers
+    layers: str = "layers"
+    #: each layer's attention module
+    attn: str = "self_attn"
+    #: the base's learned absolute position embedding, added to the token embeddings (``None``: RoPE)
+    positions: str | None = None
+    #: the base's norm after the last layer (``None``: ``norm`` or ``final_layernorm``)
+    final_norm: str | None = None
+    #: projections around the layers when the embedding width differs (OPT-350m)
+    project_in: str | None = None
+    project_out: str | None = None
+
+
+#: Families whose layers are not at ``model.layers``, by ``model_type``. Each family's attention goes
+#: through transformers' AttentionInterface; its token embedding and output projection are found
+#: through ``get_input_embeddings`` / ``get_output_embeddings``.
+LAYOUTS: dict[str, Layout] = {
+    "gpt2": Layout("transformer", "h", "attn", positions="wpe", final_norm="ln_f"),
+    "gpt_bigcode": Layout("transformer", "h", "attn", positions="wpe", final_norm="ln_f"),
+    "gptj": Layout("transformer", "h", "attn", final_norm="ln_f"),
+    "codegen": Layout("transformer", "h", "attn", final_norm="ln_f"),
+    "falcon": Layout("transformer", "h", "self_attention", final_norm="ln_f"),
+    "gpt_neox": Layout("gpt_neox", "layers", "attention", final_norm="final_layer_norm"),
+    "opt": Layout(
+        "model.decoder",
+        "layers",
+        "self_attn",
+        positions="embed_positions",
+        final_norm="final_layer_norm",
+        project_in="project_in",
+        project_out="project_out",
+    ),
+    "biogpt": Layout("biogpt", "layers", "self_attn", positions="embed_positions", final_norm="layer_norm"),
+    # ALiBi families: located, so that the refusal names what is missing (their attention does not
+    # go through the AttentionInterface, where kvpolicy sees queries and keys)
+    "bloom": Layout("transformer", "h", "self_attention", final_norm="ln_f"),
+    "mpt": Layout("transformer", "blocks", "attn", final_norm="norm_f"),
+}
+
+
+def layout_of(model: nn.Module) -> Layout:
+    return LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", ""), Layout())
+
+
+def _located(model: nn.Module, layout: Layout) -> tuple[nn.Module | None, Any]:
+    """The base module and its decoder layers as ``layout`` says (``None`` where missing)."""
+    base: Any = model
+    for part in layout.base.split("."):
+        base = getattr(base, part, None)
+    return base, getattr(base, layout.layers, None) if base is not None else None
+
+
 #: The layer types kvpolicy runs (``config.layer_types``); others (chunked, linear, convolution,
 #: state-space) are refused by name.
 LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
@@ -140,16 +230,19 @@ def why_unsupported(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return f"{name} is not a decoder-only model"
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if base is None or layers is None or getattr(model, "lm_head", None) is None:
-        return f"{name} has no model.layers / lm_head (not a decoder-only *ForCausalLM of the usual shape)"
-    attn = getattr(layers[0], "self_attn", None)
+    layout = layout_of(model)
+    base, layers = _located(model, layout)
+    where = f"{layout.base}.{layout.layers}"
+    if base is None or layers is None or model.get_output_embeddings() is None:
+        return (
+            f"{name} has no {where} / output embeddings (not a decoder-only *ForCausalLM of a known layout)"
+        )
+    attn = getattr(layers[0], layout.attn, None)
     if attn is None or not hasattr(attn, "layer_idx"):
-        return f"{name}'s layers have no self_attn with a layer_idx (not standard attention)"
+        return f"{name}'s layers have no {layout.attn} with a layer_idx (not standard attention)"
     if getattr(attn, "kv_lora_rank", None) or "Mla" in type(attn).__name__:
         return f"{name} uses latent (MLA) attention, whose cache is not per-head keys and values"
-    if any(getattr(layer, "self_attn", None) is None for layer in layers):
+    if any(getattr(layer, layout.attn, None) is None for layer in layers):
         return f"{name} mixes attention with recurrent or state-space layers"
     other = sorted(set(getattr(config, "layer_types", None) or []) - LAYER_TYPES)
     if other:
@@ -164,8 +257,10 @@ def why_unsupported(model: nn.Module) -> str | None:
     can_route = getattr(model, "_can_set_attn_implementation", None)
     if can_route is not None and not can_route():
         return f"{name}'s attention does not go through transformers' AttentionInterface"
-    if not hasattr(base, "rotary_emb"):
-        return f"{name} has no shared rotary embedding (model.rotary_emb)"
+    if not hasattr(base, "rotary_emb") and layout.positions is None:
+        return (
+            f"{name} has neither a shared rotary embedding ({layout.base}.rotary_emb) nor learned positions"
+        )
     return None
 
 
@@ -191,22 +286,35 @@ class GenericAdapter(DecoderAdapter):
         return why_unsupported(model)
 
     def __init__(self, model: nn.Module) -> None:
+        self.layout = layout_of(model)
         super().__init__(model)
+        self._token_embed = model.get_input_embeddings()
+        part = self.layout
+        self._positions_embed = getattr(self.base, part.positions) if part.positions else None
+        self._project_in = getattr(self.base, part.project_in, None) if part.project_in else None
+        norm = getattr(self.base, part.final_norm, None) if part.final_norm else None
+        if part.final_norm is None:
+            norm = getattr(self.base, "norm", None) or getattr(self.base, "final_layernorm", None)
+        out = getattr(self.base, part.project_out, None) if part.project_out else None
+        tail = [m for m in (norm, out) if m is not None]
+        #: what runs between the last layer and the output projection (OPT may have no final norm)
+        self._final: nn.Module = tail[0] if len(tail) == 1 else nn.Sequential(*tail)
         if self._attn_impl == ROUTED:  # built while kvpolicy runs this model: the backend underneath
             self._attn_impl = _ORIGINAL_NAME[id(model.config)]
             self._attn_fn = _ORIGINAL[id(model.config)]
         elif self._attn_impl == "eager":  # the family's own eager function (Gemma 2 soft-caps, GPT-OSS sinks)
-            family = sys.modules[type(self.layers[0].self_attn).__module__]
+            family = sys.modules[type(self.attention(self.layers[0])).__module__]
             self._attn_fn = getattr(family, "eager_attention_forward", self._attn_fn)
         _register()
         config = self.config
-        rotary = self.base.rotary_emb
+        rotary = getattr(self.base, "rotary_emb", None)
         self.layer_types: list[str] | None = getattr(config, "layer_types", None)
         self.traits = Traits(
             embedding_multiplier=getattr(config, "embedding_multiplier", None),
             logits_divisor=getattr(config, "logits_scaling", None),
             final_softcap=getattr(config, "final_logit_softcapping", None),
             rotary_per_layer_type=bool(self.layer_types)
+            and rotary is not None
             and "layer_type" in inspect.signature(rotary.forward).parameters,
             **FAMILY_TRAITS.get(getattr(config, "model_type", ""), {}),
         )
@@ -233,8 +341,10 @@ class GenericAdapter(DecoderAdapter):
         call = _LayerCall(self, counts=[2])
         try:
             with torch.no_grad(), self.routing():
-                h = self._embed(ids)
+                h = self._embed(ids, positions)
                 self._call_layer(0, layer, h, self._rotary(h, positions), positions, call)
+        except _Unsupported as exc:
+            raise ValueError(f"{type(self.model).__name__}: {exc} (generic adapter)") from None
         except Exception as exc:
             raise ValueError(
                 f"{type(self.model).__name__}: its decoder layer cannot be called as transformers' standard "
@@ -263,8 +373,21 @@ class GenericAdapter(DecoderAdapter):
             config._attn_implementation = original
 
     # -- the pieces of the loop ------------------------------------------------------------------
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.base.embed_tokens(ids)
+    def _locate(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        base, layers = _located(model, self.layout)
+        assert base is not None and layers is not None  # why_unsupported said so first
+        return base, list(layers)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.layout.attn)
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self._token_embed(ids)
+        if self._project_in is not None:
+            h = self._project_in(h)
+        if self._positions_embed is not None:  # learned absolute positions (OPT's start at an offset)
+            table = self._positions_embed
+            h = h + F.embedding(positions + getattr(table, "offset", 0), table.weight).to(h.dtype)
         if self.traits.embedding_multiplier is not None:
             h = h * self.traits.embedding_multiplier
         if self.traits.embedding_norm is not None:
@@ -272,6 +395,8 @@ class GenericAdapter(DecoderAdapter):
         return h
 
     def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> Any:
+        if self._positions_embed is not None:
+            return None  # learned positions went in with the embeddings
         if not self.traits.rotary_per_layer_type:
             return self.base.rotary_emb(h, positions)
         return {t: self.base.rotary_emb(h, positions, t) for t in sorted(set(self.layer_types or []))}
@@ -390,10 +515,9 @@ class GenericAdapter(DecoderAdapter):
     @property
     def _final_norm(self) -> nn.Module:
         # a plain attribute lookup (no ``super()`` property): the compiled decode step traces this
-        name = self.traits.final_norm or (
-            "norm" if getattr(self.base, "norm", None) is not None else "final_layernorm"
-        )
-        return getattr(self.base, name)
+        if self.traits.final_norm is not None:
+            return getattr(self.base, self.traits.final_norm)
+        return self._final
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         logits = super()._logits(h_last)

@@ -76,7 +76,16 @@ def tiny_config(model_type: str) -> Any:
     from transformers import AutoConfig
 
     extra: dict[str, Any] = {**TINY, **MOE}
-    config = AutoConfig.for_model(model_type, **extra)
+    try:
+        config = AutoConfig.for_model(model_type, **extra)
+    except AttributeError as exc:  # head_dim derived from the widths, not settable (Falcon)
+        if "head_dim" not in str(exc):
+            raise
+        extra.pop("head_dim")
+        config = AutoConfig.for_model(model_type, **extra)
+    if isinstance(getattr(config, "rotary_dim", None), int):  # GPT-J, CodeGen: rotate part of each head
+        extra["rotary_dim"] = TINY["head_dim"] // 2
+        config = AutoConfig.for_model(model_type, **extra)
     if isinstance(getattr(config, "sliding_window", None), int) or getattr(config, "layer_types", None):
         extra["sliding_window"] = WINDOW
         if model_type == "gemma3_text":

@@ -51,6 +51,15 @@ FAMILIES: dict[str, dict] = {
     "seed_oss": {},
     "ernie4_5": {},
     "hunyuan_v1_dense": {},
+    # GPT-2 layouts (issue 22): layers at transformer.h / gpt_neox.layers / model.decoder.layers, learned
+    # absolute positions (GPT-2, StarCoder 1, OPT and BioGPT with their offset of 2) or partial RoPE
+    "gpt2": {},
+    "gpt_bigcode": {},
+    "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8},
+    "gpt_neox": {},
+    "opt": {},
+    "biogpt": {},
 }
 
 #: model_type -> (extra settings, attention implementation, what the refusal says).
@@ -58,6 +67,8 @@ REFUSED: dict[str, tuple[dict, str, str]] = {
     "deepseek_v3": ({"n_routed_experts": 4, "num_experts_per_tok": 2}, "eager", "latent (MLA) attention"),
     "jamba": (MOE, "eager", "not standard attention"),
     "stablelm": ({}, "sdpa", "do not pass keyword arguments to the attention function"),
+    "diffllama": ({}, "sdpa", "calls the attention function more than once per layer"),
+    "bloom": ({}, "eager", "does not go through transformers' AttentionInterface"),
 }
 
 
@@ -100,7 +111,8 @@ def test_generic_adapter_equals_transformers_and_holds_budgets(model_type):
         for lengths, window, n in zip(batch.cache.kv_head_lengths(), adapter.windows, tokens, strict=True):
             # full-attention layers hold the budget; sliding ones (Gemma 3, Cohere 2, Exaone 4 hybrids,
             # windows far above this prompt here) what the next token sees
-            assert lengths == ([12, 12] if window is None else [min(n, window - 1)] * 2)
+            # (two KV heads; GPT-2 and GPT-J have no grouped queries, StarCoder 1 has one KV head)
+            assert lengths == [12 if window is None else min(n, window - 1)] * len(lengths)
     assert batch.states[0].tokens_per_layer == [40, 40, 20, 20]  # TSP after layer 1
 
 
@@ -181,7 +193,8 @@ def test_unsupported_architectures_are_refused_naming_class_and_reason(model_typ
 
 
 @pytest.mark.parametrize(
-    ("model_type", "extra"), [("phi3", {}), ("gemma3_text", SLIDING["gemma3_text"]), ("olmoe", MOE)]
+    ("model_type", "extra"),
+    [("phi3", {}), ("gemma3_text", SLIDING["gemma3_text"]), ("olmoe", MOE), ("gpt2", {}), ("opt", {})],
 )
 def test_generic_adapter_batch_equals_each_prompt_alone(model_type, extra):
     """A left-padded batch of different lengths (sliding layers past their window included) gives each
