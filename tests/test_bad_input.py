@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import BloomConfig, BloomForCausalLM
 
 import kvpolicy
 from kvpolicy import PolicyConfigError, RegistryError
@@ -74,10 +74,10 @@ def test_tsp_layer_outside_the_model(tiny_model, prompt_ids):
 
 
 def test_unsupported_architecture_lists_supported():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    model = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50))
     with pytest.raises(
         RegistryError,
-        match=r"unsupported model class GPT2LMHeadModel \(generic: .*no model.layers.*\); supported.*LlamaForCausalLM",
+        match=r"unsupported model class BloomForCausalLM \(generic: .*AttentionInterface.*\); supported.*LlamaForCausalLM",
     ):
         kvpolicy.generate(model, None, input_ids=[1, 2, 3], max_new_tokens=2)
 
