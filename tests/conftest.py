@@ -57,14 +57,14 @@ def tiny_policy(name: str, options: dict[str, object]):
     return kvpolicy.get_policy(base, **options)
 
 
-def tiny_llama_for(tokenizer, max_positions: int = 2048) -> LlamaForCausalLM:
+def tiny_llama_for(tokenizer, max_positions: int = 2048, layers: int = 4) -> LlamaForCausalLM:
     """A tiny random Llama whose vocabulary fits ``tokenizer`` (for tests that need real text)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,

@@ -56,21 +56,11 @@ def test_a_bad_setting_is_named_before_anything_else(tmp_path):
 def test_eval_names_the_run_with_the_resolved_settings(tmp_path, embedded_tokenizer, capsys):
     """`kvpolicy eval --policy fastkv` on the embedded model runs the measured TSP layer, says so,
     and the table title and run.json carry every resolved setting (a 30-layer tiny stand-in)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama_for
 
     from kvpolicy.eval.runner import run_eval
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(embedded_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=30,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama_for(embedded_tokenizer, layers=30)  # the embedded model's depth
     model.config._name_or_path = str(cache_root() / "models" / "SmolLM2-135M-Instruct")
     result = run_eval(
         "needle", model, embedded_tokenizer, policy="fastkv", lengths=[200], depths=1, out=tmp_path
