@@ -96,6 +96,9 @@ def _attend_routed(
         window = adapter.windows[module.layer_idx]
         if window and call.token_positions is not None and query.shape[2] > 1:
             return adapter._attend_window(module, query, key, value, call, int(window), extra)
+        chunk = adapter.chunks[module.layer_idx]
+        if chunk and call.token_positions is not None and query.shape[2] > 1:
+            return adapter._attend_window(module, query, key, value, call, int(chunk), extra, chunked=True)
         return adapter._attend_prefill(module, query, key, value, call.counts or [], extra)
     call.cache.write(key, value, call.positions)
     call.qkv = (query, key, value)
@@ -218,7 +221,7 @@ def _located(model: nn.Module, layout: Layout) -> tuple[nn.Module | None, Any]:
 
 #: The layer types kvpolicy runs (``config.layer_types``); others (chunked, linear, convolution,
 #: state-space) are refused by name.
-LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 #: Module class names that mark recurrent, state-space or convolution mixers inside a decoder layer,
 #: whose state is not keys and values (Falcon-H1 runs Mamba beside attention in every layer).
 _STATEFUL = ("Mamba", "Mixer", "Conv", "LinearAttention", "DeltaNet", "Rwkv", "Recurrent", "Lightning")
@@ -325,7 +328,33 @@ class GenericAdapter(DecoderAdapter):
         window = int(window) if isinstance(window, int) and window > 0 else None
         types = self.layer_types or ["sliding_attention" if window else "full_attention"] * self.num_layers
         self.windows: list[int | None] = [window if t == "sliding_attention" else None for t in types]
+        #: each layer's attention chunk (``None``: not chunked): Llama 4's chunked layers attend within
+        #: fixed chunks of ``config.attention_chunk_size`` positions
+        chunk = getattr(config, "attention_chunk_size", None)
+        self.chunks: list[int | None] = [chunk if t == "chunked_attention" else None for t in types]
         self._probe()
+
+    def check_prompt_length(self, length: int) -> None:
+        """Also refuse what the layers would compute wrong without transformers' cache: Llama 4's
+        layers without RoPE scale their queries by a position they read from that cache's length
+        (``attn_temperature_tuning``); kvpolicy calls layers without it, which reads position 0,
+        and the scale is 1 either way only below ``floor_scale`` positions."""
+        super().check_prompt_length(length)
+        config = self.config
+        nope = 0 in (getattr(config, "no_rope_layers", None) or [1])
+        limit = getattr(config, "floor_scale", None)
+        if (
+            getattr(config, "attn_temperature_tuning", False)
+            and nope
+            and isinstance(limit, int)
+            and length >= limit
+        ):
+            raise ValueError(
+                f"prompt plus generation needs {length} positions, but {type(self.model).__name__}'s layers "
+                f"without RoPE scale their queries by the position in transformers' cache "
+                f"(attn_temperature_tuning), which kvpolicy does not use: it serves up to {limit - 1} positions "
+                f"(config.floor_scale - 1); shorten the prompt or max_new_tokens"
+            )
 
     def _probe(self) -> None:
         """Run two tokens through the first layer: its attention must come through kvpolicy's routed
@@ -423,10 +452,12 @@ class GenericAdapter(DecoderAdapter):
         call: _LayerCall,
         window: int,
         extra: dict[str, Any] | None = None,
+        chunked: bool = False,
     ) -> torch.Tensor:
         """Sliding-window attention over *original* positions (after TSP a token at index 2 may sit at
         position 900): query ``p`` sees keys at positions ``(p - window, p]``, as transformers' sliding
-        mask does. Per sequence, over its real tokens."""
+        mask does; ``chunked``: keys at or before ``p`` in its chunk of ``window`` positions (``p //
+        window`` equal), as the chunked mask does. Per sequence, over its real tokens."""
         width = q.shape[2]
         out = q.new_zeros((q.shape[0], width, q.shape[1] * v.shape[-1]))
         assert call.token_positions is not None
@@ -434,7 +465,8 @@ class GenericAdapter(DecoderAdapter):
             lo = width - c
             pos = call.token_positions[b, lo:].to(q.device)
             gap = pos[:, None] - pos[None, :]
-            allowed = (gap >= 0) & (gap < window)
+            near = (pos[:, None] // window == pos[None, :] // window) if chunked else gap < window
+            allowed = (gap >= 0) & near
             mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
             mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[None, None]
             out[b : b + 1, lo:] = self._attend(
@@ -448,6 +480,12 @@ class GenericAdapter(DecoderAdapter):
         """Sliding-window layers keep exactly the entries the next token can see (the last
         ``window - 1`` positions); the cache policy compresses the full-attention layers only."""
         window = self.windows[i]
+        chunk = self.chunks[i]
+        if chunk is not None:  # the entries of the last prompt token's chunk (decode clears them at the next)
+            pos = view.positions[0]
+            keep = (pos >= (int(pos.max()) // chunk) * chunk).nonzero().squeeze(-1)
+            k, v = view.key[0][:, keep], view.value[0][:, keep]
+            return k, v, pos[keep][None, :].expand(k.shape[0], -1), None
         if window is None:
             return super()._keep(i, policy, view, state)
         self._say_budget_below_window(policy, view.prompt_len, window)
@@ -500,8 +538,11 @@ class GenericAdapter(DecoderAdapter):
         lc: PagedLayer,
         want_probs: bool,
     ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor | None]:
-        window = self.windows[i]
-        call = _LayerCall(self, cache=lc, positions=positions, want_probs=want_probs and window is None)
+        window, chunk = self.windows[i], self.chunks[i]
+        if chunk is not None:  # a token that starts a chunk sees none of the earlier entries
+            lc.clear(positions % chunk == 0)
+        local = window is not None or chunk is not None  # what the cache policy does not score
+        call = _LayerCall(self, cache=lc, positions=positions, want_probs=want_probs and not local)
         h = self._call_layer(i, layer, h, cos_sin, positions[:, None], call)
         assert call.qkv is not None
         if window is not None:  # roll: the next token (position p + 1) sees positions > p + 1 - window

@@ -262,6 +262,17 @@ class PagedLayer(CacheLayerMixin):
             self.num_seqs, self.num_heads
         )
 
+    def clear(self, seqs: torch.Tensor) -> None:
+        """Empty every head's row of the sequences where ``seqs`` ``(B,)`` is true, in place; no host
+        sync, static shapes (a chunked-attention layer's token that starts a new chunk sees none of
+        the earlier entries)."""
+        rows = seqs.to(self.lengths.device)[:, None].expand(self.num_seqs, self.num_heads)
+        self.lengths.masked_fill_(rows, 0)
+        every = rows.reshape(-1, 1).expand(-1, self.slots).reshape(-1)
+        null = self._slot_flat.new_full((), self.pos_pool.numel() - 1)  # a null-page slot: always -1
+        self.pos_pool.view(-1).index_fill_(0, torch.where(every, self._slot_flat, null), -1)
+        self.uniform = None
+
     def keep(self, indices: torch.Tensor, counts: torch.Tensor | None = None, seq: int = 0) -> None:
         """Keep only the entries at slot ``indices`` ``(1, H, C)`` of sequence ``seq`` (its first
         ``counts`` ``(1, H)`` per head when given), compacted to slots ``0..C-1``. O(C) copies: the

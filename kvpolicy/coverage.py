@@ -83,6 +83,9 @@ def tiny_config(model_type: str) -> Any:
             raise
         extra.pop("head_dim")
         config = AutoConfig.for_model(model_type, **extra)
+    if isinstance(getattr(config, "attention_chunk_size", None), int):  # Llama 4: chunks the prompt passes
+        extra["attention_chunk_size"] = WINDOW
+        config = AutoConfig.for_model(model_type, **extra)
     if isinstance(getattr(config, "rotary_dim", None), int):  # GPT-J, CodeGen: rotate part of each head
         extra["rotary_dim"] = TINY["head_dim"] // 2
         config = AutoConfig.for_model(model_type, **extra)
@@ -144,7 +147,8 @@ def check(model_type: str) -> Result:
         why = why_unsupported(model) or str(exc).removeprefix(f"{arch}: ").split(" (generic adapter)")[0]
         return Result(model_type, arch, "refused", why.removeprefix(f"{arch} ").removeprefix(f"{arch}'s "))
     windows = list(getattr(adapter, "windows", [None] * adapter.num_layers))
-    sliding = any(w is not None for w in windows)
+    chunks = list(getattr(adapter, "chunks", [None] * adapter.num_layers))
+    sliding = any(w is not None for w in windows) or any(c is not None for c in chunks)
     row = {"model_type": model_type, "architecture": arch, "sliding": sliding, "adapter": adapter.name}
     ids = torch.randint(1, 128, (1, PROMPT), generator=torch.Generator().manual_seed(3))
     try:
@@ -167,15 +171,20 @@ def check(model_type: str) -> Result:
         for name, extra in (("snapkv", {}), ("fastkv", {"tsp_layer": 1, "tsp_rate": 0.5})):
             pre = kvpolicy.prefill(model, ids, kvpolicy.get_policy(name, kv_budget=BUDGET, **extra))
             tokens = pre.states[0].tokens_per_layer
-            for i, (lengths, window, n) in enumerate(
-                zip(pre.cache.kv_head_lengths(), windows, tokens, strict=True)
+            for i, (lengths, window, chunk, n) in enumerate(
+                zip(pre.cache.kv_head_lengths(), windows, chunks, tokens, strict=True)
             ):
-                # sliding layers keep the last window - 1 positions: all of them without TSP, those
-                # of the propagated tokens that fall in it with TSP
-                expect = BUDGET if window is None else min(n, window - 1)
-                held = (
-                    set(lengths) == {expect} if window is None or name == "snapkv" else max(lengths) <= expect
+                # sliding layers keep the last window - 1 positions, chunked layers the last prompt
+                # token's chunk: all of those without TSP, those of the propagated tokens with TSP
+                local = window is not None or chunk is not None
+                expect = (
+                    BUDGET
+                    if not local
+                    else min(n, window - 1)
+                    if window is not None
+                    else (PROMPT - 1) % chunk + 1
                 )
+                held = set(lengths) == {expect} if not local or name == "snapkv" else max(lengths) <= expect
                 if not held:
                     return Result(
                         **row, status="differs", detail=f"{name}: layer {i} keeps {lengths}, not {expect}"

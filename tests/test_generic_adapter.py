@@ -234,3 +234,53 @@ def test_compiled_decode_through_the_generic_adapter_equals_eager(model_type, ex
     torch._dynamo.reset()
     assert compiled.token_ids == eager.token_ids
     assert model.config._attn_implementation == "sdpa"
+
+
+#: Llama 4's text model with 16-position chunks: a 40-token prompt spans three chunks, and 16 new
+#: tokens cross the boundary at 48.
+CHUNKED = {"attention_chunk_size": 16, **MOE}
+
+
+def test_chunked_attention_equals_transformers_across_chunk_boundaries():
+    """Chunked layers attend within their chunk over original positions and keep the last prompt
+    token's chunk; at a boundary decode empties them. Full KV and FastKV's keep-all equal
+    transformers; SnapKV compresses only the full-attention layer."""
+    model = tiny_model("llama4_text", CHUNKED)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 40:].tolist()
+    adapter = kvpolicy.get_adapter(model)
+    assert adapter.chunks == [16, 16, 16, None]
+    for policy in ("fullkv", kvpolicy.get_policy("fastkv", kv_budget=160, tsp_layer=1, tsp_rate=1.0)):
+        assert (
+            kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=16).token_ids == want
+        )
+    # the boundary's clearing replays from a recorded step too (the CPU stand-in of CUDA graphs)
+    replayed = kvpolicy.generate(model, None, input_ids=ids, max_new_tokens=16, graphs=True)
+    assert replayed.token_ids == want
+    pre = kvpolicy.prefill(model, ids, kvpolicy.get_policy("snapkv", kv_budget=12))
+    held = pre.cache.kv_head_lengths()
+    assert held[:3] == [[8] * len(held[0])] * 3  # positions 32..39: the last prompt token's chunk
+    assert set(held[3]) == {12}
+
+
+def test_chunked_layers_refuse_lengths_their_query_scaling_needs_the_cache_for():
+    model = tiny_model("llama4_text", {**CHUNKED, "floor_scale": 64})
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    kvpolicy.generate(model, None, input_ids=ids, max_new_tokens=23)  # 63 positions: served
+    with pytest.raises(ValueError, match=r"64 positions.*attn_temperature_tuning.*up to 63 positions"):
+        kvpolicy.generate(model, None, input_ids=ids, max_new_tokens=24)
+
+
+def test_clearing_rows_of_a_paged_layer():
+    """``PagedLayer.clear`` empties the chosen sequences' rows (every head) and nothing else."""
+    from kvpolicy.cache import PagedLayer
+
+    layer = PagedLayer(block_size=4)
+    k = torch.randn(2, 6, 8)  # (KV heads, entries, head dim), as a layer keeps them
+    parts = [(k, k.clone(), torch.arange(6).expand(2, 6), None) for _ in range(2)]
+    layer.store(parts, reserve=4)
+    layer.clear(torch.tensor([False, True]))
+    assert layer.lengths.tolist() == [[6, 6], [0, 0]]
+    positions = layer.slot_positions()
+    assert (positions[1] == -1).all() and positions[0, :, :6].tolist() == [list(range(6))] * 2
