@@ -101,6 +101,8 @@ class DecoderAdapter:
         rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
         theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
         partial = getattr(cfg, "partial_rotary_factor", None) or 1.0
+        if getattr(cfg, "qk_nope_head_dim", None):  # latent attention (MLA): part of each head unrotated
+            partial = 0.0
         if rope_type != "default" or partial != 1.0 or not isinstance(theta, (int, float)):
             return None
         return float(theta)

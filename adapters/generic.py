@@ -243,14 +243,12 @@ def why_unsupported(model: nn.Module) -> str | None:
     attn = getattr(layers[0], layout.attn, None)
     if attn is None or not hasattr(attn, "layer_idx"):
         return f"{name}'s layers have no {layout.attn} with a layer_idx (not standard attention)"
-    if getattr(attn, "kv_lora_rank", None) or "Mla" in type(attn).__name__:
-        return f"{name} uses latent (MLA) attention, whose cache is not per-head keys and values"
     if any(getattr(layer, layout.attn, None) is None for layer in layers):
         return f"{name} mixes attention with recurrent or state-space layers"
     other = sorted(set(getattr(config, "layer_types", None) or []) - LAYER_TYPES)
     if other:
         return (
-            f"{name} has {', '.join(other)} layers (kvpolicy runs full and sliding-window attention "
+            f"{name} has {', '.join(other)} layers (kvpolicy runs full, sliding-window and chunked attention "
             f"layers only)"
         )
     for child in layers[0].children():

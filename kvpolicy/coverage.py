@@ -44,6 +44,18 @@ TINY: dict[str, Any] = {
     "max_position_embeddings": 256,
     "pad_token_id": 0,
 }
+#: Latent-attention (MLA) sizes: the rotary part of each query and key is ``head_dim`` wide.
+MLA: dict[str, Any] = {
+    "kv_lora_rank": 32,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "head_dim": 8,
+    # DeepSeek V3's grouped expert routing: one group of the tiny experts
+    "n_group": 1,
+    "topk_group": 1,
+}
 #: Mixture-of-experts sizes under the names the families use (unused names are ignored).
 MOE: dict[str, Any] = {
     "num_experts": 4,
@@ -82,6 +94,9 @@ def tiny_config(model_type: str) -> Any:
         if "head_dim" not in str(exc):
             raise
         extra.pop("head_dim")
+        config = AutoConfig.for_model(model_type, **extra)
+    if isinstance(getattr(config, "kv_lora_rank", None), int):  # latent attention (MLA): tiny latent sizes
+        extra.update(MLA)
         config = AutoConfig.for_model(model_type, **extra)
     if isinstance(getattr(config, "attention_chunk_size", None), int):  # Llama 4: chunks the prompt passes
         extra["attention_chunk_size"] = WINDOW

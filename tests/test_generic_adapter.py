@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import kvpolicy
 from kvpolicy.adapters.generic import GenericAdapter
-from kvpolicy.coverage import MOE, TINY
+from kvpolicy.coverage import MLA, MOE, TINY
 from kvpolicy.registry import RegistryError
 
 #: model_type -> extra config settings, for the families the generic adapter drives.
@@ -60,11 +60,13 @@ FAMILIES: dict[str, dict] = {
     "gpt_neox": {},
     "opt": {},
     "biogpt": {},
+    # latent attention (MLA, issue 22): keys and values per head, as the model's attention expands them
+    "deepseek_v3": {**MOE, **MLA},
+    "minicpm3": MLA,
 }
 
 #: model_type -> (extra settings, attention implementation, what the refusal says).
 REFUSED: dict[str, tuple[dict, str, str]] = {
-    "deepseek_v3": ({"n_routed_experts": 4, "num_experts_per_tok": 2}, "eager", "latent (MLA) attention"),
     "jamba": (MOE, "eager", "not standard attention"),
     "stablelm": ({}, "sdpa", "do not pass keyword arguments to the attention function"),
     "diffllama": ({}, "sdpa", "calls the attention function more than once per layer"),
