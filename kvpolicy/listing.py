@@ -40,17 +40,18 @@ def _tree_stamp(root: Path, out: list[str]) -> None:
                 out.append(f"{path}:{os.stat(path).st_mtime_ns}")
 
 
-def _source_root(module: str) -> Path | None:
-    """The file or folder of ``module``'s top-level package, found without importing it."""
+def _source_roots(module: str) -> list[Path]:
+    """The file or folders of ``module``'s top-level package (every portion of a namespace package),
+    found without importing it."""
     try:
         spec = importlib.util.find_spec(module.split(".")[0])
     except (ImportError, ValueError):
-        return None
+        return []
     if spec is None:
-        return None
+        return []
     if spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return Path(spec.origin) if spec.origin else None
+        return [Path(p) for p in spec.submodule_search_locations]
+    return [Path(spec.origin)] if spec.origin else []
 
 
 def fingerprint() -> str:
@@ -74,8 +75,7 @@ def fingerprint() -> str:
         dist = ep.dist
         label = f"{dist.metadata['Name']}=={dist.version}" if dist is not None else "?"
         parts.append(f"{ep.name}={ep.value}@{label}")
-        if (root := _source_root(ep.value.split(":")[0])) is not None:
-            roots.append(root)
+        roots += _source_roots(ep.value.split(":")[0])
     for root in roots:
         _tree_stamp(root, parts)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
