@@ -15,6 +15,7 @@ family subclasses :class:`DecoderAdapter` and overrides what differs (e.g. per-h
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -89,7 +90,7 @@ class DecoderAdapter:
         """A decoder layer's attention module (``self_attn`` in the Llama shape)."""
         return layer.self_attn
 
-    @property
+    @functools.cached_property
     def plain_rope_theta(self) -> float | None:
         """The RoPE base when the model's rotary embedding is plain RoPE over the whole head (rope type
         ``default``, no partial rotation, one set of parameters for every layer), else ``None``."""

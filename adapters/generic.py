@@ -146,15 +146,12 @@ class Traits:
     final_softcap: float | None = None
     rotary_per_layer_type: bool = False
     embedding_norm: str | None = None
-    final_norm: str | None = None
 
 
 #: What a family does that its config does not say, by ``model_type``: read by :class:`Traits`.
-#: NanoChat normalises the embeddings with the final norm before the first layer; LFM2 names its final
-#: norm ``embedding_norm``.
+#: NanoChat normalises the embeddings with the final norm before the first layer.
 FAMILY_TRAITS: dict[str, dict[str, Any]] = {
     "nanochat": {"embedding_norm": "norm"},
-    "lfm2": {"final_norm": "embedding_norm"},
 }
 
 
@@ -180,7 +177,7 @@ class Layout:
     project_out: str | None = None
 
 
-#: Families whose layers are not at ``model.layers``, by ``model_type``. Each family's attention goes
+#: Families that keep their pieces elsewhere than the Llama shape, by ``model_type``. Each family's attention goes
 #: through transformers' AttentionInterface; its token embedding and output projection are found
 #: through ``get_input_embeddings`` / ``get_output_embeddings``.
 LAYOUTS: dict[str, Layout] = {
@@ -200,6 +197,7 @@ LAYOUTS: dict[str, Layout] = {
         project_out="project_out",
     ),
     "biogpt": Layout("biogpt", "layers", "self_attn", positions="embed_positions", final_norm="layer_norm"),
+    "lfm2": Layout(final_norm="embedding_norm"),  # LFM2 names its final norm so
     # ALiBi families: located, so that the refusal names what is missing (their attention does not
     # go through the AttentionInterface, where kvpolicy sees queries and keys)
     "bloom": Layout("transformer", "h", "self_attention", final_norm="ln_f"),
@@ -293,9 +291,7 @@ class GenericAdapter(DecoderAdapter):
         part = self.layout
         self._positions_embed = getattr(self.base, part.positions) if part.positions else None
         self._project_in = getattr(self.base, part.project_in, None) if part.project_in else None
-        norm = getattr(self.base, part.final_norm, None) if part.final_norm else None
-        if part.final_norm is None:
-            norm = getattr(self.base, "norm", None) or getattr(self.base, "final_layernorm", None)
+        norm = getattr(self.base, part.final_norm) if part.final_norm else super()._final_norm
         out = getattr(self.base, part.project_out, None) if part.project_out else None
         tail = [m for m in (norm, out) if m is not None]
         #: what runs between the last layer and the output projection (OPT may have no final norm)
@@ -554,8 +550,6 @@ class GenericAdapter(DecoderAdapter):
     @property
     def _final_norm(self) -> nn.Module:
         # a plain attribute lookup (no ``super()`` property): the compiled decode step traces this
-        if self.traits.final_norm is not None:
-            return getattr(self.base, self.traits.final_norm)
         return self._final
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
