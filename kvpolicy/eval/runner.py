@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kvpolicy.calibrated import resolve_policy
 from kvpolicy.eval import report
 from kvpolicy.eval.store import RunStore, find_run_dir, now, run_key, slug
 from kvpolicy.eval.tasks import Item, Task, make_task
@@ -46,39 +47,6 @@ class EvalResult:
 
 
 # -- identity of what ran ---------------------------------------------------------------------------
-def resolve_policy(
-    policy: Policy | str | dict[str, Any] | None = "fullkv",
-    options: dict[str, Any] | None = None,
-    policy_config: str | Path | None = None,
-    model: Any = None,
-) -> tuple[Policy, str, str | None, str]:
-    """The policy to run, a readable label for it, a note for the user (or ``None``) and the short
-    name of its run folder (the preset and the settings the user gave).
-
-    A preset name is built for ``model`` (:func:`kvpolicy.calibrated.resolve_preset`): settings
-    measured for a packaged model fill what the user did not set (the note says which), and the
-    label lists every resolved setting (``fastkv tsp_layer=23 tsp_rate=0.1 kv_budget=1.0 ...``)."""
-    from kvpolicy.calibrated import resolve_preset
-    from kvpolicy.registry import load_policy_config, policy_from_dict
-
-    options = dict(options or {})
-    if policy_config is not None:
-        if options:
-            raise ValueError(f"--policy-config takes no policy options; got {sorted(options)}")
-        return load_policy_config(policy_config), Path(policy_config).stem, None, Path(policy_config).stem
-    if isinstance(policy, Policy):
-        if options:
-            raise ValueError("policy options apply to a preset name, not to a Policy object")
-        return policy, policy.name or "custom", None, policy.name or "custom"
-    if isinstance(policy, dict):
-        if options:
-            raise ValueError("policy options apply to a preset name, not to a policy dict")
-        name = str(policy.get("name") or policy.get("policy") or "custom")
-        return policy_from_dict(policy), name, None, name
-    resolved = resolve_preset(policy or "fullkv", options, model)
-    return resolved.policy, resolved.label, resolved.note, resolved.short_label
-
-
 def model_identity(model: Any, model_name: str | None = None) -> dict[str, Any]:
     """Name, dtype and a hash of the architecture config: part of the run key."""
     import hashlib
@@ -89,13 +57,10 @@ def model_identity(model: Any, model_name: str | None = None) -> dict[str, Any]:
         config.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
     name = model_name or getattr(model.config, "name_or_path", "") or f"config:{digest[:12]}"
-    try:
-        from kvpolicy.models import cache_root
+    from kvpolicy.models import EMBEDDED, packaged_name_of
 
-        if Path(name).resolve() == (cache_root() / "models" / "SmolLM2-135M-Instruct").resolve():
-            name = EMBEDDED_LABEL
-    except (OSError, ValueError):
-        pass
+    if packaged_name_of(name) == EMBEDDED.name:
+        name = EMBEDDED_LABEL
     param = next(model.parameters(), None)
     return {
         "name": str(name),
