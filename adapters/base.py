@@ -67,7 +67,12 @@ class DecoderAdapter:
         self.lm_head: nn.Module = head if head is not None else model.lm_head
         self._devices: dict[int, torch.device] = {}  # module_device per module, looked up once
         self._attention_fns: dict[torch.device, Callable[..., Any]] = {}
-        attn0 = self.attention(self.layers[0])
+        #: whether each layer attends (keeps keys and values); a hybrid's recurrent, convolution and
+        #: MLP-only layers do not, so no policy scores or compresses them
+        self.attends: list[bool] = self._attending()
+        if not any(self.attends):
+            raise ValueError(f"{type(model).__name__} has no attention layers: it keeps no KV cache to compress")
+        attn0 = self.attention(self.layers[self.attends.index(True)])
         # The rotary helper lives in each family's modeling module; use that family's own function.
         self._apply_rotary: Callable[..., Any] | None = getattr(
             sys.modules[type(attn0).__module__], "apply_rotary_pos_emb", None
@@ -89,6 +94,33 @@ class DecoderAdapter:
     def attention(self, layer: nn.Module) -> nn.Module:
         """A decoder layer's attention module (``self_attn`` in the Llama shape)."""
         return layer.self_attn
+
+    def _attending(self) -> list[bool]:
+        """Which layers attend (every layer of the Llama shape)."""
+        return [True] * len(self.layers)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of the layers that attend (all of them but on hybrid models)."""
+        return [i for i, a in enumerate(self.attends) if a]
+
+    def _new_cache(self, block: int) -> KVPolicyCache:
+        """An empty cache for one prefill pass: a paged layer per attention layer."""
+        return KVPolicyCache(self.num_layers, block, self._attn_impl)
+
+    def check_policy(self, policy: Policy) -> None:
+        """Refuse, naming the policy, the layer and the layers that attend, a propagation policy that
+        would decide after a layer without attention (it could never cut there)."""
+        policy.check_model(self.num_layers)
+        layers = policy.propagation.decision_layers(self.num_layers)
+        wrong = sorted(i for i in layers or () if 0 <= i < self.num_layers and not self.attends[i])
+        if wrong:
+            prop = policy.propagation
+            raise ValueError(
+                f"{type(prop).__name__} ({prop.kind!r}) decides after layer {wrong[0]}, but layer {wrong[0]} of "
+                f"{type(self.model).__name__} has no attention (a recurrent, convolution or MLP-only layer: no "
+                f"queries and keys to score); choose one of the attention layers {self.attention_layers}"
+            )
 
     @functools.cached_property
     def plain_rope_theta(self) -> float | None:
@@ -242,10 +274,12 @@ class DecoderAdapter:
         cos_sin: Any,
         positions: torch.Tensor,
         counts: list[int],
-    ) -> tuple[torch.Tensor, Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        states: Any = None,
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
         """Layer ``i`` over the present tokens (left-padded, ``counts`` real ones per sequence): the
         residual stream after it, the rotary tables and positions (moved to the layer's device), and
-        the layer's post-RoPE ``(q, k, v)`` for the policies."""
+        the layer's post-RoPE ``(q, k, v)`` for the policies (``None`` for a layer without attention,
+        whose recurrent state goes into ``states``, the cache's :attr:`~kvpolicy.cache.KVPolicyCache.states`)."""
         attn = layer.self_attn
         h, cos_sin, positions, (q, k, v) = self._enter_layer(layer, h, cos_sin, positions)
         h = h + attn.o_proj(self._attend_prefill(attn, q, k, v, counts))
@@ -260,10 +294,12 @@ class DecoderAdapter:
         positions: torch.Tensor,
         lc: PagedLayer,
         want_probs: bool,
-    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor | None]:
+        states: Any = None,
+    ) -> tuple[torch.Tensor, Any, torch.Tensor | None, torch.Tensor | None]:
         """Layer ``i`` for one new token per sequence: append its k/v to ``lc``, attend over the paged
         cache; returns the residual stream, rotary tables, the query and (``want_probs``) the slot
-        probabilities decode-time policies score with."""
+        probabilities decode-time policies score with (both ``None`` for a layer without attention,
+        which updates its recurrent state in ``states`` instead)."""
         attn = layer.self_attn
         h, cos_sin, _, (q, k, v) = self._enter_layer(layer, h, cos_sin)
         lc.write(k, v, positions)
@@ -332,14 +368,14 @@ class DecoderAdapter:
         the same tokens and KV entries as alone. Returns last-position logits ``(B, V)`` and the
         :class:`~kvpolicy.state.Batch` (cache with room for ``reserve`` decode tokens per row).
         """
-        policy.check_model(self.num_layers)
+        self.check_policy(policy)
         lengths = [int(p.shape[0]) for p in prompts]
         states = [self._new_state(n, b, reserve) for b, n in enumerate(lengths)]
         ids, counts, propagate = left_pad(prompts), list(lengths), True
         block = block_size or self.block_size
         with self.routing():
             while True:
-                cache = KVPolicyCache(self.num_layers, block, self._attn_impl)
+                cache = self._new_cache(block)
                 restart, h_last = self._run_layers(ids, counts, policy, states, cache, reserve, propagate)
                 if restart is None:
                     break
@@ -392,13 +428,18 @@ class DecoderAdapter:
         cos_sin = self._rotary(h, positions)
         uncached: list[int] = []
         for i, layer in enumerate(self.layers):
+            h, cos_sin, positions, qkv = self._prefill_layer(
+                i, layer, h, cos_sin, positions, counts, states=cache.states
+            )
+            for b, state in enumerate(states):
+                state.tokens_per_layer.append(counts[b])
+            if qkv is None:  # no attention (a hybrid's recurrent layer): nothing to score or cache
+                continue
+            q, k, v = qkv
             attn = self.attention(layer)
-            h, cos_sin, positions, (q, k, v) = self._prefill_layer(i, layer, h, cos_sin, positions, counts)
-
             parts, decisions = [], []
             for b, state in enumerate(states):
                 lo = width - counts[b]
-                state.tokens_per_layer.append(counts[b])
                 view = LayerView(
                     layer=i,
                     num_layers=self.num_layers,
@@ -497,8 +538,10 @@ class DecoderAdapter:
         cos_sin = self._rotary(h, positions[:, None])
         for i, layer in enumerate(self.layers):
             lc = cache.layers[i]
-            h, cos_sin, q, probs = self._decode_layer(i, layer, h, cos_sin, positions, lc, evict)
-            if probs is not None:
+            h, cos_sin, q, probs = self._decode_layer(
+                i, layer, h, cos_sin, positions, lc, evict, states=cache.states  # type: ignore[arg-type]
+            )
+            if probs is not None and q is not None:
                 _on_decode(
                     policy, i, step, q, probs, lc, batch, self.attention(layer).scaling, self.num_layers
                 )
@@ -515,6 +558,11 @@ class DecoderAdapter:
         """One forward of ``token_ids`` ``(B, 1)`` at ``positions`` ``(B, 1)`` with a caller's attention
         ``attend(layer, attn_module, q, k, v) -> (B, 1, H_q * d)`` (the bench's plain-transformers
         baselines and tests use it); returns logits ``(B, V)``."""
+        if not all(self.attends):
+            raise ValueError(
+                f"{type(self.model).__name__} has layers without attention, whose recurrent state a caller's "
+                f"attention cannot carry; decode it with kvpolicy.generate"
+            )
         h = self._embed(token_ids, positions)
         cos_sin = self._rotary(h, positions)
         for i, layer in enumerate(self.layers):

@@ -23,6 +23,7 @@ a logit divisor (Granite) or soft-cap (Gemma 2), rotary tables per layer type (G
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import sys
 import warnings
@@ -33,9 +34,17 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+)
 
 from kvpolicy.adapters.base import DecoderAdapter
-from kvpolicy.cache import PagedLayer
+from kvpolicy.cache import KVPolicyCache, PagedLayer
 from kvpolicy.interfaces import LayerView
 from kvpolicy.state import RequestState
 
@@ -175,6 +184,8 @@ class Layout:
     #: projections around the layers when the embedding width differs (OPT-350m)
     project_in: str | None = None
     project_out: str | None = None
+    #: the base's shared rotary embedding
+    rotary: str = "rotary_emb"
 
 
 #: Families that keep their pieces elsewhere than the Llama shape, by ``model_type``. Each family's attention goes
@@ -198,6 +209,9 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "biogpt": Layout("biogpt", "layers", "self_attn", positions="embed_positions", final_norm="layer_norm"),
     "lfm2": Layout(final_norm="embedding_norm"),  # LFM2 names its final norm so
+    "lfm2_moe": Layout(final_norm="embedding_norm", rotary="pos_emb"),
+    # every layer's token mixer is its ``mixer``: Mamba 2, attention or (``mlp`` layers) an MLP
+    "nemotron_h": Layout(attn="mixer", final_norm="norm_f"),
     # ALiBi families: located, so that the refusal names what is missing (their attention does not
     # go through the AttentionInterface, where kvpolicy sees queries and keys)
     "bloom": Layout("transformer", "h", "self_attention", final_norm="ln_f"),
@@ -217,9 +231,51 @@ def _located(model: nn.Module, layout: Layout) -> tuple[nn.Module | None, Any]:
     return base, getattr(base, layout.layers, None) if base is not None else None
 
 
-#: The layer types kvpolicy runs (``config.layer_types``); others (chunked, linear, convolution,
-#: state-space) are refused by name.
+#: The attention layer types kvpolicy runs (``config.layer_types``); recurrent, linear-attention and
+#: convolution types are run as transformers' cache knows them (:func:`layer_kinds`), others refused by name.
 LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+#: Layer types of layers that run an MLP only (no token mixer, nothing cached).
+MLP_ONLY = frozenset({"moe", "mlp"})
+#: What a layer keeps between tokens: keys and values (``attention``), a fixed-size recurrent or
+#: convolution state (``state``), both (Falcon-H1 runs Mamba beside attention in each layer) or
+#: nothing (``none``: an MLP-only layer).
+ATTENTION, STATE, BOTH, NONE = "attention", "state", "both", "none"
+
+
+def layer_kinds(config: Any) -> list[str] | None:
+    """What each layer of a model keeps (:data:`ATTENTION`, :data:`STATE`, :data:`BOTH`, :data:`NONE`),
+    read from transformers' own cache layer for each ``config.layer_types`` entry: the model's
+    cache is the authority on which layers carry a recurrent state. ``None`` when a layer type is one
+    transformers' cache does not know, or shares another layer's keys and values."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if set(types) <= LAYER_TYPES:  # attention only (``[]``: the config does not say; every layer attends)
+        return [ATTENTION] * len(types)
+    if getattr(config, "kv_sharing_modes", None):
+        return None
+    kinds = []
+    for t in types:
+        if t in MLP_ONLY:
+            kinds.append(NONE)
+            continue
+        cls = DYNAMIC_LAYER_TYPE_MAPPING.get(t)
+        if cls is None:
+            return None
+        state = issubclass(cls, LinearAttentionCacheLayerMixin)
+        kv = issubclass(cls, CacheLayerMixin)
+        if not (state or kv):
+            return None
+        kinds.append(BOTH if state and kv else STATE if state else ATTENTION)
+    return kinds
+
+
+def _own_cache_class(model: nn.Module) -> str | None:
+    """The name of a ``Cache`` subclass the family's modeling module defines for itself (MiniMax keeps
+    its linear-attention state in one), which kvpolicy's state cache cannot stand in for."""
+    family = sys.modules.get(type(model).__module__)
+    for name, obj in vars(family or object()).items():
+        if isinstance(obj, type) and issubclass(obj, Cache) and obj.__module__ == type(model).__module__:
+            return name
+    return None
 #: Module class names that mark recurrent, state-space or convolution mixers inside a decoder layer,
 #: whose state is not keys and values (Falcon-H1 runs Mamba beside attention in every layer).
 _STATEFUL = ("Mamba", "Mixer", "Conv", "LinearAttention", "DeltaNet", "Rwkv", "Recurrent", "Lightning")
@@ -238,29 +294,95 @@ def why_unsupported(model: nn.Module) -> str | None:
         return (
             f"{name} has no {where} / output embeddings (not a decoder-only *ForCausalLM of a known layout)"
         )
-    attn = getattr(layers[0], layout.attn, None)
-    if attn is None or not hasattr(attn, "layer_idx"):
-        return f"{name}'s layers have no {layout.attn} with a layer_idx (not standard attention)"
-    if any(getattr(layer, layout.attn, None) is None for layer in layers):
-        return f"{name} mixes attention with recurrent or state-space layers"
-    other = sorted(set(getattr(config, "layer_types", None) or []) - LAYER_TYPES)
-    if other:
+    kinds = layer_kinds(config)
+    other = sorted(set(getattr(config, "layer_types", None) or []) - LAYER_TYPES - MLP_ONLY)
+    if other and kinds is None:
         return (
             f"{name} has {', '.join(other)} layers (kvpolicy runs full, sliding-window and chunked attention "
-            f"layers only)"
+            f"layers, and the recurrent, linear-attention and convolution layers transformers' cache knows)"
         )
-    for child in layers[0].children():
-        kind = type(child).__name__
-        if any(mark in kind for mark in _STATEFUL):
-            return f"{name}'s layers run {kind} beside attention: recurrent or convolution state, not keys and values"
+    kinds = kinds or [ATTENTION] * len(layers)
+    if len(kinds) < len(layers):
+        return f"{name} has {len(layers)} layers but config.layer_types names {len(kinds)}"
+    attending = [layer for layer, kind in zip(layers, kinds, strict=True) if kind in (ATTENTION, BOTH)]
+    if not attending:
+        return f"{name} has no attention layers: it keeps no KV cache to compress"
+    attn = getattr(attending[0], layout.attn, None)
+    if attn is None or not hasattr(attn, "layer_idx"):
+        return f"{name}'s layers have no {layout.attn} with a layer_idx (not standard attention)"
+    if any(getattr(layer, layout.attn, None) is None for layer in attending):
+        return f"{name} mixes attention with recurrent or state-space layers that config.layer_types does not name"
+    if STATE in kinds or BOTH in kinds:
+        own = _own_cache_class(model)
+        if own is not None:
+            return (
+                f"{name} keeps its recurrent state in its own cache class ({own}), not in transformers' "
+                f"linear-attention cache layers that kvpolicy carries"
+            )
+    else:
+        for child in layers[0].children():
+            kind = type(child).__name__
+            if any(mark in kind for mark in _STATEFUL):
+                return (
+                    f"{name}'s layers run {kind} beside attention, and config.layer_types does not say so: "
+                    f"recurrent or convolution state that kvpolicy cannot carry"
+                )
     can_route = getattr(model, "_can_set_attn_implementation", None)
     if can_route is not None and not can_route():
         return f"{name}'s attention does not go through transformers' AttentionInterface"
-    if not hasattr(base, "rotary_emb") and layout.positions is None:
+    if not hasattr(base, layout.rotary) and layout.positions is None and _takes_positions(attn):
+        # (a ``rotary_emb`` of ``None`` is the family's own choice of no positions: Granite's "nope")
         return (
-            f"{name} has neither a shared rotary embedding ({layout.base}.rotary_emb) nor learned positions"
+            f"{name} has neither a shared rotary embedding ({layout.base}.{layout.rotary}) nor learned positions"
         )
     return None
+
+
+def _takes_positions(attn: nn.Module) -> bool:
+    """Whether an attention module takes rotary tables or position ids (one that takes neither uses no
+    positions at all: Jamba's and Nemotron-H's attention layers)."""
+    params = inspect.signature(attn.forward).parameters
+    return "position_embeddings" in params or "position_ids" in params
+
+
+@functools.cache
+def _parameters(layer_class: type) -> frozenset[str]:
+    """The keyword parameters a decoder layer class's ``forward`` names."""
+    return frozenset(inspect.signature(layer_class.forward).parameters)
+
+
+class _PassThrough(CacheLayerMixin):
+    """An attention layer's slot in a hybrid model's state cache: kvpolicy's paged cache holds that
+    layer's keys and values, so ``update`` hands back what it is given and keeps nothing."""
+
+    is_sliding = False
+    is_compileable = True
+
+    def lazy_initialization(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to allocate."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return key_states, value_states
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        return 0, 0
+
+    def get_seq_length(self, *args: Any) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self, *args: Any) -> int:
+        return -1
+
+
+class _StateBesideAttention(LinearAttentionLayer):
+    """A layer that runs a recurrent mixer beside attention (Falcon-H1): transformers' state for the
+    mixer, a pass-through for the attention's keys and values (kvpolicy's paged cache holds them)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return key_states, value_states
 
 
 class GenericAdapter(DecoderAdapter):
@@ -304,7 +426,7 @@ class GenericAdapter(DecoderAdapter):
             self._attn_fn = getattr(family, "eager_attention_forward", self._attn_fn)
         _register()
         config = self.config
-        rotary = getattr(self.base, "rotary_emb", None)
+        rotary = getattr(self.base, self.layout.rotary, None)
         self.layer_types: list[str] | None = getattr(config, "layer_types", None)
         self.traits = Traits(
             embedding_multiplier=getattr(config, "embedding_multiplier", None),
@@ -321,7 +443,8 @@ class GenericAdapter(DecoderAdapter):
         window = getattr(config, "sliding_window", None)
         window = int(window) if isinstance(window, int) and window > 0 else None
         types = self.layer_types or ["sliding_attention" if window else "full_attention"] * self.num_layers
-        self.windows: list[int | None] = [window if t == "sliding_attention" else None for t in types]
+        sliding = ("sliding_attention", "hybrid_sliding")
+        self.windows: list[int | None] = [window if t in sliding else None for t in types]
         #: each layer's attention chunk (``None``: not chunked): Llama 4's chunked layers attend within
         #: fixed chunks of ``config.attention_chunk_size`` positions
         chunk = getattr(config, "attention_chunk_size", None)
@@ -355,7 +478,8 @@ class GenericAdapter(DecoderAdapter):
         function (a layer that does not pass its keyword arguments on cannot be driven). Raises
         ``ValueError`` naming the class otherwise. Once per layer class: ``get_adapter`` builds an
         adapter per call, and the answer depends only on the class's code."""
-        layer = self.layers[0]
+        first = self.attends.index(True)
+        layer = self.layers[first]
         if type(layer) in _PROBED:
             return
         device = next(layer.parameters()).device
@@ -365,7 +489,7 @@ class GenericAdapter(DecoderAdapter):
         try:
             with torch.no_grad(), self.routing():
                 h = self._embed(ids, positions)
-                self._call_layer(0, layer, h, self._rotary(h, positions), positions, call)
+                self._call_layer(first, layer, h, self._rotary(h, positions), positions, call)
         except _Unsupported as exc:
             raise ValueError(f"{type(self.model).__name__}: {exc} (generic adapter)") from None
         except Exception as exc:
@@ -404,6 +528,59 @@ class GenericAdapter(DecoderAdapter):
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.layout.attn)
 
+    def _attending(self) -> list[bool]:
+        #: what each layer keeps (:func:`layer_kinds`): attention, recurrent state, both or nothing
+        self.kinds: list[str] = (layer_kinds(self.config) or [ATTENTION] * len(self.layers))[: len(self.layers)]
+        return [kind in (ATTENTION, BOTH) for kind in self.kinds]
+
+    def _new_cache(self, block: int) -> KVPolicyCache:
+        """A paged layer per attention layer and, on a hybrid model, the recurrent layers' state in the
+        model's own cache object for it (:meth:`_state_cache`)."""
+        without = [i for i, kind in enumerate(self.kinds) if kind in (STATE, NONE)]
+        stateful = any(kind in (STATE, BOTH) for kind in self.kinds)
+        states = self._state_cache() if stateful else None
+        return KVPolicyCache(self.num_layers, block, self._attn_impl, without_kv=without, states=states)
+
+    def _state_cache(self) -> Cache:
+        """transformers' own cache for this model (``DynamicCache(config=...)``: its linear-attention
+        layers hold each recurrent, linear-attention or convolution layer's state, updated in place by the
+        layer), with every attention layer's slot a pass-through: kvpolicy's paged cache holds those
+        keys and values, under the policies."""
+        cache = DynamicCache(config=self.config)
+        for i, kind in enumerate(self.kinds):
+            if kind == ATTENTION:
+                cache.layers[i] = _PassThrough()
+            elif kind == BOTH:
+                cache.layers[i] = _StateBesideAttention(number_of_states=cache.layers[i].number_of_states)
+        return cache
+
+    def _state_kwargs(
+        self, i: int, layer: nn.Module, states: Cache, counts: list[int] | None, width: int, device: torch.device
+    ) -> dict[str, Any]:
+        """What a layer of a hybrid model is called with besides the usual: the state cache, and (at a
+        prefill of prompts of different lengths) the 2D padding mask its recurrent mixer zeroes the left
+        padding with, so that padding never enters a recurrent state (as transformers'
+        ``create_recurrent_attention_mask`` gives it)."""
+        params = _parameters(type(layer))
+        out: dict[str, Any] = {"cache" if "cache" in params else "past_key_values": states}
+        if "use_cache" in params:
+            out["use_cache"] = True
+        kind = self.kinds[i]
+        if counts is None or kind not in (STATE, BOTH) or all(c == width for c in counts):
+            return out
+        start = torch.tensor([width - c for c in counts], device=device)
+        mask = (torch.arange(width, device=device)[None, :] >= start[:, None]).long()
+        if "mamba_attention_mask" in params:  # Falcon-H1: one mask for its Mamba, another for attention
+            out["mamba_attention_mask"] = mask
+        elif kind == STATE:
+            out["attention_mask"] = mask
+        else:
+            raise ValueError(
+                f"{type(layer).__name__} runs a recurrent mixer beside attention with one attention mask for both, "
+                f"so a batch of prompts of different lengths cannot be padded for it; run them one at a time"
+            )
+        return out
+
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self._token_embed(ids)
         if self._project_in is not None:
@@ -420,9 +597,12 @@ class GenericAdapter(DecoderAdapter):
     def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> Any:
         if self._positions_embed is not None:
             return None  # learned positions went in with the embeddings
+        rotary = getattr(self.base, self.layout.rotary, None)
+        if rotary is None:  # no positional encoding (Jamba, Nemotron-H, Granite's "nope")
+            return None
         if not self.traits.rotary_per_layer_type:
-            return self.base.rotary_emb(h, positions)
-        return {t: self.base.rotary_emb(h, positions, t) for t in sorted(set(self.layer_types or []))}
+            return rotary(h, positions)
+        return {t: rotary(h, positions, t) for t in sorted(set(self.layer_types or []))}
 
     def _call_layer(
         self,
@@ -432,9 +612,18 @@ class GenericAdapter(DecoderAdapter):
         cos_sin: Any,
         positions: torch.Tensor,
         call: _LayerCall,
+        states: Cache | None = None,
     ) -> torch.Tensor:
         tables = cos_sin[self.layer_types[i]] if isinstance(cos_sin, dict) and self.layer_types else cos_sin
-        out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=tables, kvpolicy=call)
+        kwargs: dict[str, Any] = {
+            "attention_mask": None,
+            "position_ids": positions,
+            "position_embeddings": tables,
+            "kvpolicy": call,
+        }
+        if states is not None:
+            kwargs.update(self._state_kwargs(i, layer, states, call.counts, h.shape[1], h.device))
+        out = layer(h, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def _attend_window(
@@ -512,9 +701,12 @@ class GenericAdapter(DecoderAdapter):
         cos_sin: Any,
         positions: torch.Tensor,
         counts: list[int],
-    ) -> tuple[torch.Tensor, Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        states: Cache | None = None,
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
         call = _LayerCall(self, counts=counts, token_positions=positions)
-        h = self._call_layer(i, layer, h, cos_sin, positions, call)
+        h = self._call_layer(i, layer, h, cos_sin, positions, call, states)
+        if not self.attends[i]:
+            return h, cos_sin, positions, None
         if call.qkv is None:
             raise RuntimeError(
                 f"{type(layer).__name__} did not call its attention through kvpolicy's routed function "
@@ -531,13 +723,17 @@ class GenericAdapter(DecoderAdapter):
         positions: torch.Tensor,
         lc: PagedLayer,
         want_probs: bool,
-    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor | None]:
+        states: Cache | None = None,
+    ) -> tuple[torch.Tensor, Any, torch.Tensor | None, torch.Tensor | None]:
+        if not self.attends[i]:  # a recurrent layer: its state in ``states`` advances by one token
+            h = self._call_layer(i, layer, h, cos_sin, positions[:, None], _LayerCall(self), states)
+            return h, cos_sin, None, None
         window, chunk = self.windows[i], self.chunks[i]
         if chunk is not None:  # a token that starts a chunk sees none of the earlier entries
             lc.clear(positions % chunk == 0)
         local = window is not None or chunk is not None  # what the cache policy does not score
         call = _LayerCall(self, cache=lc, positions=positions, want_probs=want_probs and not local)
-        h = self._call_layer(i, layer, h, cos_sin, positions[:, None], call)
+        h = self._call_layer(i, layer, h, cos_sin, positions[:, None], call, states)
         assert call.qkv is not None
         if window is not None:  # roll: the next token (position p + 1) sees positions > p + 1 - window
             slot_pos = lc.slot_positions()

@@ -27,7 +27,7 @@ layer holds the same number of entries (the dense view transformers attends to n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -411,6 +411,83 @@ class PagedLayer(CacheLayerMixin):
         raise NotImplementedError("kvpolicy's cache does not support beam search (reorder_cache)")
 
 
+class StateLayer(CacheLayerMixin):
+    """A decoder layer that keeps no keys and values: a recurrent, linear-attention, convolution or
+    MLP-only layer of a hybrid model (Qwen3-Next, Jamba, Bamba, LFM2, ...).
+
+    Why a placeholder: the KV cache of the attention layers is what grows with the context, so that is
+    what cache policies compress; these layers carry a fixed-size state between tokens instead, and
+    that state stays in the model's own cache object for it (:attr:`KVPolicyCache.states`, untouched
+    by any policy). The placeholder keeps one cache layer per decoder layer, so layer indices mean the
+    same everywhere, and holds no entries."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_seqs = 0
+        self.num_heads = 0
+        self.uniform: int | None = 0
+        self.next_position = 0
+
+    def prepare_append(self) -> None:
+        """Nothing to make room for: the state is updated in place by the layer itself."""
+
+    def row_lengths(self, b: int = 0) -> list[int]:
+        return []
+
+    def entries(self, b: int = 0) -> int:
+        return 0
+
+    def nbytes(self, b: int = 0) -> int:
+        return 0
+
+    def allocated_bytes(self) -> int:
+        return 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object) -> None:
+        raise CacheLayoutError("this layer holds no keys and values (a recurrent or convolution layer)")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise CacheLayoutError("this layer holds no keys and values (a recurrent or convolution layer)")
+
+    def get_mask_sizes(self, *args: object, **kwargs: object) -> tuple[int, int]:
+        return 0, 0
+
+    def get_seq_length(self, *args: object) -> int:
+        return self.next_position
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self, *args: object) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise CacheLayoutError("kvpolicy's cache cannot be reset; run kvpolicy.prefill again")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("kvpolicy's cache does not support beam search (reorder_cache)")
+
+
+def state_tensors(states: Cache | None) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """``(layer, name, tensor)`` for every tensor of a transformers cache's recurrent and convolution
+    states (its linear-attention layers' ``conv_states`` / ``recurrent_states`` and token counter)."""
+    if states is None:
+        return
+    for i, layer in enumerate(states.layers):
+        for kind in ("conv_states", "recurrent_states"):
+            for j, t in (getattr(layer, kind, None) or {}).items():
+                if isinstance(t, torch.Tensor):
+                    yield i, f"{kind}[{j}]", t
+        count = getattr(layer, "cumulative_length_linear", None)
+        if isinstance(count, torch.Tensor):
+            yield i, "cumulative_length_linear", count
+
+
 def evict_rows(state: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> None:
     """Mirror :meth:`PagedLayer.evict` on a policy's slot-indexed tensor ``(B, H, S, ...)``, in place.
 
@@ -524,11 +601,23 @@ class KVPolicyCache(Cache):
     """
 
     def __init__(
-        self, num_layers: int, block_size: int = BLOCK_SIZE, attn_implementation: str = "sdpa"
+        self,
+        num_layers: int,
+        block_size: int = BLOCK_SIZE,
+        attn_implementation: str = "sdpa",
+        without_kv: Sequence[int] = (),
+        states: Cache | None = None,
     ) -> None:
-        super().__init__(layers=[PagedLayer(block_size) for _ in range(num_layers)])
+        skip = set(without_kv)
+        super().__init__(
+            layers=[StateLayer() if i in skip else PagedLayer(block_size) for i in range(num_layers)]
+        )
         #: the attention backend of the model that filled the cache (what ``model.generate`` will use)
         self.attn_implementation = attn_implementation
+        #: a hybrid model's recurrent and convolution state: the model's own cache object for those
+        #: layers (transformers' linear-attention cache layers, updated in place by the layers
+        #: themselves), ``None`` for attention-only models. Policies never touch it.
+        self.states = states
 
     def update(
         self,
@@ -545,6 +634,11 @@ class KVPolicyCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def _check_dense_decoding(self) -> None:
+        if self.states is not None:
+            raise CacheLayoutError(
+                "this hybrid model's recurrent layers keep their state in kvpolicy's batch, which "
+                "model.generate does not read; decode with kvpolicy.generate"
+            )
         lengths = {layer.uniform for layer in self.layers}
         if None in lengths:
             raise CacheLayoutError(
@@ -589,7 +683,14 @@ class KVPolicyCache(Cache):
         return self.kv_bytes_of(0)
 
     def kv_bytes_of(self, b: int) -> list[int]:
-        return [layer.nbytes(b) for layer in self.layers]
+        """Bytes sequence ``b`` holds per layer: its keys and values, plus its share of a hybrid
+        layer's recurrent and convolution state (constant-size, whatever the context)."""
+        held = [layer.nbytes(b) for layer in self.layers]
+        for i, _name, t in state_tensors(self.states):
+            if t.dim() > 0:  # per-sequence state: the batch is its first dimension
+                held[i] += t[0].numel() * t.element_size()
+        return held
 
     def allocated_bytes(self) -> int:
-        return sum(layer.allocated_bytes() for layer in self.layers)
+        states = sum(t.numel() * t.element_size() for _i, _n, t in state_tensors(self.states))
+        return sum(layer.allocated_bytes() for layer in self.layers) + states

@@ -65,6 +65,16 @@ MOE: dict[str, Any] = {
     "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
 }
+#: Hybrid families whose config computes its layer pattern from other settings: these give a tiny
+#: model recurrent layers 0 and 2 and attention layers 1 and 3 (others take ``layer_types``).
+HYBRID: dict[str, dict[str, Any]] = {
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1, 3]},
+    "lfm2": {"layer_types": ["conv", "full_attention"] * 2},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"] * 2},
+    # an MLP-only layer too: a layer that keeps nothing at all
+    "nemotron_h": {"layer_types": ["linear_attention", "full_attention", "mlp", "full_attention"]},
+}
 WINDOW = 16
 PROMPT, NEW, BUDGET = 40, 16, 12
 #: Above this many parameters the "tiny" config did not take (a composite config): not built.
@@ -112,6 +122,11 @@ def tiny_config(model_type: str) -> Any:
             extra.update(use_sliding_window=True, max_window_layers=2)
         if getattr(config, "layer_types", None) and "sliding_attention" in config.layer_types:
             extra["layer_types"] = ["sliding_attention", "full_attention"] * (TINY["num_hidden_layers"] // 2)
+        config = AutoConfig.for_model(model_type, **extra)
+    types = set(getattr(config, "layer_types", None) or [])
+    recurrent = sorted(types - {"full_attention", "sliding_attention", "chunked_attention", "moe", "mlp"})
+    if model_type in HYBRID or (recurrent and recurrent != ["hybrid"]):  # hybrids: recurrent and attention layers
+        extra.update(HYBRID[model_type] if model_type in HYBRID else {"layer_types": [recurrent[0], "full_attention"] * 2})
         config = AutoConfig.for_model(model_type, **extra)
     config.eos_token_id = None  # random weights: generate the full length
     return config
@@ -171,10 +186,12 @@ def check(model_type: str) -> Result:
             want = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[
                 0, PROMPT:
             ].tolist()
+        # the TSP layer: layer 1, or on a hybrid the first attention layer with a layer after it
+        tsp = next((i for i in adapter.attention_layers if 1 <= i < adapter.num_layers - 1), 1)
         settings = {
             "full KV": kvpolicy.get_policy("fullkv"),
             "keep-all SnapKV": kvpolicy.get_policy("snapkv", kv_budget=4 * PROMPT),
-            "keep-all FastKV": kvpolicy.get_policy("fastkv", kv_budget=4 * PROMPT, tsp_layer=1, tsp_rate=1.0),
+            "keep-all FastKV": kvpolicy.get_policy("fastkv", kv_budget=4 * PROMPT, tsp_layer=tsp, tsp_rate=1.0),
         }
         for what, policy in settings.items():
             got = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=NEW).token_ids
@@ -183,12 +200,16 @@ def check(model_type: str) -> Result:
                 return Result(
                     **row, status="differs", detail=f"{what}: token {first} differs from transformers"
                 )
-        for name, extra in (("snapkv", {}), ("fastkv", {"tsp_layer": 1, "tsp_rate": 0.5})):
+        for name, extra in (("snapkv", {}), ("fastkv", {"tsp_layer": tsp, "tsp_rate": 0.5})):
             pre = kvpolicy.prefill(model, ids, kvpolicy.get_policy(name, kv_budget=BUDGET, **extra))
             tokens = pre.states[0].tokens_per_layer
             for i, (lengths, window, chunk, n) in enumerate(
                 zip(pre.cache.kv_head_lengths(), windows, chunks, tokens, strict=True)
             ):
+                if not adapter.attends[i]:  # a recurrent layer: its state, no entries
+                    if lengths:
+                        return Result(**row, status="differs", detail=f"{name}: recurrent layer {i} keeps {lengths}")
+                    continue
                 # sliding layers keep the last window - 1 positions, chunked layers the last prompt
                 # token's chunk: all of those without TSP, those of the propagated tokens with TSP
                 local = window is not None or chunk is not None

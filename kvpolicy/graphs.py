@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from kvpolicy.cache import state_tensors
 from kvpolicy.interfaces import EAGER_STEP
 
 #: Tensor methods and functions that read a device tensor back to the host (a sync: not recordable).
@@ -121,6 +122,8 @@ def decode_state(batch: Any, policy: Any, named: bool = True) -> list[Any]:
         for name, value in vars(layer).items():
             if isinstance(value, torch.Tensor):
                 out.append((f"cache layer {i} {name}", value) if named else value)
+    for i, name, value in state_tensors(batch.cache.states):  # a hybrid's recurrent state
+        out.append((f"recurrent state of layer {i} {name}", value) if named else value)
     for name in ("next_positions", "step_counter", "flags"):
         out.append((name, getattr(batch, name)) if named else getattr(batch, name))
     for owner, store in batch._scratch.items():

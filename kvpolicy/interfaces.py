@@ -16,7 +16,7 @@ scoring; per-request scratch space comes from the :class:`~kvpolicy.state.Reques
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checkable
 
@@ -213,6 +213,16 @@ class PropagationPolicy(Settings, ABC):
 
     def check_composition(self, cache: CachePolicy) -> None:
         """Raise ``ValueError`` naming the settings if this policy cannot compose with ``cache``."""
+
+    def decision_layers(self, num_layers: int) -> Collection[int] | None:
+        """The layers after which :meth:`propagate` may cut, for a model of ``num_layers`` layers
+        (``None``, the default: any layer, or not known).
+
+        Why: on a hybrid model (Qwen3-Next, Jamba, ...) :meth:`propagate` runs only after attention
+        layers, since recurrent and convolution layers have no queries and keys to score; a policy
+        that names its layer here is refused up front, naming the layers that attend, when its layer
+        is not one of them, instead of silently never cutting."""
+        return None
 
     def needs_cache(self, view: LayerView, state: RequestState) -> bool:
         """Whether layer ``view.layer`` of this pass needs a KV cache (default ``True``).

@@ -119,6 +119,9 @@ class GemFilter(PropagationPolicy):
                 f"layers, so the filter layer must be in 0..{num_layers - 2}"
             )
 
+    def decision_layers(self, num_layers: int) -> set[int]:
+        return {self.resolved_layer(num_layers)}
+
     def filters(self, prompt_len: int) -> bool:
         """Whether a prompt of this length is filtered (and the model rerun) at all."""
         return resolve_budget(self.keep, prompt_len) < prompt_len

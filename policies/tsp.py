@@ -77,6 +77,9 @@ class TSP(PropagationPolicy):
                 f"TSP layer {self.layer} is outside the model: it has {num_layers} layers (0..{num_layers - 1})"
             )
 
+    def decision_layers(self, num_layers: int) -> set[int]:
+        return {self.resolved_layer(num_layers)}
+
     def tokens_kept(self, prompt_len: int) -> int:
         """How many tokens propagate past the TSP layer for a prompt of ``prompt_len`` tokens."""
         if self.length is not None:
