@@ -71,7 +71,9 @@ class DecoderAdapter:
         #: MLP-only layers do not, so no policy scores or compresses them
         self.attends: list[bool] = self._attending()
         if not any(self.attends):
-            raise ValueError(f"{type(model).__name__} has no attention layers: it keeps no KV cache to compress")
+            raise ValueError(
+                f"{type(model).__name__} has no attention layers: it keeps no KV cache to compress"
+            )
         attn0 = self.attention(self.layers[self.attends.index(True)])
         # The rotary helper lives in each family's modeling module; use that family's own function.
         self._apply_rotary: Callable[..., Any] | None = getattr(
@@ -539,7 +541,14 @@ class DecoderAdapter:
         for i, layer in enumerate(self.layers):
             lc = cache.layers[i]
             h, cos_sin, q, probs = self._decode_layer(
-                i, layer, h, cos_sin, positions, lc, evict, states=cache.states  # type: ignore[arg-type]
+                i,
+                layer,
+                h,
+                cos_sin,
+                positions,
+                lc,
+                evict,
+                states=cache.states,  # type: ignore[arg-type]
             )
             if probs is not None and q is not None:
                 _on_decode(

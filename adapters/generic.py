@@ -254,6 +254,8 @@ def layer_kinds(config: Any) -> list[str] | None:
         return None
     kinds = []
     for t in types:
+        if t == "hybrid_sliding":  # Inkling: its attention reads its window's offsets from the cache
+            return None
         if t in MLP_ONLY:
             kinds.append(NONE)
             continue
@@ -276,6 +278,8 @@ def _own_cache_class(model: nn.Module) -> str | None:
         if isinstance(obj, type) and issubclass(obj, Cache) and obj.__module__ == type(model).__module__:
             return name
     return None
+
+
 #: Module class names that mark recurrent, state-space or convolution mixers inside a decoder layer,
 #: whose state is not keys and values (Falcon-H1 runs Mamba beside attention in every layer).
 _STATEFUL = ("Mamba", "Mixer", "Conv", "LinearAttention", "DeltaNet", "Rwkv", "Recurrent", "Lightning")
@@ -332,9 +336,7 @@ def why_unsupported(model: nn.Module) -> str | None:
         return f"{name}'s attention does not go through transformers' AttentionInterface"
     if not hasattr(base, layout.rotary) and layout.positions is None and _takes_positions(attn):
         # (a ``rotary_emb`` of ``None`` is the family's own choice of no positions: Granite's "nope")
-        return (
-            f"{name} has neither a shared rotary embedding ({layout.base}.{layout.rotary}) nor learned positions"
-        )
+        return f"{name} has neither a shared rotary embedding ({layout.base}.{layout.rotary}) nor learned positions"
     return None
 
 
@@ -443,8 +445,7 @@ class GenericAdapter(DecoderAdapter):
         window = getattr(config, "sliding_window", None)
         window = int(window) if isinstance(window, int) and window > 0 else None
         types = self.layer_types or ["sliding_attention" if window else "full_attention"] * self.num_layers
-        sliding = ("sliding_attention", "hybrid_sliding")
-        self.windows: list[int | None] = [window if t in sliding else None for t in types]
+        self.windows: list[int | None] = [window if t == "sliding_attention" else None for t in types]
         #: each layer's attention chunk (``None``: not chunked): Llama 4's chunked layers attend within
         #: fixed chunks of ``config.attention_chunk_size`` positions
         chunk = getattr(config, "attention_chunk_size", None)
@@ -530,7 +531,9 @@ class GenericAdapter(DecoderAdapter):
 
     def _attending(self) -> list[bool]:
         #: what each layer keeps (:func:`layer_kinds`): attention, recurrent state, both or nothing
-        self.kinds: list[str] = (layer_kinds(self.config) or [ATTENTION] * len(self.layers))[: len(self.layers)]
+        self.kinds: list[str] = (layer_kinds(self.config) or [ATTENTION] * len(self.layers))[
+            : len(self.layers)
+        ]
         return [kind in (ATTENTION, BOTH) for kind in self.kinds]
 
     def _new_cache(self, block: int) -> KVPolicyCache:
@@ -555,7 +558,13 @@ class GenericAdapter(DecoderAdapter):
         return cache
 
     def _state_kwargs(
-        self, i: int, layer: nn.Module, states: Cache, counts: list[int] | None, width: int, device: torch.device
+        self,
+        i: int,
+        layer: nn.Module,
+        states: Cache,
+        counts: list[int] | None,
+        width: int,
+        device: torch.device,
     ) -> dict[str, Any]:
         """What a layer of a hybrid model is called with besides the usual: the state cache, and (at a
         prefill of prompts of different lengths) the 2D padding mask its recurrent mixer zeroes the left

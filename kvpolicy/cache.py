@@ -446,7 +446,9 @@ class StateLayer(CacheLayerMixin):
     def allocated_bytes(self) -> int:
         return 0
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object) -> None:
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object
+    ) -> None:
         raise CacheLayoutError("this layer holds no keys and values (a recurrent or convolution layer)")
 
     def update(

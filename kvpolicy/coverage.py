@@ -125,8 +125,12 @@ def tiny_config(model_type: str) -> Any:
         config = AutoConfig.for_model(model_type, **extra)
     types = set(getattr(config, "layer_types", None) or [])
     recurrent = sorted(types - {"full_attention", "sliding_attention", "chunked_attention", "moe", "mlp"})
-    if model_type in HYBRID or (recurrent and recurrent != ["hybrid"]):  # hybrids: recurrent and attention layers
-        extra.update(HYBRID[model_type] if model_type in HYBRID else {"layer_types": [recurrent[0], "full_attention"] * 2})
+    if model_type in HYBRID or (recurrent and not set(recurrent) <= {"hybrid", "hybrid_sliding"}):  # hybrids
+        extra.update(
+            HYBRID[model_type]
+            if model_type in HYBRID
+            else {"layer_types": [recurrent[0], "full_attention"] * 2}
+        )
         config = AutoConfig.for_model(model_type, **extra)
     config.eos_token_id = None  # random weights: generate the full length
     return config
@@ -191,7 +195,9 @@ def check(model_type: str) -> Result:
         settings = {
             "full KV": kvpolicy.get_policy("fullkv"),
             "keep-all SnapKV": kvpolicy.get_policy("snapkv", kv_budget=4 * PROMPT),
-            "keep-all FastKV": kvpolicy.get_policy("fastkv", kv_budget=4 * PROMPT, tsp_layer=tsp, tsp_rate=1.0),
+            "keep-all FastKV": kvpolicy.get_policy(
+                "fastkv", kv_budget=4 * PROMPT, tsp_layer=tsp, tsp_rate=1.0
+            ),
         }
         for what, policy in settings.items():
             got = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=NEW).token_ids
@@ -208,7 +214,9 @@ def check(model_type: str) -> Result:
             ):
                 if not adapter.attends[i]:  # a recurrent layer: its state, no entries
                     if lengths:
-                        return Result(**row, status="differs", detail=f"{name}: recurrent layer {i} keeps {lengths}")
+                        return Result(
+                            **row, status="differs", detail=f"{name}: recurrent layer {i} keeps {lengths}"
+                        )
                     continue
                 # sliding layers keep the last window - 1 positions, chunked layers the last prompt
                 # token's chunk: all of those without TSP, those of the propagated tokens with TSP

@@ -37,7 +37,8 @@ class GenerationStats:
         tokens_per_layer: tokens each layer processed during prefill.
         discarded_tokens_per_layer: tokens per layer of a pass a restart discarded (GemFilter's filter).
         kv_tokens_per_layer: KV entries kept per layer and KV head after prefill.
-        kv_bytes_per_layer: bytes of keys and values each layer kept after prefill.
+        kv_bytes_per_layer: bytes each layer kept after prefill: its keys and values, and on a hybrid
+            model a recurrent layer's state (constant in the prompt length).
     """
 
     prompt_tokens: int

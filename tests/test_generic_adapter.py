@@ -67,7 +67,7 @@ FAMILIES: dict[str, dict] = {
 
 #: model_type -> (extra settings, attention implementation, what the refusal says).
 REFUSED: dict[str, tuple[dict, str, str]] = {
-    "jamba": (MOE, "eager", "not standard attention"),
+    "minimax": (MOE, "sdpa", "keeps its recurrent state in its own cache class (MiniMaxCache)"),
     "stablelm": ({}, "sdpa", "do not pass keyword arguments to the attention function"),
     "diffllama": ({}, "sdpa", "calls the attention function more than once per layer"),
     "bloom": ({}, "eager", "does not go through transformers' AttentionInterface"),
