@@ -210,6 +210,7 @@ LAYOUTS: dict[str, Layout] = {
     "biogpt": Layout("biogpt", "layers", "self_attn", positions="embed_positions", final_norm="layer_norm"),
     "lfm2": Layout(final_norm="embedding_norm"),  # LFM2 names its final norm so
     "lfm2_moe": Layout(final_norm="embedding_norm", rotary="pos_emb"),
+    "lfm3": Layout(final_norm="embedding_norm"),
     # every layer's token mixer is its ``mixer``: Mamba 2, attention or (``mlp`` layers) an MLP
     "nemotron_h": Layout(attn="mixer", final_norm="norm_f"),
     # ALiBi families: located, so that the refusal names what is missing (their attention does not
@@ -259,14 +260,13 @@ def layer_kinds(config: Any) -> list[str] | None:
         if t in MLP_ONLY:
             kinds.append(NONE)
             continue
+        if t in LAYER_TYPES:
+            kinds.append(ATTENTION)
+            continue
         cls = DYNAMIC_LAYER_TYPE_MAPPING.get(t)
-        if cls is None:
+        if cls is None or not issubclass(cls, LinearAttentionCacheLayerMixin):  # e.g. indexed attention
             return None
-        state = issubclass(cls, LinearAttentionCacheLayerMixin)
-        kv = issubclass(cls, CacheLayerMixin)
-        if not (state or kv):
-            return None
-        kinds.append(BOTH if state and kv else STATE if state else ATTENTION)
+        kinds.append(BOTH if issubclass(cls, CacheLayerMixin) else STATE)
     return kinds
 
 
@@ -611,7 +611,8 @@ class GenericAdapter(DecoderAdapter):
             return None
         if not self.traits.rotary_per_layer_type:
             return rotary(h, positions)
-        return {t: rotary(h, positions, t) for t in sorted(set(self.layer_types or []))}
+        types = {t for t, attends in zip(self.layer_types or [], self.attends, strict=False) if attends}
+        return {t: rotary(h, positions, t) for t in sorted(types)}  # (a recurrent layer takes none)
 
     def _call_layer(
         self,
@@ -623,7 +624,9 @@ class GenericAdapter(DecoderAdapter):
         call: _LayerCall,
         states: Cache | None = None,
     ) -> torch.Tensor:
-        tables = cos_sin[self.layer_types[i]] if isinstance(cos_sin, dict) and self.layer_types else cos_sin
+        tables = (
+            cos_sin.get(self.layer_types[i]) if isinstance(cos_sin, dict) and self.layer_types else cos_sin
+        )
         kwargs: dict[str, Any] = {
             "attention_mask": None,
             "position_ids": positions,

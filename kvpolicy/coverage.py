@@ -65,10 +65,14 @@ MOE: dict[str, Any] = {
     "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
 }
-#: Hybrid families whose config computes its layer pattern from other settings: these give a tiny
-#: model recurrent layers 0 and 2 and attention layers 1 and 3 (others take ``layer_types``).
+#: Hybrid families whose tiny default has no attention layer, or whose config computes its layer
+#: pattern from other settings: these give a tiny model recurrent layers 0 and 2 and attention layers
+#: 1 and 3 (other hybrids get ``layer_types`` in that pattern).
 HYBRID: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * 2},
+    "kimi_linear": {"layer_types": ["linear_attention", "full_attention"] * 2},
+    "bailing_hybrid": {"layer_types": ["linear_attention", "full_attention"] * 2},
     "bamba": {"attn_layer_indices": [1, 3]},
     "lfm2": {"layer_types": ["conv", "full_attention"] * 2},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"] * 2},
@@ -124,8 +128,9 @@ def tiny_config(model_type: str) -> Any:
             extra["layer_types"] = ["sliding_attention", "full_attention"] * (TINY["num_hidden_layers"] // 2)
         config = AutoConfig.for_model(model_type, **extra)
     types = set(getattr(config, "layer_types", None) or [])
-    recurrent = sorted(types - {"full_attention", "sliding_attention", "chunked_attention", "moe", "mlp"})
-    if model_type in HYBRID or (recurrent and not set(recurrent) <= {"hybrid", "hybrid_sliding"}):  # hybrids
+    attention = {"full_attention", "sliding_attention", "chunked_attention"}
+    recurrent = sorted(types & {"linear_attention", "conv", "mamba"})
+    if model_type in HYBRID or (recurrent and types & attention):  # hybrids: recurrent and attention layers
         extra.update(
             HYBRID[model_type]
             if model_type in HYBRID
