@@ -65,6 +65,9 @@ class _LayerCall:
     qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     probs: torch.Tensor | None = None
     calls: int = 0  # attention-function calls in this layer call: kvpolicy caches one k/v per layer
+    #: latent attention (MLA): the compressed latent ``(B, 1, T, r)`` and rotated shared key ``(B, 1, T,
+    #: d_rope)`` the layer handed its cache (:class:`_Latent`), before expanding them per head
+    latent: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _routed_attention(
@@ -100,6 +103,8 @@ def _attend_routed(
         raise _Unsupported(_TWICE.format(name=type(module).__name__))
     adapter = call.adapter
     extra = {"softcap": softcap} if softcap is not None else {}  # Gemma 2's attention-logit soft-capping
+    if call.latent is not None and call.cache is not None:  # MLA decode: attend over the cached latent
+        return adapter._decode_latent(module, query, call)
     if call.cache is None:  # prefill
         call.qkv = (query, key, value)
         window = adapter.windows[module.layer_idx]
@@ -379,6 +384,20 @@ class _PassThrough(CacheLayerMixin):
         return -1
 
 
+class _Latent(_PassThrough):
+    """A latent-attention (MLA) layer's slot in the layer cache: transformers' MLA layers hand their
+    cache the compressed latent and the rotated shared key before expanding them per head; this
+    records them on the layer call (kvpolicy caches them, not the per-head expansion) and hands them
+    back unchanged. ``call`` is set by the adapter before each call of the layer."""
+
+    call: _LayerCall | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.call is not None:
+            self.call.latent = (key_states, value_states)
+        return key_states, value_states
+
+
 class _StateBesideAttention(LinearAttentionLayer):
     """A layer that runs a recurrent mixer beside attention (Falcon-H1): transformers' state for the
     mixer, a pass-through for the attention's keys and values (kvpolicy's paged cache holds them)."""
@@ -536,23 +555,38 @@ class GenericAdapter(DecoderAdapter):
         ]
         return [kind in (ATTENTION, BOTH) for kind in self.kinds]
 
+    @functools.cached_property
+    def latent(self) -> bool:
+        """Whether the attention layers are latent attention (MLA) that hand their cache the compressed
+        latent (transformers 5.25's ``expand_kv`` families): kvpolicy then caches the latent, one
+        ``kv_lora_rank + qk_rope_head_dim`` key per token shared by all heads, instead of per-head keys
+        and values. Older transformers expand before caching: there the expanded keys are cached."""
+        attn = self.attention(self.layers[self.attends.index(True)])
+        proj = getattr(attn, "kv_b_proj", None)
+        return (
+            callable(getattr(attn, "expand_kv", None))
+            and isinstance(proj, nn.Linear)
+            and proj.bias is None
+            and all(isinstance(getattr(attn, n, None), int) for n in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"))
+        )
+
     def _new_cache(self, block: int) -> KVPolicyCache:
-        """A paged layer per attention layer and, on a hybrid model, the recurrent layers' state in the
-        model's own cache object for it (:meth:`_state_cache`)."""
+        """A paged layer per attention layer and, on a hybrid or latent-attention model, the cache
+        object its layers are called with (:meth:`_layer_cache`)."""
         without = [i for i, kind in enumerate(self.kinds) if kind in (STATE, NONE)]
         stateful = any(kind in (STATE, BOTH) for kind in self.kinds)
-        states = self._state_cache() if stateful else None
+        states = self._layer_cache() if stateful or self.latent else None
         return KVPolicyCache(self.num_layers, block, self._attn_impl, without_kv=without, states=states)
 
-    def _state_cache(self) -> Cache:
+    def _layer_cache(self) -> Cache:
         """transformers' own cache for this model (``DynamicCache(config=...)``: its linear-attention
         layers hold each recurrent, linear-attention or convolution layer's state, updated in place by the
-        layer), with every attention layer's slot a pass-through: kvpolicy's paged cache holds those
-        keys and values, under the policies."""
+        layer), with every attention layer's slot a pass-through (:class:`_Latent` on MLA models, which
+        records the latent): kvpolicy's paged cache holds those entries, under the policies."""
         cache = DynamicCache(config=self.config)
         for i, kind in enumerate(self.kinds):
             if kind == ATTENTION:
-                cache.layers[i] = _PassThrough()
+                cache.layers[i] = _Latent() if self.latent else _PassThrough()
             elif kind == BOTH:
                 cache.layers[i] = _StateBesideAttention(number_of_states=cache.layers[i].number_of_states)
         return cache
@@ -635,7 +669,12 @@ class GenericAdapter(DecoderAdapter):
         }
         if states is not None:
             kwargs.update(self._state_kwargs(i, layer, states, call.counts, h.shape[1], h.device))
+            slot = states.layers[i]
+            if isinstance(slot, _Latent):
+                slot.call = call
         out = layer(h, **kwargs)
+        if states is not None and isinstance(states.layers[i], _Latent):
+            states.layers[i].call = None  # the call's tensors are not kept past it
         return out[0] if isinstance(out, tuple) else out
 
     def _attend_window(
@@ -668,6 +707,44 @@ class GenericAdapter(DecoderAdapter):
                 module, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], False, mask, extra
             )
         return out
+
+    # -- latent attention (MLA) -------------------------------------------------------------------
+    @staticmethod
+    def _mla_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj`` split per head into its key part ``(H, d_nope, r)`` and value part ``(H, d_v, r)``
+        (``expand_kv`` computes ``kv_b_proj(latent)`` viewed as ``(..., H, d_nope + d_v)``)."""
+        weight = attn.kv_b_proj.weight
+        per_head = weight.view(-1, attn.qk_nope_head_dim + attn.v_head_dim, weight.shape[-1])
+        return per_head[:, : attn.qk_nope_head_dim], per_head[:, attn.qk_nope_head_dim :]
+
+    def _absorb_query(self, attn: nn.Module, query: torch.Tensor) -> torch.Tensor:
+        """The query ``(B, H, T, d_nope + d_rope)`` in latent space, ``(B, H, T, r + d_rope)``: its
+        unrotated part through each head's key projection (``q_nope W_uk``), so that its product with
+        the cached ``[latent, rotated key]`` is exactly the model's attention logit
+        (``q_nope . W_uk latent + q_rope . k_rope``): the policies score, and decode attends, on what
+        is cached."""
+        w_key, _ = self._mla_weights(attn)
+        nope = attn.qk_nope_head_dim
+        absorbed = torch.einsum("bhtn,hnr->bhtr", query[..., :nope], w_key.to(query.dtype))
+        return torch.cat([absorbed, query[..., nope:]], dim=-1)
+
+    def _decode_latent(self, attn: nn.Module, query: torch.Tensor, call: _LayerCall) -> torch.Tensor:
+        """An MLA layer's decode step over its cached latents: append the new token's ``[latent, rotated
+        key]`` (and the latent as its value), attend with the absorbed query (one KV head shared by all
+        query heads, as MQA), then take each head's latent output through its value projection
+        (``W_uv``). Returns ``(B, 1, H * d_v)``."""
+        assert call.latent is not None and call.cache is not None
+        latent, rotated = call.latent
+        call.cache.write(torch.cat([latent, rotated], dim=-1), latent, call.positions)
+        absorbed = self._absorb_query(attn, query)
+        call.qkv = (absorbed, latent, latent)
+        out, call.probs = self._decode_attention(query.device)(
+            absorbed, call.cache, attn.scaling, want_probs=call.want_probs
+        )
+        _, w_value = self._mla_weights(attn)
+        b, heads = query.shape[0], query.shape[1]
+        out = torch.einsum("bthr,hvr->bthv", out.view(b, 1, heads, -1).to(query.dtype), w_value.to(query.dtype))
+        return out.reshape(b, 1, -1)
 
     def _keep(
         self, i: int, policy: Any, view: LayerView, state: RequestState
@@ -719,6 +796,10 @@ class GenericAdapter(DecoderAdapter):
         h = self._call_layer(i, layer, h, cos_sin, positions, call, states)
         if not self.attends[i]:
             return h, cos_sin, positions, None
+        if call.latent is not None and call.qkv is not None:  # MLA: the policies see what is cached
+            latent, rotated = call.latent
+            key = torch.cat([latent, rotated], dim=-1)
+            return h, cos_sin, positions, (self._absorb_query(self.attention(layer), call.qkv[0]), key, latent)
         if call.qkv is None:
             raise RuntimeError(
                 f"{type(layer).__name__} did not call its attention through kvpolicy's routed function "

@@ -96,9 +96,9 @@ def test_required_families_are_covered_and_the_docs_table_is_the_results():
 def test_refusals_name_the_architecture_and_why():
     import kvpolicy
 
-    model = coverage._build("qwen3_next")
+    model = coverage._build("minimax")
     with pytest.raises(kvpolicy.RegistryError) as err:
         kvpolicy.get_adapter(model)
-    assert "Qwen3NextForCausalLM" in str(err.value)
-    assert "not standard attention" in str(err.value)
+    assert "MiniMaxForCausalLM" in str(err.value)
+    assert "own cache class (MiniMaxCache)" in str(err.value)
     assert "supported architectures" in str(err.value)
