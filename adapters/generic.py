@@ -567,7 +567,10 @@ class GenericAdapter(DecoderAdapter):
             callable(getattr(attn, "expand_kv", None))
             and isinstance(proj, nn.Linear)
             and proj.bias is None
-            and all(isinstance(getattr(attn, n, None), int) for n in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"))
+            and all(
+                isinstance(getattr(attn, n, None), int)
+                for n in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
+            )
         )
 
     def _new_cache(self, block: int) -> KVPolicyCache:
@@ -643,6 +646,8 @@ class GenericAdapter(DecoderAdapter):
         rotary = getattr(self.base, self.layout.rotary, None)
         if rotary is None:  # no positional encoding (Jamba, Nemotron-H, Granite's "nope")
             return None
+        if getattr(rotary, "mrope_section", None) is not None:  # multimodal RoPE (Qwen3.5): a text token
+            positions = positions[None].expand(3, -1, -1)  # has its position on every section
         if not self.traits.rotary_per_layer_type:
             return rotary(h, positions)
         types = {t for t, attends in zip(self.layer_types or [], self.attends, strict=False) if attends}
@@ -743,7 +748,9 @@ class GenericAdapter(DecoderAdapter):
         )
         _, w_value = self._mla_weights(attn)
         b, heads = query.shape[0], query.shape[1]
-        out = torch.einsum("bthr,hvr->bthv", out.view(b, 1, heads, -1).to(query.dtype), w_value.to(query.dtype))
+        out = torch.einsum(
+            "bthr,hvr->bthv", out.view(b, 1, heads, -1).to(query.dtype), w_value.to(query.dtype)
+        )
         return out.reshape(b, 1, -1)
 
     def _keep(
@@ -799,7 +806,12 @@ class GenericAdapter(DecoderAdapter):
         if call.latent is not None and call.qkv is not None:  # MLA: the policies see what is cached
             latent, rotated = call.latent
             key = torch.cat([latent, rotated], dim=-1)
-            return h, cos_sin, positions, (self._absorb_query(self.attention(layer), call.qkv[0]), key, latent)
+            return (
+                h,
+                cos_sin,
+                positions,
+                (self._absorb_query(self.attention(layer), call.qkv[0]), key, latent),
+            )
         if call.qkv is None:
             raise RuntimeError(
                 f"{type(layer).__name__} did not call its attention through kvpolicy's routed function "

@@ -616,9 +616,10 @@ class KVPolicyCache(Cache):
         )
         #: the attention backend of the model that filled the cache (what ``model.generate`` will use)
         self.attn_implementation = attn_implementation
-        #: a hybrid model's recurrent and convolution state: the model's own cache object for those
-        #: layers (transformers' linear-attention cache layers, updated in place by the layers
-        #: themselves), ``None`` for attention-only models. Policies never touch it.
+        #: the cache object the model's layers are called with on hybrid and latent-attention models:
+        #: transformers' own, whose linear-attention layers hold each recurrent and convolution state
+        #: (updated in place by the layers themselves) and whose attention slots pass through (MLA's
+        #: record the latent for the paged layer); ``None`` for other models. Policies never touch it.
         self.states = states
 
     def update(
@@ -638,8 +639,9 @@ class KVPolicyCache(Cache):
     def _check_dense_decoding(self) -> None:
         if self.states is not None:
             raise CacheLayoutError(
-                "this hybrid model's recurrent layers keep their state in kvpolicy's batch, which "
-                "model.generate does not read; decode with kvpolicy.generate"
+                "this model's layers keep state in kvpolicy's layer cache (a hybrid's recurrent state, or "
+                "latent attention's compressed entries), which model.generate does not read; decode with "
+                "kvpolicy.generate"
             )
         lengths = {layer.uniform for layer in self.layers}
         if None in lengths:

@@ -199,10 +199,20 @@ def _layer_parts(layer: PagedLayer) -> list[Part]:
     return parts
 
 
+def _joinable(pre: Prefill) -> None:
+    """Refuse a hybrid model's batch: its recurrent state (``KVPolicyCache.states``) is not joined."""
+    if getattr(pre.cache, "states", None) is not None:
+        raise ValueError(
+            "the throughput bench joins paged KV layers only; this model keeps recurrent or latent state "
+            "in its layer cache (a hybrid or latent-attention model), which join does not carry yet"
+        )
+
+
 def from_prefill(pre: Prefill, consume: bool = False) -> Source:
     """The prefilled batch as a :class:`Source`, read layer by layer when joined; ``consume`` frees
     each layer of ``pre``'s cache once read (a sub-batch that is joined and then dropped: the batch
     then never holds two copies of its KV)."""
+    _joinable(pre)
     cache = pre.cache
 
     def parts(i: int) -> list[Part]:
@@ -226,6 +236,7 @@ def from_prefill(pre: Prefill, consume: bool = False) -> Source:
 def snapshot(pre: Prefill, to: str | torch.device = "cpu") -> Source:
     """A copy of the prefilled batch in ``to``'s memory (host memory by default), kept across runs:
     between runs the device holds only the batch being timed."""
+    _joinable(pre)
     cache = pre.cache
     layers = [_moved(layer, to) for layer in cache.layers]
     return Source(
