@@ -41,7 +41,29 @@ class CacheLayoutError(ValueError):
     """The cache cannot be shown to transformers as one dense tensor (rows hold different lengths)."""
 
 
-class PagedLayer(CacheLayerMixin):
+class _Layer(CacheLayerMixin):
+    """What every layer of kvpolicy's cache answers transformers alike: its logical length (prompt plus
+    tokens generated, not the entries held), and no reset or beam search."""
+
+    next_position = 0
+
+    def get_seq_length(self, *args: object) -> int:
+        return self.next_position
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self, *args: object) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise CacheLayoutError("kvpolicy's cache cannot be reset; run kvpolicy.prefill again")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("kvpolicy's cache does not support beam search (reorder_cache)")
+
+
+class PagedLayer(_Layer):
     """One decoder layer's kept entries for a batch: ``B x H`` rows of pages in one pool.
 
     Attributes (device tensors, ``R = B * H`` rows, ``P`` pages plus one all-empty *null* page last):
@@ -395,23 +417,8 @@ class PagedLayer(CacheLayerMixin):
         q = query if isinstance(query, int) else int(query.shape[0])  # type: ignore[union-attr]
         return (self.uniform or 0) + q, 0
 
-    def get_seq_length(self, *args: object) -> int:
-        return self.next_position
 
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self, *args: object) -> int:
-        return -1
-
-    def reset(self) -> None:
-        raise CacheLayoutError("kvpolicy's cache cannot be reset; run kvpolicy.prefill again")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("kvpolicy's cache does not support beam search (reorder_cache)")
-
-
-class StateLayer(CacheLayerMixin):
+class StateLayer(_Layer):
     """A decoder layer that keeps no keys and values: a recurrent, linear-attention, convolution or
     MLP-only layer of a hybrid model (Qwen3-Next, Jamba, Bamba, LFM2, ...).
 
@@ -458,21 +465,6 @@ class StateLayer(CacheLayerMixin):
 
     def get_mask_sizes(self, *args: object, **kwargs: object) -> tuple[int, int]:
         return 0, 0
-
-    def get_seq_length(self, *args: object) -> int:
-        return self.next_position
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self, *args: object) -> int:
-        return -1
-
-    def reset(self) -> None:
-        raise CacheLayoutError("kvpolicy's cache cannot be reset; run kvpolicy.prefill again")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("kvpolicy's cache does not support beam search (reorder_cache)")
 
 
 def state_tensors(states: Cache | None) -> Iterator[tuple[int, str, torch.Tensor]]:

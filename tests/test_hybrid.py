@@ -98,26 +98,27 @@ def test_model_generate_refuses_a_hybrid_cache_clearly():
         pre.cache._check_dense_decoding()
 
 
-@pytest.fixture(scope="module")
-def hybrid_dir(tmp_path_factory):
-    """A tiny Qwen3-Next with the embedded model's tokenizer, saved where ``--model`` loads it."""
+@pytest.fixture(scope="module", params=["qwen3_next", "deepseek_v3"])
+def tiny_dir(request, tmp_path_factory):
+    """A tiny hybrid (Qwen3-Next) or latent-attention model (DeepSeek V3) with the embedded model's
+    tokenizer, saved where ``--model`` loads it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvpolicy.coverage import tiny_config
     from kvpolicy.models import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    config = tiny_config("qwen3_next")
+    config = tiny_config(request.param)
     config.vocab_size = len(tokenizer)
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-qwen3-next")
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def test_the_cli_generates_with_every_preset_on_a_hybrid(hybrid_dir, capsys):
-    """``kvpolicy generate --model <tiny hybrid>`` runs every preset: each either generates or is refused
+def test_the_cli_generates_with_every_preset_on_hybrid_and_latent_models(tiny_dir, capsys):
+    """``kvpolicy generate --model <tiny hybrid or MLA model>`` runs every preset: each either generates or is refused
     with the reason (a propagation policy whose layer has no attention; DuoAttention's required head map)."""
     import json
 
@@ -130,7 +131,7 @@ def test_the_cli_generates_with_every_preset_on_a_hybrid(hybrid_dir, capsys):
             [
                 "generate",
                 "--model",
-                str(hybrid_dir),
+                str(tiny_dir),
                 "--policy",
                 name,
                 "--prompt",
@@ -144,7 +145,7 @@ def test_the_cli_generates_with_every_preset_on_a_hybrid(hybrid_dir, capsys):
         out, err = capsys.readouterr()
         if code == 0:
             ran.append(name)
-            assert json.loads(out)["stats"]["kv_bytes_per_layer"][0] > 0  # layer 0's recurrent state
+            assert json.loads(out)["stats"]["kv_bytes_per_layer"][0] > 0  # a recurrent state, or a latent
         else:
             # not applicable: a layer without attention, or a setting the preset cannot default (a head map)
             assert "has no attention" in err or "Field required" in err, (name, err)
