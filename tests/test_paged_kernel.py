@@ -347,3 +347,20 @@ def test_a_bad_decode_attention_choice_is_named(monkeypatch):
     monkeypatch.setenv("KVPOLICY_DECODE_ATTENTION", "flash")
     with pytest.raises(ValueError, match="KVPOLICY_DECODE_ATTENTION='flash': use 'torch' or 'triton'"):
         decode_attention_for(torch.device("cpu"))
+
+
+def test_a_pool_whose_values_are_its_keys_first_columns(kernel):
+    """Latent attention's layout (``shared_values``): the value pool is a view of the key pool's first
+    columns (not contiguous). The kernel and the torch path read it as they read a pool of its own,
+    through appends and evictions."""
+    g = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(1, n, 12, generator=g), None, torch.arange(n)[None], None) for n in (9, 5)]
+    parts = [(k, k[..., :8], p, c) for k, _, p, c in parts]
+    layer = PagedLayer(block_size=4, shared_values=8)
+    layer.store(parts, reserve=3)
+    assert layer.v_pool.shape[-1] == 8 and layer.v_pool.data_ptr() == layer.k_pool.data_ptr()
+    new = torch.randn(2, 1, 1, 12, generator=g)
+    layer.append(new, new[..., :8], torch.tensor([9, 5]))
+    layer.evict(torch.tensor([[[2]], [[-1]]]))
+    check(kernel, layer, n_rep=3)
+    assert layer.nbytes(0) == 9 * 12 * 4  # keys only: the values are inside them
