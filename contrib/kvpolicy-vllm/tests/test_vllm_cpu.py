@@ -58,3 +58,65 @@ def test_vllm_greedy_equals_kvpolicy_full_kv(llm, needle_prompts):
     for prompt, out in zip(prompts, served, strict=True):
         ours = kvpolicy.generate(model, tokenizer, input_ids=prompt, policy="fullkv", max_new_tokens=NEW)
         assert list(out.outputs[0].token_ids) == ours.token_ids
+
+
+def test_compacted_entries_written_by_vllm_attend_as_the_kept_entries():
+    """The compression step against vLLM's own CPU cache writer and attention kernel: a request's
+    prefill keys and values, SnapKV's selection, the kept entries written as tokens to the request's
+    first slots (each KV head its own entries), then a decode query attends over them with vLLM's kernel
+    exactly as over the kept entries themselves (torch reference, per head)."""
+    import kvpolicy
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kvpolicy_vllm.paged import kept_entries, request_slots, select_for_request
+
+    heads, q_heads, dim, block, tokens = 2, 6, 64, 16, 45
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (
+        torch.randn(tokens, heads, dim, generator=gen),
+        torch.randn(tokens, heads, dim, generator=gen),
+    )
+    query = torch.randn(tokens, q_heads, dim, generator=gen)
+    scale = dim**-0.5
+    keep = select_for_request(kvpolicy.get_policy("snapkv", kv_budget=20), 0, 2, query, keys, values, scale)
+    assert keep is not None and keep.shape == (heads, 20) and not torch.equal(keep[0], keep[1])
+
+    isa = _get_attn_isa(torch.float32, block, dim)
+    cache = torch.zeros(8, heads, block, 2 * dim)  # vLLM's CPU layout: (blocks, H_kv, block_size, 2 * d)
+    key_cache, value_cache = cache.view(8, heads, 2 * block, dim).chunk(2, dim=2)
+    blocks = torch.tensor([5, 2, 6], dtype=torch.int32)
+    kept_keys, kept_values = kept_entries(keys, values, keep)
+    ops.cpu_attn_reshape_and_cache(
+        kept_keys, kept_values, key_cache, value_cache, request_slots(blocks, 20, block), isa
+    )
+
+    decode = torch.randn(1, q_heads, dim, generator=gen)
+    seq_lens = torch.tensor([20], dtype=torch.int32)
+    start = torch.tensor([0, 1], dtype=torch.int32)
+    meta = ops.cpu_attn_get_scheduler_metadata(
+        1, q_heads, heads, dim, seq_lens, torch.float32, start, True, -1, isa, False
+    )
+    out = torch.empty_like(decode)
+    ops.cpu_attention_with_kv_cache(
+        decode,
+        key_cache,
+        value_cache,
+        out,
+        start,
+        seq_lens,
+        scale,
+        True,
+        None,
+        -1,
+        blocks[None],
+        0,
+        meta,
+        None,
+    )
+    rep = q_heads // heads
+    for h in range(q_heads):
+        k, v = kept_keys[:, h // rep], kept_values[:, h // rep]
+        want = ((decode[0, h] @ k.t()) * scale).softmax(-1) @ v
+        torch.testing.assert_close(out[0, h], want, rtol=1e-4, atol=1e-4)

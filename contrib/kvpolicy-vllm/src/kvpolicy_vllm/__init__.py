@@ -3,8 +3,8 @@
 What works so far: which policies vLLM can serve and why the others cannot
 (:func:`~kvpolicy_vllm.servable.servable_policy`), the per-request setting as vLLM carries it
 (``SamplingParams.extra_args`` / the OpenAI server's ``vllm_xargs``: ``{"kvpolicy": "snapkv:kv_budget=0.25"}``),
-the pinned vLLM release (:mod:`kvpolicy_vllm.version`), and the test harness that runs vLLM's CPU
-build on the embedded model. The compression inside vLLM's engine is not there yet: this package
+the pinned vLLM release (:mod:`kvpolicy_vllm.version`), the compression step's building blocks
+(:mod:`kvpolicy_vllm.paged`), and the test harness that runs vLLM's CPU build on the embedded model. The compression inside vLLM's engine is not there yet: this package
 registers no vLLM plugin, so installing it changes nothing in vLLM (``docs/serving.md`` has the design
 and the status).
 """
