@@ -58,3 +58,24 @@ def test_the_selection_is_the_one_kvpolicy_makes():
     ours = _kept(policy, 0, view, RequestState(prompt_len=tokens, num_layers=2))
     assert torch.equal(ours[2].sort(dim=-1).values, keep)  # kvpolicy's kept positions, per head
     assert select_for_request(kvpolicy.get_policy("fullkv"), 0, 2, query, keys, values, DIM**-0.5) is None
+
+
+def test_after_compaction_new_tokens_go_after_the_held_entries():
+    """Two requests in a decode step: one compressed (70 logical, 20 held), one not (33). The first
+    reads 21 entries and writes its new token at held index 20; the second as vLLM would."""
+    from kvpolicy_vllm.paged import compacted_metadata
+
+    table = torch.tensor([[5, 2, 6, 0, 0], [1, 3, 4, 0, 0]])
+    seq_lens = torch.tensor([71, 34])  # after this step's token
+    start = torch.tensor([0, 1, 2])
+    held, slots = compacted_metadata(seq_lens, start, table, torch.tensor([50, 0]), 16)
+    assert held.tolist() == [21, 34]
+    assert slots.tolist() == [
+        2 * 16 + 4,
+        4 * 16 + 1,
+    ]  # index 20 -> block 2 (2nd), offset 4; index 33 -> block 4
+    # a prefill chunk of 3 tokens on an uncompressed request: slots 0, 1, 2 of its first block
+    held, slots = compacted_metadata(
+        torch.tensor([3]), torch.tensor([0, 3]), table[:1], torch.tensor([0]), 16
+    )
+    assert held.tolist() == [3] and slots.tolist() == [80, 81, 82]

@@ -63,14 +63,15 @@ def test_vllm_greedy_equals_kvpolicy_full_kv(llm, needle_prompts):
 def test_compacted_entries_written_by_vllm_attend_as_the_kept_entries():
     """The compression step against vLLM's own CPU cache writer and attention kernel: a request's
     prefill keys and values, SnapKV's selection, the kept entries written as tokens to the request's
-    first slots (each KV head its own entries), then a decode query attends over them with vLLM's kernel
-    exactly as over the kept entries themselves (torch reference, per head)."""
+    first slots (each KV head its own entries), the next token written where the compacted metadata
+    says; then a decode query attends with vLLM's kernel exactly as over the kept entries and the new
+    one (torch reference, per head)."""
     import kvpolicy
     import torch
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from kvpolicy_vllm.paged import kept_entries, request_slots, select_for_request
+    from kvpolicy_vllm.paged import compacted_metadata, kept_entries, request_slots, select_for_request
 
     heads, q_heads, dim, block, tokens = 2, 6, 64, 16, 45
     gen = torch.Generator().manual_seed(0)
@@ -92,9 +93,15 @@ def test_compacted_entries_written_by_vllm_attend_as_the_kept_entries():
         kept_keys, kept_values, key_cache, value_cache, request_slots(blocks, 20, block), isa
     )
 
-    decode = torch.randn(1, q_heads, dim, generator=gen)
-    seq_lens = torch.tensor([20], dtype=torch.int32)
+    # the next token, at logical position 45: the metadata reads 21 held entries and writes at the 21st
+    new_key, new_value = torch.randn(1, heads, dim, generator=gen), torch.randn(1, heads, dim, generator=gen)
     start = torch.tensor([0, 1], dtype=torch.int32)
+    held, slot = compacted_metadata(
+        torch.tensor([tokens + 1]), start, blocks[None], torch.tensor([tokens - 20]), block
+    )
+    ops.cpu_attn_reshape_and_cache(new_key, new_value, key_cache, value_cache, slot, isa)
+    seq_lens = held.to(torch.int32)
+    decode = torch.randn(1, q_heads, dim, generator=gen)
     meta = ops.cpu_attn_get_scheduler_metadata(
         1, q_heads, heads, dim, seq_lens, torch.float32, start, True, -1, isa, False
     )
@@ -116,7 +123,8 @@ def test_compacted_entries_written_by_vllm_attend_as_the_kept_entries():
         None,
     )
     rep = q_heads // heads
+    held_keys, held_values = torch.cat([kept_keys, new_key]), torch.cat([kept_values, new_value])
     for h in range(q_heads):
-        k, v = kept_keys[:, h // rep], kept_values[:, h // rep]
+        k, v = held_keys[:, h // rep], held_values[:, h // rep]
         want = ((decode[0, h] @ k.t()) * scale).softmax(-1) @ v
         torch.testing.assert_close(out[0, h], want, rtol=1e-4, atol=1e-4)

@@ -82,3 +82,28 @@ def select_for_request(
             f"{type(policy.cache).__name__} returned per-head counts, which vLLM's blocks cannot hold"
         )
     return keep[0].sort(dim=-1).values
+
+
+def compacted_metadata(
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    block_table: torch.Tensor,
+    dropped: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's ``seq_lens`` and ``slot_mapping`` once requests have dropped entries: logical positions
+    stay as vLLM counts them (RoPE continues at the original length), while each request reads, and
+    writes its new tokens after, only the entries it holds.
+
+    ``seq_lens`` ``(R,)``: logical lengths after this step's tokens; ``query_start_loc`` ``(R + 1,)``:
+    where each request's new tokens start in the step; ``block_table`` ``(R, M)``; ``dropped`` ``(R,)``:
+    entries each request has dropped (0 for one not compressed). Returns the held lengths ``(R,)`` and
+    the slot of each new token ``(num_tokens,)``: a request's ``i``-th held entry is at
+    ``block_table[r, i // block_size] * block_size + i % block_size``."""
+    held = seq_lens - dropped.to(seq_lens)
+    counts = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    request = torch.repeat_interleave(torch.arange(seq_lens.shape[0], device=seq_lens.device), counts)
+    within = torch.arange(int(counts.sum()), device=seq_lens.device) - query_start_loc[:-1].long()[request]
+    entry = (held.long() - counts)[request] + within  # held index of each new token
+    slots = block_table[request, entry // block_size].long() * block_size + entry % block_size
+    return held, slots
