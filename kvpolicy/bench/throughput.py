@@ -264,12 +264,13 @@ def _moved(layer: PagedLayer, to: str | torch.device) -> PagedLayer:
 
 
 #: The attributes of a stored ``PagedLayer`` :func:`tile` knows how to repeat; a layer with others (the
-#: cache grew a field) is joined through ``PagedLayer.store`` instead, which is always right.
+#: cache grew a field) is joined through ``PagedLayer.store`` instead, which is always right. (A layer
+#: whose values live in its keys, ``shared_values``, has no ``_v_pool``: it is never tiled.)
 TILE_FIELDS = frozenset(
     {
         "is_initialized", "block_size", "num_seqs", "num_heads", "room", "uniform", "pages_per_row",
-        "next_position", "k_pool", "v_pool", "pos_pool", "block_table", "page_owner", "page_rank",
-        "_slot_flat", "_row_start", "lengths", "dtype", "device",
+        "next_position", "k_pool", "_v_pool", "pos_pool", "block_table", "page_owner", "page_rank",
+        "_slot_flat", "_row_start", "lengths", "dtype", "device", "shared_values",
     }
 )  # fmt: skip
 

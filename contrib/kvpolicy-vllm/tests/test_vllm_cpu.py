@@ -2,8 +2,10 @@
 caches): the baseline every compressed-serving test compares against. Runs where vLLM is installed
 (``make test-vllm`` builds that venv); skipped elsewhere.
 
-So far: vLLM's own greedy output equals kvpolicy's full-KV greedy output on needle prompts, token for
-token, so a later difference under a policy is the policy's, not the two stacks'.
+vLLM's own greedy output equals kvpolicy's full-KV greedy output on needle prompts, token for token, so
+a difference under a policy is the policy's, not the two stacks'; and requests served under a policy
+(``extra_args={"kvpolicy": ...}``, the plugin installed) give exactly ``kvpolicy.generate``'s tokens
+under the same policy, in one batch with requests that ask for none.
 """
 
 from __future__ import annotations
@@ -44,7 +46,17 @@ def llm(needle_prompts):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for a 135M model's prompts
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
     path, _ = needle_prompts
-    return vllm.LLM(model=str(path), dtype="float32", max_model_len=4096, enforce_eager=True, seed=0)
+    # prompts prefilled whole, no prefix caching: what kvpolicy's compression needs
+    return vllm.LLM(
+        model=str(path),
+        dtype="float32",
+        max_model_len=4096,
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=16384,
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        seed=0,
+    )
 
 
 def test_vllm_greedy_equals_kvpolicy_full_kv(llm, needle_prompts):
@@ -58,6 +70,38 @@ def test_vllm_greedy_equals_kvpolicy_full_kv(llm, needle_prompts):
     for prompt, out in zip(prompts, served, strict=True):
         ours = kvpolicy.generate(model, tokenizer, input_ids=prompt, policy="fullkv", max_new_tokens=NEW)
         assert list(out.outputs[0].token_ids) == ours.token_ids
+
+
+def _ours(prompts, specs):
+    """``kvpolicy.generate``'s greedy tokens for each prompt under its spec (``None``: full KV)."""
+    import kvpolicy
+    from kvpolicy.models import load_model
+
+    from kvpolicy_vllm import servable_policy
+
+    model, tokenizer = load_model()
+    return [
+        kvpolicy.generate(
+            model, tokenizer, input_ids=p, policy=servable_policy(s) if s else "fullkv", max_new_tokens=NEW
+        ).token_ids
+        for p, s in zip(prompts, specs, strict=True)
+    ]
+
+
+def test_requests_under_a_policy_get_kvpolicys_tokens_beside_requests_without(llm, needle_prompts):
+    """One batch mixing SnapKV at a quarter of the prompt, StreamingLLM and no policy: each request gets
+    the tokens kvpolicy gives it under its policy (and the compressed ones differ from full KV somewhere,
+    so the compression really ran)."""
+    _, prompts = needle_prompts
+    specs = ["snapkv:kv_budget=0.25", None, "streamingllm:kv_budget=0.25"] * 2
+    params = [
+        vllm.SamplingParams(max_tokens=NEW, temperature=0.0, extra_args={"kvpolicy": s} if s else None)
+        for s in specs
+    ]
+    served = llm.generate([vllm.TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    got = [list(out.outputs[0].token_ids) for out in served]
+    assert got == _ours(prompts, specs)
+    assert got != _ours(prompts, [None] * len(prompts))
 
 
 def test_compacted_entries_written_by_vllm_attend_as_the_kept_entries():

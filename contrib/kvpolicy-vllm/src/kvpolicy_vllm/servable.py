@@ -7,13 +7,14 @@ tokens in the same slots: the slots are compacted per head), and when every laye
 token (vLLM runs each layer over the whole prompt). That rules out:
 
 * propagation policies (TSP, GemFilter, PyramidInfer): they change which tokens later layers see;
-* per-head budgets (AdaKV, DuoAttention, CAKE's head split where it makes one): a different count per
-  KV head needs per-head block tables, which vLLM's blocks do not have;
+* per-head budgets (AdaKV, DuoAttention): a different count per KV head needs per-head block tables,
+  which vLLM's blocks do not have;
+* per-layer budgets (PyramidKV, CAKE): vLLM's layers share one block table and length per request;
 * decode-time eviction (H2O, TOVA's decode, PyramidInfer's squeeze): the integration compresses once,
   after prefill; running a policy's prefill selection alone would be a different method.
 
-Per-head counts are found by running the policy's own selection on a synthetic layer (random keys,
-two KV heads): the core knows no policy by name, and neither does this check.
+Per-head and per-layer counts are found by running the policy's own selection on synthetic layers
+(random keys, two KV heads, two layers): the core knows no policy by name, and neither does this check.
 
 The setting travels as vLLM carries per-request extras: ``SamplingParams(extra_args={"kvpolicy":
 "snapkv:kv_budget=0.25"})`` offline, and in the OpenAI-compatible server the request body's
@@ -80,32 +81,44 @@ def why_not_servable(policy: Policy) -> str | None:
             f"{type(cache).__name__} ({cache.kind!r}) evicts during decode; the vLLM integration compresses once, "
             f"after prefill, and its prefill selection alone would be another method"
         )
-    if _keeps_per_head_counts(policy):
+    counts = [_kept_counts(policy, layer) for layer in (0, 1)]
+    if any(c is None for c in counts):
         return (
             f"{type(cache).__name__} ({cache.kind!r}) keeps a different number of entries per KV head, but a vLLM "
             f"block holds every KV head of a layer: per-head counts would need per-head block tables"
         )
+    if counts[0] != counts[1]:
+        return (
+            f"{type(cache).__name__} ({cache.kind!r}) keeps a different number of entries per layer "
+            f"({counts[0]} and {counts[1]} of a {_TOKENS}-token prompt), but vLLM's layers share one length per request"
+        )
     return None
 
 
-def _keeps_per_head_counts(policy: Policy, tokens: int = 96, heads: int = 2, dim: int = 16) -> bool:
-    """Whether the policy's prefill selection returns per-head counts (:class:`PerHead`) on a synthetic
-    layer: random queries and keys, two KV heads of different spread, a budget-sized prompt."""
+_TOKENS = 1024
+
+
+def _kept_counts(policy: Policy, layer: int, heads: int = 2, dim: int = 16) -> int | None:
+    """How many entries the policy's prefill selection keeps per KV head at ``layer`` of a two-layer model,
+    on a synthetic layer (random queries and keys, two KV heads of different spread, a budget-sized
+    prompt); ``None`` when it keeps a different number per head (:class:`PerHead`) or cannot run on it."""
     gen = torch.Generator().manual_seed(0)
-    key = torch.randn(1, heads, tokens, dim, generator=gen)
+    key = torch.randn(1, heads, _TOKENS, dim, generator=gen)
     key[:, 1] *= 4.0  # heads that differ, so a head-adaptive policy splits its budget unevenly
     view = LayerView(
-        layer=0,
+        layer=layer,
         num_layers=2,
-        prompt_len=tokens,
-        positions=torch.arange(tokens)[None],
-        query=torch.randn(1, 2 * heads, tokens, dim, generator=gen),
+        prompt_len=_TOKENS,
+        positions=torch.arange(_TOKENS)[None],
+        query=torch.randn(1, 2 * heads, _TOKENS, dim, generator=gen),
         key=key,
-        value=torch.randn(1, heads, tokens, dim, generator=gen),
+        value=torch.randn(1, heads, _TOKENS, dim, generator=gen),
         scaling=dim**-0.5,
     )
-    state = RequestState(prompt_len=tokens, num_layers=2)
     try:
-        return isinstance(policy.cache.select(view, state), PerHead)
-    except Exception:  # a policy that needs more than a synthetic layer (a head map): not per-head-safe
-        return True
+        keep = policy.cache.select(view, RequestState(prompt_len=_TOKENS, num_layers=2))
+    except Exception:  # a policy that needs more than a synthetic layer (a head map): not shown safe
+        return None
+    if isinstance(keep, PerHead):
+        return None
+    return _TOKENS if keep is None else int(keep.shape[-1])
