@@ -1,12 +1,11 @@
-"""kvpolicy's cache policies inside vLLM (issue 20, in progress).
+"""kvpolicy's cache policies inside vLLM (issue 20; ``docs/serving.md`` has the status).
 
-What works so far: which policies vLLM can serve and why the others cannot
-(:func:`~kvpolicy_vllm.servable.servable_policy`), the per-request setting as vLLM carries it
-(``SamplingParams.extra_args`` / the OpenAI server's ``vllm_xargs``: ``{"kvpolicy": "snapkv:kv_budget=0.25"}``),
-the pinned vLLM release (:mod:`kvpolicy_vllm.version`), the compression step's building blocks
-(:mod:`kvpolicy_vllm.paged`), and the test harness that runs vLLM's CPU build on the embedded model. The compression inside vLLM's engine is not there yet: this package
-registers no vLLM plugin, so installing it changes nothing in vLLM (``docs/serving.md`` has the design
-and the status).
+Installing this package registers a vLLM plugin (entry point ``vllm.general_plugins``) that, on vLLM's
+CPU platform, compresses each request that names a policy after its prefill and gives the freed blocks
+back to vLLM's pool (:mod:`kvpolicy_vllm.engine`). A request names its policy through
+``SamplingParams.extra_args`` (the OpenAI server's ``vllm_xargs``): ``{"kvpolicy": "snapkv:kv_budget=0.25"}``;
+:func:`~kvpolicy_vllm.servable.servable_policy` says which policies vLLM can serve and why the others
+cannot; :mod:`kvpolicy_vllm.version` pins the vLLM release.
 """
 
 from kvpolicy_vllm.servable import EXTRA_ARGS_KEY, NotServable, policy_for_request, servable_policy

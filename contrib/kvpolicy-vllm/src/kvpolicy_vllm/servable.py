@@ -24,6 +24,8 @@ The setting travels as vLLM carries per-request extras: ``SamplingParams(extra_a
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 import torch
@@ -32,6 +34,14 @@ from kvpolicy.state import RequestState
 
 #: The key of ``SamplingParams.extra_args`` (and of the server's ``vllm_xargs``) that names a policy.
 EXTRA_ARGS_KEY = "kvpolicy"
+
+#: The environment variable that gives a server-wide default spec (``KVPOLICY_DEFAULT=snapkv:kv_budget=0.25
+#: vllm serve ...``): every vLLM process (API server, engine core, workers) inherits it, so the one
+#: value reaches all of them; vLLM's own argument parser takes no options from plugins.
+DEFAULT_ENV = "KVPOLICY_DEFAULT"
+
+#: Specs that name no compression: a request that gives one opts out of a server-wide default.
+NO_POLICY = frozenset({"", "none", "fullkv"})
 
 
 class NotServable(ValueError):
@@ -59,11 +69,58 @@ def servable_policy(spec: str, common: dict[str, Any] | None = None) -> Policy:
     return policy
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_policy(spec: str) -> Policy:
+    """:func:`servable_policy` once per spec: the engine asks for every request, and the check runs the
+    policy on synthetic layers. Policies hold settings only (per-request state lives in the request's
+    own object), so one instance serves every request that names the spec."""
+    return servable_policy(spec)
+
+
+def default_spec() -> str | None:
+    """The server-wide default spec (environment variable :data:`DEFAULT_ENV`), ``None`` when unset."""
+    spec = os.environ.get(DEFAULT_ENV)
+    return spec if spec and spec.strip() else None
+
+
+def request_spec(extra_args: dict[str, Any] | None, default: str | None = None) -> str | None:
+    """The spec a request's ``extra_args`` names, else ``default``, else :func:`default_spec`; ``None``
+    when the request asks for no compression (no spec, or ``"fullkv"``/``"none"``).
+
+    Raises :class:`NotServable` naming the setting and value when it is bad (checked once per spec)."""
+    if extra_args and EXTRA_ARGS_KEY in extra_args:
+        spec = extra_args[EXTRA_ARGS_KEY]
+    else:
+        spec = default if default is not None else default_spec()
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in NO_POLICY):
+        return None
+    if not isinstance(spec, str):
+        raise NotServable(
+            f"{EXTRA_ARGS_KEY}={spec!r}: expected a policy spec string such as 'snapkv:kv_budget=0.25'"
+        )
+    _cached_policy(spec.strip())
+    return spec.strip()
+
+
 def policy_for_request(extra_args: dict[str, Any] | None, default: str | None = None) -> Policy | None:
-    """The policy a request asks for through its ``extra_args`` (or the server-wide ``default`` spec),
-    ``None`` when neither names one: such a request is served exactly as vLLM serves it."""
-    spec = (extra_args or {}).get(EXTRA_ARGS_KEY, default)
-    return None if spec is None else servable_policy(spec)
+    """The policy a request asks for through its ``extra_args`` (or the server-wide default spec),
+    ``None`` when none is named: such a request is served exactly as vLLM serves it."""
+    spec = request_spec(extra_args, default)
+    return None if spec is None else _cached_policy(spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def kept_count(spec: str, prompt_len: int) -> int:
+    """How many entries each layer keeps of a ``prompt_len``-token prompt under ``spec``.
+
+    The scheduler frees a compressed request's tail blocks from this count before the worker's
+    selection is known to it (they run in different places), and the worker checks its selection
+    against it: a servable policy keeps the same count for every layer and KV head, and the count
+    depends on the prompt's length only, so the policy's own selection on one synthetic layer gives it."""
+    count = _kept_counts(_cached_policy(spec), 0, tokens=prompt_len, heads=1)
+    if count is None:  # servable_policy ran the same selection: cannot happen for a servable spec
+        raise NotServable(f"{EXTRA_ARGS_KEY}={spec!r}: its selection keeps a different number per KV head")
+    return count
 
 
 def why_not_servable(policy: Policy) -> str | None:
@@ -98,27 +155,29 @@ def why_not_servable(policy: Policy) -> str | None:
 _TOKENS = 1024
 
 
-def _kept_counts(policy: Policy, layer: int, heads: int = 2, dim: int = 16) -> int | None:
+def _kept_counts(
+    policy: Policy, layer: int, tokens: int = _TOKENS, heads: int = 2, dim: int = 16
+) -> int | None:
     """How many entries the policy's prefill selection keeps per KV head at ``layer`` of a two-layer model,
     on a synthetic layer (random queries and keys, two KV heads of different spread, a budget-sized
     prompt); ``None`` when it keeps a different number per head (:class:`PerHead`) or cannot run on it."""
     gen = torch.Generator().manual_seed(0)
-    key = torch.randn(1, heads, _TOKENS, dim, generator=gen)
-    key[:, 1] *= 4.0  # heads that differ, so a head-adaptive policy splits its budget unevenly
+    key = torch.randn(1, heads, tokens, dim, generator=gen)
+    key[:, heads - 1] *= 4.0  # heads that differ, so a head-adaptive policy splits its budget unevenly
     view = LayerView(
         layer=layer,
         num_layers=2,
-        prompt_len=_TOKENS,
-        positions=torch.arange(_TOKENS)[None],
-        query=torch.randn(1, 2 * heads, _TOKENS, dim, generator=gen),
+        prompt_len=tokens,
+        positions=torch.arange(tokens)[None],
+        query=torch.randn(1, 2 * heads, tokens, dim, generator=gen),
         key=key,
-        value=torch.randn(1, heads, _TOKENS, dim, generator=gen),
+        value=torch.randn(1, heads, tokens, dim, generator=gen),
         scaling=dim**-0.5,
     )
     try:
-        keep = policy.cache.select(view, RequestState(prompt_len=_TOKENS, num_layers=2))
+        keep = policy.cache.select(view, RequestState(prompt_len=tokens, num_layers=2))
     except Exception:  # a policy that needs more than a synthetic layer (a head map): not shown safe
         return None
     if isinstance(keep, PerHead):
         return None
-    return _TOKENS if keep is None else int(keep.shape[-1])
+    return tokens if keep is None else int(keep.shape[-1])
