@@ -66,3 +66,37 @@ def test_only_the_pinned_vllm_is_accepted(monkeypatch):
     monkeypatch.setattr(version, "installed_vllm", lambda: None)
     with pytest.raises(VLLMVersionError, match="not installed"):
         check_vllm()
+
+
+def test_the_server_wide_default_comes_from_the_environment_and_a_request_can_opt_out(monkeypatch):
+    from kvpolicy_vllm.servable import DEFAULT_ENV, request_spec
+
+    monkeypatch.setenv(DEFAULT_ENV, "snapkv:kv_budget=0.25")
+    assert request_spec(None) == "snapkv:kv_budget=0.25"
+    assert request_spec({"kvpolicy": "streamingllm"}) == "streamingllm"
+    assert request_spec({"kvpolicy": "fullkv"}) is None
+    assert request_spec({"kvpolicy": "none"}) is None
+    monkeypatch.delenv(DEFAULT_ENV)
+    assert request_spec(None) is None
+
+
+def test_a_bad_server_wide_default_stops_the_plugin_at_start_up_naming_it(monkeypatch):
+    """vLLM calls the plugin in each of its processes before serving: a bad default stops start-up
+    with the value named, rather than failing every request later."""
+    from kvpolicy_vllm.plugin import register
+    from kvpolicy_vllm.servable import DEFAULT_ENV
+
+    monkeypatch.setenv(DEFAULT_ENV, "snapkv:kv_budget=-1")
+    with pytest.raises(NotServable, match=r"kvpolicy='snapkv:kv_budget=-1'.*kv_budget"):
+        register()
+
+
+@pytest.mark.parametrize("length", [1000, 4000])
+def test_kept_count_is_what_the_policy_keeps_of_a_prompt(length):
+    """The count the scheduler frees blocks by: SnapKV at a quarter keeps a quarter, StreamingLLM its
+    budget, full KV everything."""
+    from kvpolicy_vllm.servable import kept_count
+
+    assert kept_count("snapkv:kv_budget=0.25", length) == round(0.25 * length)
+    assert kept_count("fullkv", length) == length
+    assert kept_count("streamingllm:kv_budget=64", length) == min(64, length)

