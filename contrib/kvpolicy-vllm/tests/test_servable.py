@@ -100,3 +100,32 @@ def test_kept_count_is_what_the_policy_keeps_of_a_prompt(length):
     assert kept_count("snapkv:kv_budget=0.25", length) == round(0.25 * length)
     assert kept_count("fullkv", length) == length
     assert kept_count("streamingllm:kv_budget=64", length) == min(64, length)
+
+
+def _engine(prefix=False, chunked=False, device="cpu", hybrid=False, window=None):
+    from types import SimpleNamespace as NS
+
+    return NS(
+        cache_config=NS(enable_prefix_caching=prefix),
+        scheduler_config=NS(enable_chunked_prefill=chunked),
+        device_config=NS(device_type=device),
+        model_config=NS(is_hybrid=hybrid, get_sliding_window=lambda: window),
+    )
+
+
+@pytest.mark.parametrize(
+    ("engine", "named"),
+    [
+        (_engine(prefix=True), "--no-enable-prefix-caching"),
+        (_engine(chunked=True), "--no-enable-chunked-prefill"),
+        (_engine(device="cuda"), "runs on cuda"),
+        (_engine(hybrid=True), "sliding-window or non-attention layers"),
+        (_engine(window=4096), "sliding-window or non-attention layers"),
+    ],
+)
+def test_an_engine_that_cannot_compress_is_named_with_the_setting_to_change(engine, named):
+    """What the admission check refuses compressed requests for (a 400 before the engine core)."""
+    from kvpolicy_vllm.admission import why_engine_cannot_compress
+
+    assert named in why_engine_cannot_compress(engine)
+    assert why_engine_cannot_compress(_engine()) is None

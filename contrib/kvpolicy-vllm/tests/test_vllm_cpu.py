@@ -272,9 +272,9 @@ def test_32_concurrent_requests_of_mixed_lengths_and_policies_all_complete_as_kv
 def test_a_bad_setting_is_refused_at_admission_naming_it_and_the_engine_serves_on(
     llm, needle_prompts, setting, named
 ):
-    """The check vLLM runs on every request before its engine sees it (the package's logits-processor
-    entry point): a bad setting raises vLLM's validation error (the server's 400) naming the value; the
-    engine is untouched and serves the next request."""
+    """The check vLLM runs on every request before its engine sees it (its wrapped
+    ``InputProcessor._validate_params``): a bad setting raises vLLM's validation error (the server's
+    400) naming the value; the engine is untouched and serves the next request."""
     from vllm.exceptions import VLLMValidationError
 
     _, prompts = needle_prompts
@@ -394,3 +394,21 @@ def test_vllm_serve_compresses_by_default_opts_out_per_request_and_answers_bad_s
     assert "kv_budget" in str(body) and "-1" in str(body)
     status, _ = _post(port, base)  # the engine serves on
     assert status == 200
+
+
+def test_an_engine_with_prefix_caching_refuses_compressed_requests_at_admission(llm, monkeypatch):
+    """The admission check reads the engine's configuration: with prefix caching on (vLLM's default)
+    a request naming a policy is vLLM's validation error saying which setting to change, and one naming
+    none is served."""
+    from vllm.exceptions import VLLMValidationError
+
+    from kvpolicy_vllm.admission import check_request
+
+    config = llm.llm_engine.vllm_config
+    monkeypatch.setattr(config.cache_config, "enable_prefix_caching", True)
+    with pytest.raises(VLLMValidationError, match="--no-enable-prefix-caching"):
+        llm.generate(
+            [vllm.TokensPrompt(prompt_token_ids=[1, 2, 3])],
+            vllm.SamplingParams(max_tokens=1, extra_args={"kvpolicy": "snapkv"}),
+        )
+    assert check_request(vllm.SamplingParams(max_tokens=1), config) is None

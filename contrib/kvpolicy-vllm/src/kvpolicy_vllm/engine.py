@@ -1,7 +1,9 @@
 """kvpolicy's compression inside vLLM's engine, on the CPU (``docs/serving.md`` has the design).
 
-Three pieces, installed by :func:`install` (the plugin calls it in every vLLM process):
+Four pieces, installed by :func:`install` (the plugin calls it in every vLLM process):
 
+* **the admission check** (:mod:`kvpolicy_vllm.admission`): a bad setting, or an engine that cannot
+  compress, is vLLM's validation error (the server's 400) before the request reaches the engine;
 * **the attention backend**: ``CPU_ATTN``'s class path is replaced, through vLLM's own backend
   registry, by :class:`KVPolicyCPUBackend`, the CPU backend whose attention, after a request's prefill
   (its whole prompt in this step, a policy asked for), lets the policy select per layer and writes the
@@ -66,18 +68,14 @@ def _runner_state(runner: Any) -> tuple[dict[str, int], dict[str, str | None]]:
     return runner._kvpolicy_dropped, runner._kvpolicy_specs
 
 
-def _check_engine(rid: str, runner_or_config: Any, device: str) -> None:
-    """The settings compression needs, checked when a request first asks for a policy."""
-    if runner_or_config.cache_config.enable_prefix_caching:
-        raise ValueError(
-            f"request {rid} asks for kvpolicy compression, which rewrites the request's blocks in place: "
-            f"start vLLM with prefix caching off (enable_prefix_caching=False, --no-enable-prefix-caching)"
-        )
-    if device != "cpu":
-        raise ValueError(
-            f"request {rid} asks for kvpolicy compression, which runs on vLLM's CPU platform only so far "
-            f"(this engine runs on {device})"
-        )
+def _check_engine(rid: str, vllm_config: Any) -> None:
+    """The admission check's verdict on the engine, again where compression happens: a request that
+    reached the engine some other way fails here, named, rather than compressing wrongly."""
+    from kvpolicy_vllm.admission import why_engine_cannot_compress
+
+    why = why_engine_cannot_compress(vllm_config)
+    if why:
+        raise ValueError(f"request {rid} asks for kvpolicy compression, but {why}")
 
 
 def _prepare_inputs(original: Any, runner: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> Any:
@@ -110,7 +108,7 @@ def _prepare_inputs(original: Any, runner: Any, scheduler_output: Any, num_sched
                 )
             continue
         # a prefill from scratch (a new request, or one preempted and recomputed): compress it
-        _check_engine(rid, runner, runner.device.type)
+        _check_engine(rid, runner.vllm_config)
         if len(tables) != 1:
             raise ValueError(
                 f"request {rid} asks for kvpolicy compression, but this model has {len(tables)} KV cache groups "
@@ -232,7 +230,7 @@ def _schedule(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         spec = request_spec(getattr(request.sampling_params, "extra_args", None))
         if spec is None:
             continue
-        _check_engine(rid, scheduler.vllm_config, scheduler.vllm_config.device_config.device_type)
+        _check_engine(rid, scheduler.vllm_config)
         drop = count - kept_count(spec, count) if count >= request.num_prompt_tokens else 0
         if drop > 0:
             held.pending[rid] = (count, drop)
@@ -316,15 +314,19 @@ def _wrap(cls: type, name: str, hook: Any) -> None:
 
 
 def install() -> None:
-    """Register the backend and wrap the two vLLM methods (once per process; vLLM 0.32.0 only: the
+    """Register the backend and wrap the three vLLM methods (once per process; vLLM 0.32.0 only: the
     methods' contracts are that release's, listed in ``docs/serving.md``)."""
     from kvpolicy_vllm.version import check_vllm
 
     check_vllm()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from kvpolicy_vllm.admission import _validate_params
+
     register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.KVPolicyCPUBackend")
+    _wrap(InputProcessor, "_validate_params", _validate_params)
     _wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
     _wrap(Scheduler, "schedule", _schedule)

@@ -1,0 +1,66 @@
+"""Each request's ``kvpolicy`` setting checked where vLLM admits requests, so a bad one is a 400 naming
+the value, never a crashed engine.
+
+The check needs two things: the setting (:func:`~kvpolicy_vllm.servable.request_spec`: an unknown
+policy, a bad value, a policy vLLM's cache cannot hold) and the engine's configuration (prefix caching
+and chunked prefill off, the CPU platform, a model whose layers all attend in full), because a request
+the engine cannot compress would otherwise fail inside the engine core, taking every other request
+with it. vLLM's one per-request hook a package can register, a logits processor's ``validate_params``,
+sees the sampling parameters only; so the check runs in a wrapped ``InputProcessor._validate_params``
+(vLLM 0.32.0), which vLLM calls on every request, offline and in the server, with the engine's
+configuration at hand, and whose ``VLLMValidationError`` the OpenAI-compatible server answers with 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpolicy_vllm.servable import EXTRA_ARGS_KEY, NotServable, request_spec
+
+
+def why_engine_cannot_compress(vllm_config: Any) -> str | None:
+    """Why this engine cannot compress a request (``None``: it can), with the setting to change."""
+    if vllm_config.cache_config.enable_prefix_caching:
+        return (
+            "compression rewrites a request's blocks in place, so it needs prefix caching off: start vLLM "
+            "with enable_prefix_caching=False (--no-enable-prefix-caching)"
+        )
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        return (
+            "compression selects from a prompt prefilled in one step: start vLLM with enable_chunked_prefill=False "
+            "(--no-enable-chunked-prefill) and max_num_batched_tokens at least the longest prompt"
+        )
+    device = vllm_config.device_config.device_type
+    if device != "cpu":
+        return f"the vLLM integration compresses on vLLM's CPU platform only so far (this engine runs on {device})"
+    model = vllm_config.model_config
+    if model.is_hybrid or model.get_sliding_window() is not None:
+        return (
+            "this model has sliding-window or non-attention layers (several KV cache groups); the vLLM "
+            "integration compresses models whose layers all attend in full"
+        )
+    return None
+
+
+def check_request(params: Any, vllm_config: Any) -> str | None:
+    """The request's spec (``None``: no compression), or ``VLLMValidationError`` naming what is wrong."""
+    from vllm.exceptions import VLLMValidationError
+
+    extra_args = getattr(params, "extra_args", None)
+    try:
+        spec = request_spec(extra_args)
+    except NotServable as exc:
+        value = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        raise VLLMValidationError(str(exc), parameter=EXTRA_ARGS_KEY, value=value) from None
+    if spec is None:
+        return None
+    why = why_engine_cannot_compress(vllm_config)
+    if why:
+        raise VLLMValidationError(f"{EXTRA_ARGS_KEY}={spec!r}: {why}", parameter=EXTRA_ARGS_KEY, value=spec)
+    return spec
+
+
+def _validate_params(original: Any, processor: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+    result = original(processor, params, *args, **kwargs)
+    check_request(params, processor.vllm_config)
+    return result
