@@ -72,6 +72,21 @@ def test_vllm_greedy_equals_kvpolicy_full_kv(llm, needle_prompts):
         assert list(out.outputs[0].token_ids) == ours.token_ids
 
 
+def test_a_keep_all_policy_is_vllms_own_greedy_output(llm, needle_prompts):
+    """A policy whose budget holds the whole prompt keeps every entry: the request is served as vLLM
+    serves it (no compaction, no freed blocks), token for token."""
+    _, prompts = needle_prompts
+    batch = [vllm.TokensPrompt(prompt_token_ids=p) for p in prompts[:3]]
+    plain = llm.generate(batch, vllm.SamplingParams(max_tokens=NEW, temperature=0.0))
+    kept = llm.generate(
+        batch,
+        vllm.SamplingParams(
+            max_tokens=NEW, temperature=0.0, extra_args={"kvpolicy": "snapkv:kv_budget=100000"}
+        ),
+    )
+    assert [o.outputs[0].token_ids for o in kept] == [o.outputs[0].token_ids for o in plain]
+
+
 def _ours(prompts, specs):
     """``kvpolicy.generate``'s greedy tokens for each prompt under its spec (``None``: full KV)."""
     import kvpolicy
