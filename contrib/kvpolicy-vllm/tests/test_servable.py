@@ -129,3 +129,14 @@ def test_an_engine_that_cannot_compress_is_named_with_the_setting_to_change(engi
 
     assert named in why_engine_cannot_compress(engine)
     assert why_engine_cannot_compress(_engine()) is None
+
+
+def test_offline_a_setting_may_be_a_mapping_as_well_as_a_spec_string():
+    from kvpolicy_vllm.servable import request_spec
+
+    assert request_spec({"kvpolicy": {"policy": "snapkv", "kv_budget": 0.25}}) == "snapkv:kv_budget=0.25"
+    assert request_spec({"kvpolicy": {"policy": "streamingllm"}}) == "streamingllm"
+    with pytest.raises(NotServable, match="under 'policy'"):
+        request_spec({"kvpolicy": {"kv_budget": 0.25}})
+    with pytest.raises(NotServable, match="kv_budget"):
+        request_spec({"kvpolicy": {"policy": "snapkv", "kv_budget": -1}})

@@ -84,7 +84,8 @@ def default_spec() -> str | None:
 
 
 def request_spec(extra_args: dict[str, Any] | None, default: str | None = None) -> str | None:
-    """The spec a request's ``extra_args`` names, else ``default``, else :func:`default_spec`; ``None``
+    """The spec a request's ``extra_args`` names (a spec string, or offline a mapping
+    ``{"policy": "snapkv", "kv_budget": 0.25}``), else ``default``, else :func:`default_spec`; ``None``
     when the request asks for no compression (no spec, or ``"fullkv"``/``"none"``).
 
     Raises :class:`NotServable` naming the setting and value when it is bad (checked once per spec)."""
@@ -92,6 +93,8 @@ def request_spec(extra_args: dict[str, Any] | None, default: str | None = None) 
         spec = extra_args[EXTRA_ARGS_KEY]
     else:
         spec = default if default is not None else default_spec()
+    if isinstance(spec, dict):
+        spec = _spec_from_mapping(spec)
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in NO_POLICY):
         return None
     if not isinstance(spec, str):
@@ -100,6 +103,18 @@ def request_spec(extra_args: dict[str, Any] | None, default: str | None = None) 
         )
     _cached_policy(spec.strip())
     return spec.strip()
+
+
+def _spec_from_mapping(setting: dict[str, Any]) -> str:
+    """``{"policy": "snapkv", "kv_budget": 0.25}`` (offline ``extra_args`` may nest) -> ``"snapkv:kv_budget=0.25"``."""
+    rest = {k: v for k, v in setting.items() if k != "policy"}
+    name = setting.get("policy")
+    if not isinstance(name, str) or not name.strip():
+        raise NotServable(f"{EXTRA_ARGS_KEY}={setting!r}: a mapping names its policy under 'policy'")
+    bad = {k: v for k, v in rest.items() if not isinstance(v, (str, int, float, bool)) or "," in str(v)}
+    if bad:
+        raise NotServable(f"{EXTRA_ARGS_KEY}={setting!r}: settings take single values, not {bad!r}")
+    return name.strip() + (":" + ",".join(f"{k}={v}" for k, v in rest.items()) if rest else "")
 
 
 def policy_for_request(extra_args: dict[str, Any] | None, default: str | None = None) -> Policy | None:
