@@ -102,12 +102,11 @@ def test_kept_count_is_what_the_policy_keeps_of_a_prompt(length):
     assert kept_count("streamingllm:kv_budget=64", length) == min(64, length)
 
 
-def _engine(prefix=False, chunked=False, device="cpu", hybrid=False, window=None):
+def _engine(prefix=False, device="cpu", hybrid=False, window=None):
     from types import SimpleNamespace as NS
 
     return NS(
         cache_config=NS(enable_prefix_caching=prefix),
-        scheduler_config=NS(enable_chunked_prefill=chunked),
         device_config=NS(device_type=device),
         model_config=NS(is_hybrid=hybrid, get_sliding_window=lambda: window),
     )
@@ -117,7 +116,6 @@ def _engine(prefix=False, chunked=False, device="cpu", hybrid=False, window=None
     ("engine", "named"),
     [
         (_engine(prefix=True), "--no-enable-prefix-caching"),
-        (_engine(chunked=True), "--no-enable-chunked-prefill"),
         (_engine(device="cuda"), "runs on cuda"),
         (_engine(hybrid=True), "sliding-window or non-attention layers"),
         (_engine(window=4096), "sliding-window or non-attention layers"),

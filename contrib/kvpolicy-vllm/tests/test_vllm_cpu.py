@@ -46,13 +46,14 @@ def llm(needle_prompts):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for a 135M model's prompts
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
     path, _ = needle_prompts
-    # prompts prefilled whole, no prefix caching: what kvpolicy's compression needs
+    # no prefix caching (what kvpolicy's compression needs); prompts prefilled in chunks of at most 512
+    # tokens, so a 2,000-token prompt takes four steps and the policy selects from all of them
     return vllm.LLM(
         model=str(path),
         dtype="float32",
         max_model_len=4096,
-        enable_chunked_prefill=False,
-        max_num_batched_tokens=16384,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=512,
         enable_prefix_caching=False,
         enforce_eager=True,
         seed=0,
@@ -202,7 +203,7 @@ def _blocks_of(scheduler, request_id):
 
 def test_a_compressed_requests_tail_blocks_go_back_to_vllms_pool(llm, needle_prompts):
     """vLLM's own block accounting: a 2,000-token prompt under SnapKV at a quarter holds every block
-    through its prefill, the blocks of the entries it kept from the next step on (the freed ones back in
+    through its prefill (four chunks), the blocks of the entries it kept from the next step on (the freed ones back in
     the pool: vLLM's cache usage drops by their share), grows from there as it decodes, and gives
     everything back when it finishes."""
     from kvpolicy_vllm.servable import kept_count
@@ -221,7 +222,12 @@ def test_a_compressed_requests_tail_blocks_go_back_to_vllms_pool(llm, needle_pro
             max_tokens=block // 2, temperature=0.0, ignore_eos=True, extra_args={"kvpolicy": spec}
         ),
     )
-    engine.step()  # the prefill: every prompt entry written
+    (rid,) = [r for r in scheduler.requests if r.startswith("freed")]
+    steps = 0
+    while scheduler.requests[rid].num_computed_tokens < len(prompt):  # the prefill, in chunks of 512
+        engine.step()
+        steps += 1
+    assert steps == 4
     full = -(-len(prompt) // block)
     assert _blocks_of(scheduler, "freed") == full
     usage_full = scheduler.kv_cache_manager.usage

@@ -3,7 +3,7 @@ the value, never a crashed engine.
 
 The check needs two things: the setting (:func:`~kvpolicy_vllm.servable.request_spec`: an unknown
 policy, a bad value, a policy vLLM's cache cannot hold) and the engine's configuration (prefix caching
-and chunked prefill off, the CPU platform, a model whose layers all attend in full), because a request
+off, the CPU platform, a model whose layers all attend in full), because a request
 the engine cannot compress would otherwise fail inside the engine core, taking every other request
 with it. vLLM's one per-request hook a package can register, a logits processor's ``validate_params``,
 sees the sampling parameters only; so the check runs in a wrapped ``InputProcessor._validate_params``
@@ -24,11 +24,6 @@ def why_engine_cannot_compress(vllm_config: Any) -> str | None:
         return (
             "compression rewrites a request's blocks in place, so it needs prefix caching off: start vLLM "
             "with enable_prefix_caching=False (--no-enable-prefix-caching)"
-        )
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        return (
-            "compression selects from a prompt prefilled in one step: start vLLM with enable_chunked_prefill=False "
-            "(--no-enable-chunked-prefill) and max_num_batched_tokens at least the longest prompt"
         )
     device = vllm_config.device_config.device_type
     if device != "cpu":

@@ -22,11 +22,14 @@ Both sides know how many entries a request keeps without talking to each other:
 :func:`~kvpolicy_vllm.servable.kept_count` (the policy's own selection on one synthetic layer of the
 prompt's length) gives it, and the backend checks its selection against it.
 
+A prompt vLLM prefills in chunks is selected from as a whole: the backend keeps each layer's queries,
+keys and values of the chunks before the last (:class:`Prefill`) and selects in the last chunk's step.
+
 Nothing changes for a request that asks for no policy. What it needs: prefix caching off (a compressed
-request's blocks no longer hold the prefix their hash names, and they are rewritten in place) and each
-prompt prefilled in one step (chunked prefill off); both are checked, with the setting to change in
-the error; models with one KV cache group of full attention (hybrid and sliding-window models are
-refused when a request asks for a policy).
+request's blocks no longer hold the prefix their hash names, and they are rewritten in place) and a
+model with one KV cache group of full attention (hybrid and sliding-window models are refused); the
+admission check (:mod:`kvpolicy_vllm.admission`) refuses a compressed request otherwise, naming the
+setting to change.
 """
 
 from __future__ import annotations
@@ -47,11 +50,25 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @dataclass
-class Step:
-    """What the backend needs of one engine step: the requests whose prompt compresses in it (batch
-    index -> request id, policy and the number of entries it drops, :func:`kept_count`'s)."""
+class Prefill:
+    """A compressed request's prefill while it runs (on the worker): the length it ends at (its prompt,
+    or for a request preempted and recomputed its prompt and answer so far), and, when vLLM splits it
+    into chunks, each layer's queries, keys and values of the chunks before the last, so the policy
+    selects from the whole prompt exactly as it would from one step."""
 
-    compress: dict[int, tuple[str, Policy, int]] = field(default_factory=dict)
+    target: int
+    spec: str
+    chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """What the backend needs of one engine step, by batch index: the prefills whose chunk it keeps for
+    later (``save``), and those ending in this step, with their policy and the number of entries they
+    drop (:func:`kept_count`'s), which the policy selects and compacts (``compress``)."""
+
+    save: dict[int, Prefill] = field(default_factory=dict)
+    compress: dict[int, tuple[str, Prefill, Policy, int]] = field(default_factory=dict)
     num_layers: int = 0
 
 
@@ -59,13 +76,27 @@ class Step:
 _STEP: Step | None = None
 
 
-def _runner_state(runner: Any) -> tuple[dict[str, int], dict[str, str | None]]:
-    """The model runner's per-request compression state: entries dropped and policy spec, by request
-    id (kept on the runner, beside vLLM's own per-request states)."""
-    if not hasattr(runner, "_kvpolicy_dropped"):
-        runner._kvpolicy_dropped = {}
-        runner._kvpolicy_specs = {}
-    return runner._kvpolicy_dropped, runner._kvpolicy_specs
+@dataclass
+class RunnerState:
+    """The model runner's per-request compression state, by request id (kept on the runner, beside
+    vLLM's own per-request states, and forgotten when a request leaves): policy spec, entries dropped,
+    prefill under way."""
+
+    specs: dict[str, str | None] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    prefills: dict[str, Prefill] = field(default_factory=dict)
+
+    def forget_all_but(self, live: Any) -> None:
+        for gone in [rid for rid in self.specs if rid not in live]:
+            self.specs.pop(gone, None)
+            self.dropped.pop(gone, None)
+            self.prefills.pop(gone, None)
+
+
+def _runner_state(runner: Any) -> RunnerState:
+    if not hasattr(runner, "_kvpolicy"):
+        runner._kvpolicy = RunnerState()
+    return runner._kvpolicy
 
 
 def _check_engine(rid: str, vllm_config: Any) -> None:
@@ -80,10 +111,8 @@ def _check_engine(rid: str, vllm_config: Any) -> None:
 
 def _prepare_inputs(original: Any, runner: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> Any:
     global _STEP
-    dropped, specs = _runner_state(runner)
-    for gone in [rid for rid in specs if rid not in runner.requests]:
-        specs.pop(gone, None)
-        dropped.pop(gone, None)
+    mine = _runner_state(runner)
+    mine.forget_all_but(runner.requests)
     result = original(runner, scheduler_output, num_scheduled_tokens)
     num_reqs = runner.input_batch.num_reqs
     req_ids = list(runner.input_batch.req_ids[:num_reqs])
@@ -92,43 +121,43 @@ def _prepare_inputs(original: Any, runner: Any, scheduler_output: Any, num_sched
     drops = [0] * num_reqs
     for b, rid in enumerate(req_ids):
         state = runner.requests[rid]
-        if rid not in specs:
-            specs[rid] = request_spec(getattr(state.sampling_params, "extra_args", None))
-        spec = specs[rid]
-        computed, scheduled = int(runner.input_batch.num_computed_tokens_cpu[b]), int(num_scheduled_tokens[b])
+        if rid not in mine.specs:
+            mine.specs[rid] = request_spec(getattr(state.sampling_params, "extra_args", None))
+        spec = mine.specs[rid]
         if spec is None:
             continue
-        if computed > 0:
-            drops[b] = dropped.get(rid, 0)
-            if computed < state.num_prompt_tokens:
+        computed, scheduled = int(runner.input_batch.num_computed_tokens_cpu[b]), int(num_scheduled_tokens[b])
+        if computed == 0:  # a prefill from scratch: a new request, or one preempted and recomputed
+            _check_engine(rid, runner.vllm_config)
+            if len(tables) != 1:
                 raise ValueError(
-                    f"request {rid}: kvpolicy compresses a prompt prefilled in one step, but vLLM split this one "
-                    f"({state.num_prompt_tokens} tokens) into chunks; start vLLM with enable_chunked_prefill=False "
-                    f"and max_num_batched_tokens at least the longest prompt"
+                    f"request {rid} asks for kvpolicy compression, but this model has {len(tables)} KV cache "
+                    f"groups (sliding-window or hybrid layers); the vLLM integration compresses single-group models"
                 )
+            mine.dropped.pop(rid, None)
+            mine.prefills[rid] = Prefill(state.num_prompt_tokens + len(state.output_token_ids), spec)
+        prefill = mine.prefills.get(rid)
+        if prefill is None:  # decoding: reads what it holds, writes after it
+            drops[b] = mine.dropped.get(rid, 0)
             continue
-        # a prefill from scratch (a new request, or one preempted and recomputed): compress it
-        _check_engine(rid, runner.vllm_config)
-        if len(tables) != 1:
-            raise ValueError(
-                f"request {rid} asks for kvpolicy compression, but this model has {len(tables)} KV cache groups "
-                f"(sliding-window or hybrid layers); the vLLM integration compresses single-group models"
+        if computed + scheduled < prefill.target:
+            step.save[b] = prefill
+            continue
+        del mine.prefills[rid]
+        if computed + scheduled != prefill.target:  # the scheduler's HeldBlocks counts the same length
+            raise RuntimeError(
+                f"request {rid}: its prefill ends at {computed + scheduled} tokens, not the {prefill.target} "
+                f"its prompt and answer so far make"
             )
-        if scheduled < state.num_prompt_tokens:
-            raise ValueError(
-                f"request {rid}: kvpolicy compresses a prompt prefilled in one step, but vLLM split this one "
-                f"({state.num_prompt_tokens} tokens) into chunks; start vLLM with enable_chunked_prefill=False and "
-                f"max_num_batched_tokens at least the longest prompt"
-            )
-        drop = scheduled - kept_count(spec, scheduled)
-        dropped.pop(rid, None)
+        drop = prefill.target - kept_count(spec, prefill.target)
         if drop <= 0:
             continue
-        step.compress[b] = (rid, _cached_policy(spec), drop)
-        dropped[rid] = drop
-        # the scheduler gives the tail blocks back at its next step (HeldBlocks.shrink): this row and the
-        # request's block list forget them now, so the blocks it appends later land where it counts them
-        table, held = tables[0], _cdiv(scheduled - drop, tables[0].block_size)
+        step.compress[b] = (rid, prefill, _cached_policy(spec), drop)
+        mine.dropped[rid] = drop
+        # the scheduler gives the tail blocks back at its next step (HeldBlocks.shrink_pending): this row
+        # and the request's block list forget them now, so the blocks it appends later land where it
+        # counts them
+        table, held = tables[0], _cdiv(prefill.target - drop, tables[0].block_size)
         table.num_blocks_per_row[b] = min(int(table.num_blocks_per_row[b]), held)
         del state.block_ids[0][held:]
     if any(drops):
@@ -162,6 +191,7 @@ class HeldBlocks:
     def __init__(self, coordinator: Any) -> None:
         self._inner = coordinator
         self.dropped: dict[str, int] = {}
+        self.prefills: dict[str, tuple[int, str]] = {}  # request id -> (length its prefill ends at, spec)
         self.pending: dict[str, tuple[int, int]] = {}  # request id -> (prefill length, entries dropped)
 
     def __getattr__(self, name: str) -> Any:
@@ -191,6 +221,7 @@ class HeldBlocks:
 
     def _forget(self, request_id: str) -> None:
         self.dropped.pop(request_id, None)
+        self.prefills.pop(request_id, None)
         self.pending.pop(request_id, None)
 
     def shrink_pending(self) -> None:
@@ -225,15 +256,18 @@ def _schedule(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
     output = original(scheduler, *args, **kwargs)
     for rid, count in output.num_scheduled_tokens.items():
         request = scheduler.requests[rid]
-        if request.num_computed_tokens != count:  # not a prefill from scratch (updated by schedule())
-            continue
-        spec = request_spec(getattr(request.sampling_params, "extra_args", None))
-        if spec is None:
-            continue
-        _check_engine(rid, scheduler.vllm_config)
-        drop = count - kept_count(spec, count) if count >= request.num_prompt_tokens else 0
-        if drop > 0:
-            held.pending[rid] = (count, drop)
+        if request.num_computed_tokens == count:  # a prefill from scratch (schedule() counted this step)
+            spec = request_spec(getattr(request.sampling_params, "extra_args", None))
+            if spec is None:
+                continue
+            _check_engine(rid, scheduler.vllm_config)
+            held.prefills[rid] = (request.num_tokens, spec)
+        target, spec = held.prefills.get(rid, (0, ""))
+        if target and request.num_computed_tokens >= target:  # its last chunk is in this step
+            del held.prefills[rid]
+            drop = target - kept_count(spec, target)
+            if drop > 0:
+                held.pending[rid] = (target, drop)
     return output
 
 
@@ -258,28 +292,39 @@ def _backend_classes() -> tuple[type, type]:
         ) -> Any:
             out = super().forward(layer, query, key, value, *args, **kwargs)
             step, kv_cache, metadata = _STEP, args[0], args[1]
-            if step is None or not step.compress or metadata is None:
+            if step is None or metadata is None or not (step.compress or step.save):
+                return out
+            index = extract_layer_index(layer.layer_name)
+            starts = metadata.query_start_loc.tolist()
+            for b, prefill in step.save.items():  # a chunk before the last: kept for the selection
+                rows = slice(starts[b], starts[b + 1])
+                prefill.chunks.setdefault(index, []).append(
+                    (query[rows].clone(), key[rows].clone(), value[rows].clone())
+                )
+            if not step.compress:
                 return out
             num_blocks, heads, block, _ = kv_cache.shape
             key_cache, value_cache = kv_cache.view(num_blocks, heads, 2 * block, -1).chunk(2, dim=2)
-            index = extract_layer_index(layer.layer_name)
-            starts = metadata.query_start_loc.tolist()
-            for b, (rid, policy, expected) in step.compress.items():
+            for b, (rid, prefill, policy, expected) in step.compress.items():
                 rows = slice(starts[b], starts[b + 1])
-                k, v = key[rows], value[rows]
-                keep = select_for_request(policy, index, step.num_layers, query[rows], k, v, self.scale)
+                earlier = prefill.chunks.pop(index, [])
+                q, k, v = (
+                    torch.cat([chunk[i] for chunk in earlier] + [now[rows]])
+                    for i, now in enumerate((query, key, value))
+                )
+                keep = select_for_request(policy, index, step.num_layers, q, k, v, self.scale)
                 if keep is None:
                     keep = torch.arange(k.shape[0], device=k.device).expand(k.shape[1], -1)
-                kept_keys, kept_values = kept_entries(k, v, keep)
-                slots = request_slots(metadata.block_table[b], keep.shape[1], block)
-                ops.cpu_attn_reshape_and_cache(
-                    kept_keys, kept_values, key_cache, value_cache, slots, layer.isa
-                )
                 if k.shape[0] - keep.shape[1] != expected:  # kept_count's promise, on which the blocks rest
                     raise RuntimeError(
                         f"request {rid}: {type(policy.cache).__name__} kept {keep.shape[1]} of {k.shape[0]} entries "
                         f"at layer {index}, not the {k.shape[0] - expected} its synthetic selection kept"
                     )
+                kept_keys, kept_values = kept_entries(k, v, keep)
+                slots = request_slots(metadata.block_table[b], keep.shape[1], block)
+                ops.cpu_attn_reshape_and_cache(
+                    kept_keys, kept_values, key_cache, value_cache, slots, layer.isa
+                )
             return out
 
     class KVPolicyCPUBackend(CPUAttentionBackend):
