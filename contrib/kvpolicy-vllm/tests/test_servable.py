@@ -102,13 +102,18 @@ def test_kept_count_is_what_the_policy_keeps_of_a_prompt(length):
     assert kept_count("streamingllm:kv_budget=64", length) == min(64, length)
 
 
-def _engine(prefix=False, device="cpu", hybrid=False, window=None):
+def _engine(
+    prefix=False, device="cpu", hybrid=False, window=None, v2=False, spec=None, connector=None, encdec=False
+):
     from types import SimpleNamespace as NS
 
     return NS(
         cache_config=NS(enable_prefix_caching=prefix),
         device_config=NS(device_type=device),
-        model_config=NS(is_hybrid=hybrid, get_sliding_window=lambda: window),
+        use_v2_model_runner=v2,
+        speculative_config=spec,
+        kv_transfer_config=connector,
+        model_config=NS(is_hybrid=hybrid, get_sliding_window=lambda: window, is_encoder_decoder=encdec),
     )
 
 
@@ -119,6 +124,10 @@ def _engine(prefix=False, device="cpu", hybrid=False, window=None):
         (_engine(device="cuda"), "runs on cuda"),
         (_engine(hybrid=True), "sliding-window or non-attention layers"),
         (_engine(window=4096), "sliding-window or non-attention layers"),
+        (_engine(v2=True), "VLLM_USE_V2_MODEL_RUNNER"),
+        (_engine(spec=object()), "speculative decoding"),
+        (_engine(connector=object()), "--kv-transfer-config"),
+        (_engine(encdec=True), "encoder-decoder"),
     ],
 )
 def test_an_engine_that_cannot_compress_is_named_with_the_setting_to_change(engine, named):

@@ -3,7 +3,8 @@ the value, never a crashed engine.
 
 The check needs two things: the setting (:func:`~kvpolicy_vllm.servable.request_spec`: an unknown
 policy, a bad value, a policy vLLM's cache cannot hold) and the engine's configuration (prefix caching
-off, the CPU platform, a model whose layers all attend in full), because a request
+off, the CPU platform and V1 model runner, no speculative decoding or KV connector, a decoder whose
+layers all attend in full), because a request
 the engine cannot compress would otherwise fail inside the engine core, taking every other request
 with it. vLLM's one per-request hook a package can register, a logits processor's ``validate_params``,
 sees the sampling parameters only; so the check runs in a wrapped ``InputProcessor._validate_params``
@@ -28,7 +29,18 @@ def why_engine_cannot_compress(vllm_config: Any) -> str | None:
     device = vllm_config.device_config.device_type
     if device != "cpu":
         return f"the vLLM integration compresses on vLLM's CPU platform only so far (this engine runs on {device})"
+    if vllm_config.use_v2_model_runner:
+        return (
+            "the vLLM integration wraps the V1 model runner's _prepare_inputs, and this engine runs the V2 model "
+            "runner: unset VLLM_USE_V2_MODEL_RUNNER"
+        )
+    if vllm_config.speculative_config is not None:
+        return "speculative decoding's draft layers would read the compacted cache at their own positions: start vLLM without it"
+    if vllm_config.kv_transfer_config is not None:
+        return "a KV connector counts a request's blocks by its logical length: start vLLM without --kv-transfer-config"
     model = vllm_config.model_config
+    if model.is_encoder_decoder:
+        return "encoder-decoder models keep cross-attention caches the integration does not compress"
     if model.is_hybrid or model.get_sliding_window() is not None:
         return (
             "this model has sliding-window or non-attention layers (several KV cache groups); the vLLM "

@@ -322,8 +322,16 @@ def _backend_classes() -> tuple[type, type]:
                     )
                 kept_keys, kept_values = kept_entries(k, v, keep)
                 slots = request_slots(metadata.block_table[b], keep.shape[1], block)
-                ops.cpu_attn_reshape_and_cache(
-                    kept_keys, kept_values, key_cache, value_cache, slots, layer.isa
+                ops.cpu_attn_reshape_and_cache(  # as vLLM's own do_kv_cache_update writes (fp8 caches too)
+                    kept_keys,
+                    kept_values,
+                    key_cache,
+                    value_cache,
+                    slots,
+                    layer.isa,
+                    k_scale=layer._k_scale_float,
+                    v_scale=layer._v_scale_float,
+                    kv_cache_dtype=self.kv_cache_dtype,
                 )
             return out
 
