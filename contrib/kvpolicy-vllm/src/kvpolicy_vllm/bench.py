@@ -28,10 +28,6 @@ from typing import Any
 DEFAULT_SETTINGS = ("fullkv", "snapkv:kv_budget=0.5", "snapkv:kv_budget=0.25", "snapkv:kv_budget=0.1")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def run_setting(llm: Any, prompts: list[list[int]], spec: str, new_tokens: int) -> dict[str, Any]:
     """Serve ``prompts`` under ``spec`` to completion, stepping the engine to watch its scheduler."""
     import vllm
@@ -75,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     from kvpolicy.models import embedded_model_dir
     from transformers import AutoTokenizer
 
+    from kvpolicy_vllm.paged import blocks_for
     from kvpolicy_vllm.servable import kept_count, request_spec
 
     for spec in args.settings:
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     base = None
     for spec in args.settings:
         kept = args.length if request_spec({"kvpolicy": spec}) is None else kept_count(spec, args.length)
-        bound = min(args.requests, args.blocks // _cdiv(kept + 1, block))
+        bound = min(args.requests, args.blocks // blocks_for(kept + 1, block))
         got = run_setting(llm, prompts, spec, args.new_tokens)
         rate = got["generated"] / got["seconds"]
         base = base or rate

@@ -6,8 +6,8 @@ Four pieces, installed by :func:`install` (the plugin calls it in every vLLM pro
   compress, is vLLM's validation error (the server's 400) before the request reaches the engine;
 * **the attention backend**: ``CPU_ATTN``'s class path is replaced, through vLLM's own backend
   registry, by :class:`KVPolicyCPUBackend`, the CPU backend whose attention, after a request's prefill
-  (its whole prompt in this step, a policy asked for), lets the policy select per layer and writes the
-  kept entries to the request's first slots with vLLM's own cache writer;
+  (in the step of its last chunk, a policy asked for), lets the policy select per layer from the whole
+  prompt and writes the kept entries to the request's first slots with vLLM's own cache writer;
 * **one patched model-runner method** (vLLM 0.32.0 only, checked): ``GPUModelRunner._prepare_inputs``,
   which the CPU runner inherits, is wrapped so that after vLLM prepared a step, requests that dropped
   entries read only what they hold and write their new tokens after it (``seq_lens`` and
@@ -41,12 +41,14 @@ from typing import Any
 import torch
 from kvpolicy.interfaces import Policy
 
-from kvpolicy_vllm.paged import compacted_metadata, kept_entries, request_slots, select_for_request
+from kvpolicy_vllm.paged import (
+    blocks_for,
+    compacted_metadata,
+    kept_entries,
+    request_slots,
+    select_for_request,
+)
 from kvpolicy_vllm.servable import _cached_policy, kept_count, request_spec
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass
@@ -157,7 +159,7 @@ def _prepare_inputs(original: Any, runner: Any, scheduler_output: Any, num_sched
         # the scheduler gives the tail blocks back at its next step (HeldBlocks.shrink_pending): this row
         # and the request's block list forget them now, so the blocks it appends later land where it
         # counts them
-        table, held = tables[0], _cdiv(prefill.target - drop, tables[0].block_size)
+        table, held = tables[0], blocks_for(prefill.target - drop, tables[0].block_size)
         table.num_blocks_per_row[b] = min(int(table.num_blocks_per_row[b]), held)
         del state.block_ids[0][held:]
     if any(drops):
@@ -239,7 +241,7 @@ class HeldBlocks:
                         f"{type(manager).__name__} layers; the vLLM integration compresses full-attention models"
                     )
                 blocks = manager.req_to_blocks[rid]
-                held = _cdiv(length - drop, manager.block_size)
+                held = blocks_for(length - drop, manager.block_size)
                 tail = blocks[held:]
                 del blocks[held:]
                 manager.block_pool.free_blocks(reversed(tail))

@@ -21,6 +21,11 @@ from kvpolicy.interfaces import LayerView, PerHead, Policy
 from kvpolicy.state import RequestState
 
 
+def blocks_for(entries: int, block_size: int) -> int:
+    """The blocks of ``block_size`` slots that hold ``entries`` entries (what vLLM allocates for them)."""
+    return -(-entries // block_size)
+
+
 def request_slots(blocks: torch.Tensor, count: int, block_size: int) -> torch.Tensor:
     """vLLM slot ids (``block * block_size + offset``) of a request's entries ``0..count-1``: ``(count,)``
     long. ``blocks``: the request's row of vLLM's block table (its block ids in order)."""
