@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy.bench import kernel as kernel_report
 from kvpolicy.bench import throughput as tp
 from kvpolicy.bench.machine import Machine, measure_machine
 from kvpolicy.bench.runner import (
@@ -71,12 +72,19 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
         ),
     )
     p.add_argument(
-        "mode", choices=["prefill", "e2e"], help="prefill only, or prefill plus --gen decode steps"
+        "mode",
+        choices=["prefill", "e2e", "kernel"],
+        help=(
+            "prefill only, prefill plus --gen decode steps, or 'kernel': the decode kernels compiled for "
+            "a GPU (--shape, --gpu) and read from their machine code, no GPU needed"
+        ),
     )
     p.add_argument(
         "--policy", action="append", default=[], help="preset (repeatable), e.g. fastkv:tsp_rate=0.2"
     )
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens")
+    p.add_argument(
+        "--lengths", type=int, nargs="+", help="prompt lengths in tokens (default 4096; kernel: 8192 131072)"
+    )
     p.add_argument("--gen", type=int, default=256, help="decode steps in e2e mode (default 256)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
@@ -162,6 +170,7 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     p.add_argument(
         "--out", type=Path, help="write results as JSON here (a PNG plot and a Markdown table go beside it)"
     )
+    kernel_report.add_arguments(p)
     model_args(p)
     p.set_defaults(func=run, accepts_policy_options=True)
 
@@ -282,6 +291,9 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy import generation
     from kvpolicy.cli import load_from_args, parse_overrides
 
+    if args.mode == "kernel":
+        return kernel_report.run(args)
+    args.lengths = args.lengths or [4096]
     common = parse_overrides(getattr(args, "policy_options", []))
     specs = args.policy or ["fastkv"]
     policies = dict(parse_policy_spec(spec, common) for spec in specs)

@@ -6,18 +6,27 @@ freed slots), accumulates partial outputs in the pool's dtype and merges pages w
 (about 1.6x the minimum traffic in some 26 kernels at 128K tokens). Here:
 
 * **Kernel 1**, grid ``(R, SPLITS)`` over rows ``R = B * H_kv`` (one ``(sequence, KV head)`` each) and
-  splits of the row's pages. A program loads its row's ``n_rep`` queries once, walks its pages through
-  the block table in tiles of ``TILE`` slots, reads only tiles holding slots ``< length`` (a row's
+  splits of the row's pages. A program loads its row's ``n_rep`` queries once (padded to 16 rows, the
+  tensor cores' smallest tile), walks its pages through the block table in tiles of ``TILE`` slots (a
+  whole 64-slot page where registers allow), reads only tiles holding slots ``< length`` (a row's
   entries always sit in slots ``0..length-1``, so cost follows kept entries, not allocated pages) and
-  keeps an online softmax (running max and sum, fp32). It writes its normalised partial output and
-  log-sum-exp per query head, and with ``want_probs`` each kept slot's (soft-capped) scaled score.
-* **Kernel 2** (merge), grid ``R``: the exact log-sum-exp merge of the splits in fp32, the sinks'
-  share in the denominator, the output in the query's dtype, and each query head's total log-sum-exp
-  (so probabilities are ``exp(score - lse)``).
+  keeps an online softmax (running max and sum, fp32). Both products of a tile are ``tl.dot`` (tensor
+  cores; operands in the pool's dtype, fp32 accumulation): the query group as a broadcast-multiply and
+  reduce compiled to ~1,850 instructions per warp per 16 slots (shuffles, shared-memory transposes),
+  an issue ceiling of ~1.1 TB/s on an H100/H200 whatever the memory system does; as dots the loop is
+  ~20x fewer instructions per KV byte, so it is bound by memory (``kvpolicy bench kernel`` prints the
+  figures from the compiled code). It writes its normalised partial output and log-sum-exp per query
+  head, and with ``want_probs`` each kept slot's (soft-capped) scaled score.
+* **Kernel 2** (merge), grid ``(R, n_rep, d_v chunks)``: the exact log-sum-exp merge of the splits in
+  fp32, every split loaded at once (one round trip, not one per split), the sinks' share in the
+  denominator, the output in the query's dtype, and each query head's total log-sum-exp (so
+  probabilities are ``exp(score - lse)``).
 
-The number of splits depends only on static facts (rows, block-table width, the device's SM count), never
-on ``lengths``: a decode step reads nothing back and keeps static shapes, so it can be captured in a CUDA
-graph. Triton is imported on first use; ``kvpolicy.kernels.available()`` says whether it can run.
+The number of splits depends only on static facts (rows, block-table width, the device and the compiled
+kernel's occupancy), never on ``lengths``: a decode step reads nothing back and keeps static shapes, so
+it can be captured in a CUDA graph. Triton is imported on first use; ``kvpolicy.kernels.available()``
+says whether it can run. Shapes the kernel does not serve well (:func:`unserved`: latent attention's
+576-wide heads) take the torch path.
 """
 
 from __future__ import annotations
@@ -25,19 +34,32 @@ from __future__ import annotations
 import math
 import os
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kvpolicy.cache import PagedLayer
+from kvpolicy.cache import PagedLayer, paged_attention
 
 #: Stands for ``triton.language`` in the kernels' source. Triton is optional, so the functions below stay
 #: plain (never called) here; :func:`_kernels` runs copies of them with ``tl`` bound to Triton's.
 tl: Any = None
 
-#: largest ``n_rep * TILE * d`` product held in registers per tile on a GPU (about 64 fp32 per thread
-#: at 4 warps): decode is memory bound, so small tiles cost little and keep the kernel from spilling.
-_REGISTER_ELEMENTS = 8192
+#: Widest (padded) head the kernel serves: a 64-slot key tile of 256 bf16 columns is 32 KB, and wider
+#: heads (latent attention's 576, padded to 1024) spill registers; they take the torch path.
+MAX_HEAD_DIM = 256
+#: Largest query group per KV head the kernel serves (padded rows of the dot).
+MAX_GROUP = 64
+#: ``TILE * D_P`` at most, compiled: 64 slots of a 128-wide head (one page of Llama-3.1-8B's cache), 32
+#: of a 256-wide one. Keeps the key and value tiles at 16 KB each in bf16 and the kernel spill-free.
+_TILE_ELEMENTS = 8192
+#: Warps per split program and software-pipelining stages of its tile loop (compiled): 4 warps share a
+#: 16 x 64 score tile; 2 stages keep the next tile's keys and values in flight while one is computed.
+NUM_WARPS = 4
+NUM_STAGES = 2
+#: Scheduling cost of one split program beyond its tiles, in pages (its queries, the partial output
+#: and log-sum-exp it writes, its share of the merge): what :func:`choose_splits` weighs against waves.
+_PROGRAM_OVERHEAD_PAGES = 2
 
 
 def _add(a, b):
@@ -88,9 +110,12 @@ def _attend_tile(
     DV_P: tl.constexpr,
     SOFTCAP: tl.constexpr,
     WANT_SCORES: tl.constexpr,
+    OP: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Fold tile ``t`` (slots ``t * TILE ...``, all in one page: ``TILE`` divides ``BLK``) of row ``row64``
-    into the online softmax ``(m_i, l_i) (NREP_P,)``, ``acc (NREP_P, DV_P)`` of the queries ``q (NREP_P, D_P)``."""
+    into the online softmax ``(m_i, l_i) (NREP_P,)``, ``acc (NREP_P, DV_P)`` of the queries
+    ``q (NREP_P, D_P)`` (already in the operand dtype ``OP``)."""
     offs_r = tl.arange(0, NREP_P)
     offs_d = tl.arange(0, D_P)
     offs_v = tl.arange(0, DV_P)
@@ -104,9 +129,9 @@ def _attend_tile(
         k_ptr + page * stride_kp + within[:, None] * stride_ks + offs_d[None, :] * stride_kd,
         mask=ok[:, None] & (offs_d[None, :] < d),
         other=0.0,
-    ).to(tl.float32)
-    # (NREP_P, TILE_P): broadcast multiply and reduce; n_rep is too small for tensor cores to matter
-    s = tl.reduce(q[:, None, :] * k[None, :, :], 2, _add) * scale
+    )
+    # (NREP_P, TILE_P) on tensor cores, fp32 accumulation
+    s = tl.dot(q, tl.trans(k.to(OP)), input_precision=PREC) * scale
     if SOFTCAP:
         # cap * tanh(s / cap); Triton's interpreter has no tanh. exp form for |x| >= 1/8, odd Taylor series
         # below it (the exp form loses relative accuracy near 0; the series is exact there to ~1e-9).
@@ -133,8 +158,8 @@ def _attend_tile(
         v_ptr + page * stride_vp + within[:, None] * stride_vs + offs_v[None, :] * stride_vd,
         mask=ok[:, None] & (offs_v[None, :] < dv),
         other=0.0,
-    ).to(tl.float32)
-    acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * v[None, :, :], 1, _add)
+    )
+    acc = tl.dot(p.to(OP), v.to(OP), acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
 
 
@@ -173,10 +198,13 @@ def _split_kernel(
     DV_P: tl.constexpr,
     SOFTCAP: tl.constexpr,
     WANT_SCORES: tl.constexpr,
+    OP: tl.constexpr,
+    PREC: tl.constexpr,
+    STAGES: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """One (row, split): partial output ``part[row, split] (NREP_P, DV_P)`` normalised by its own
-    softmax sum, and its log-sum-exp ``lse[row, split] (NREP_P,)`` (``-inf`` when it holds no entry)."""
+    """One (row, split): partial output ``part[row, split] (n_rep, dv)`` normalised by its own
+    softmax sum, and its log-sum-exp ``lse[row, split] (n_rep,)`` (``-inf`` when it holds no entry)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -188,7 +216,7 @@ def _split_kernel(
         q_ptr + row64 * stride_qr + offs_r[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=(offs_r[:, None] < n_rep) & (offs_d[None, :] < d),
         other=0.0,
-    ).to(tl.float32)
+    ).to(OP)
     length = tl.load(len_ptr + row64).to(tl.int32)
     # this split's tiles [lo, hi), clipped to the tiles the row uses: slots >= length are never read
     lo = split * tiles_per_split
@@ -198,28 +226,34 @@ def _split_kernel(
     acc = tl.full([NREP_P, DV_P], 0.0, tl.float32)
     if INTERPRET:
         # Triton 3.6's interpreter cannot range() over runtime scalars under numpy >= 2.4 (they are
-        # 1-element arrays); a while loop works there. Compiled, tl.range pipelines the page-number load.
+        # 1-element arrays); a while loop works there. Compiled, tl.range pipelines the tile loads.
         t = lo
         while t < hi:
             m_i, l_i, acc = _attend_tile(
                 q, t, row64, length, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, score_ptr, scale, cap,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_tr, stride_tc,
-                n_rep, d, dv, slots, BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES,
+                n_rep, d, dv, slots, BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC,
             )  # fmt: skip
             t += 1
     else:
-        for t in tl.range(lo, hi, num_stages=2):  # prefetches the next tile's page number
+        for t in tl.range(lo, hi, num_stages=STAGES):
             m_i, l_i, acc = _attend_tile(
                 q, t, row64, length, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, score_ptr, scale, cap,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_tr, stride_tc,
-                n_rep, d, dv, slots, BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES,
+                n_rep, d, dv, slots, BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC,
             )  # fmt: skip
     held = l_i > 0.0
     safe = tl.where(held, l_i, 1.0)
     lse = tl.where(held, m_i + tl.log(safe), float("-inf"))
-    base = (row64 * splits + split) * NREP_P
-    tl.store(lse_ptr + base + offs_r, lse)
-    tl.store(part_ptr + (base + offs_r[:, None]) * DV_P + offs_v[None, :], acc / safe[:, None])
+    # only the group's real rows and columns: the padding would multiply the merge's traffic
+    base = (row64 * splits + split) * n_rep
+    r_ok = offs_r < n_rep
+    tl.store(lse_ptr + base + offs_r, lse, mask=r_ok)
+    tl.store(
+        part_ptr + (base + offs_r[:, None]) * dv + offs_v[None, :],
+        acc / safe[:, None],
+        mask=r_ok[:, None] & (offs_v[None, :] < dv),
+    )
 
 
 def _merge_kernel(
@@ -231,61 +265,57 @@ def _merge_kernel(
     n_rep,
     dv,
     num_heads,
+    splits,
     stride_or,
     stride_on,
     stride_od,
-    SPLITS: tl.constexpr,
     SPLITS_P: tl.constexpr,
-    NREP_P: tl.constexpr,
-    DV_P: tl.constexpr,
+    BV: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
-    """One row: ``out[row] (n_rep, dv)`` = the splits' partials weighted by ``exp(lse_s - lse)``, and the
-    row's total log-sum-exp per query head (``row_lse[row] (NREP_P,)``, sinks included)."""
+    """One (row, query head, chunk of ``BV`` value columns): ``out[row, r, chunk]`` = the splits' partials
+    weighted by ``exp(lse_s - lse)``, all splits loaded at once; the chunk-0 program also writes the
+    head's total log-sum-exp ``row_lse[row, r]`` (sinks included)."""
     row = tl.program_id(0)
+    r = tl.program_id(1)
+    chunk = tl.program_id(2)
     row64 = row.to(tl.int64)
     offs_s = tl.arange(0, SPLITS_P)
-    offs_r = tl.arange(0, NREP_P)
-    offs_v = tl.arange(0, DV_P)
-    r_ok = offs_r < n_rep
-    lse = tl.load(
-        lse_ptr + (row64 * SPLITS + offs_s[:, None]) * NREP_P + offs_r[None, :],
-        mask=offs_s[:, None] < SPLITS,
-        other=float("-inf"),
-    )
+    offs_v = chunk * BV + tl.arange(0, BV)
+    s_ok = offs_s < splits
+    base = (row64 * splits + offs_s) * n_rep + r  # (SPLITS_P,) this head's entry of every split
+    lse = tl.load(lse_ptr + base, mask=s_ok, other=float("-inf"))
     m = tl.reduce(lse, 0, _max)
     if HAS_SINKS:
-        sink = tl.load(sink_ptr + (row % num_heads) * n_rep + offs_r, mask=r_ok, other=float("-inf"))
-        sink = sink.to(tl.float32)
+        sink = tl.load(sink_ptr + (row % num_heads) * n_rep + r).to(tl.float32)
         m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row without entries (and no sink): every weight is 0
-    denom = tl.reduce(tl.exp(lse - m[None, :]), 0, _add)
+    w = tl.exp(lse - m)
+    denom = tl.reduce(w, 0, _add)
     if HAS_SINKS:
         denom += tl.exp(sink - m)  # the sink's share: in the denominator, no value
-    acc = tl.full([NREP_P, DV_P], 0.0, tl.float32)
-    for s in range(SPLITS):
-        base = (row64 * SPLITS + s) * NREP_P
-        w = tl.exp(tl.load(lse_ptr + base + offs_r) - m)
-        acc += w[:, None] * tl.load(part_ptr + (base + offs_r[:, None]) * DV_P + offs_v[None, :])
-    safe = tl.where(denom > 0.0, denom, 1.0)
-    out = acc / safe[:, None]
-    tl.store(
-        out_ptr + row64 * stride_or + offs_r[:, None] * stride_on + offs_v[None, :] * stride_od,
-        out.to(out_ptr.dtype.element_ty),
-        mask=r_ok[:, None] & (offs_v[None, :] < dv),
+    part = tl.load(
+        part_ptr + base[:, None] * dv + offs_v[None, :],
+        mask=s_ok[:, None] & (offs_v[None, :] < dv),
+        other=0.0,
     )
-    tl.store(row_lse_ptr + row64 * NREP_P + offs_r, m + tl.log(safe))
+    safe = tl.where(denom > 0.0, denom, 1.0)
+    out = tl.reduce(w[:, None] * part, 0, _add) / safe
+    tl.store(
+        out_ptr + row64 * stride_or + r * stride_on + offs_v * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_v < dv,
+    )
+    if chunk == 0:
+        tl.store(row_lse_ptr + row64 * n_rep + r, m + tl.log(safe))
 
 
 #: ``{interpreted: (split kernel, merge kernel)}`` once built; a plain global (not a cached function) so
 #: that ``torch.compile`` tracing a decode step after the first call only reads a constant.
 _KERNELS: dict[bool, tuple[Any, Any]] = {}
-#: streaming multiprocessors per CUDA device index (a host-side property, read once per device).
-_SM_COUNT: dict[int | None, int] = {}
-#: resident programs per SM to aim for: a program uses about 128 registers per thread at 4 warps (four
-#: fit an SM), and Triton does not software-pipeline loads that feed no ``tl.dot`` (only the block-table
-#: load is), so latency is hidden by programs in flight, not by prefetching.
-_PROGRAMS_PER_SM = 4
+#: Arguments that change with the batch's shape and must not make Triton compile another variant (it
+#: specialises integers equal to 1 or divisible by 16 by default).
+_RUNTIME_INTS = ("tiles_per_split", "splits")
 
 
 def _kernels(interpret: bool) -> tuple[Any, Any]:
@@ -301,64 +331,189 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         import triton
         import triton.language
 
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction as wrap
-        else:
-            wrap = triton.JITFunction
         namespace: dict[str, Any] = {
             "__name__": __name__,
             "__builtins__": __builtins__,
             "tl": triton.language,
         }
 
-        def bind(fn: Any) -> Any:
+        def bind(fn: Any, **options: Any) -> Any:
             clone = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
             clone.__module__, clone.__qualname__ = fn.__module__, fn.__qualname__
             clone.__annotations__, clone.__doc__ = fn.__annotations__, fn.__doc__
-            namespace[fn.__name__] = wrap(clone)
+            if interpret:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                namespace[fn.__name__] = InterpretedFunction(clone)
+            else:
+                namespace[fn.__name__] = triton.JITFunction(clone, **options)
             return namespace[fn.__name__]
 
         for helper in (_add, _max, _attend_tile):
             bind(helper)
-        _KERNELS[interpret] = (bind(_split_kernel), bind(_merge_kernel))
+        _KERNELS[interpret] = (
+            bind(_split_kernel, do_not_specialize=["tiles_per_split"]),
+            bind(_merge_kernel, do_not_specialize=["splits"]),
+        )
     return _KERNELS[interpret]
 
 
-def num_splits(rows: int, width: int, device: torch.device) -> int:
-    """Splits per row from static facts only (never ``lengths``: that would need a host read and break
-    CUDA-graph capture): about :data:`_PROGRAMS_PER_SM` programs per SM on CUDA, two per row elsewhere
-    (the interpreter pays per program), never more than the block table's ``width`` (pages per row)."""
-    if device.type == "cuda":
-        if device.index not in _SM_COUNT:
-            _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        target = _PROGRAMS_PER_SM * _SM_COUNT[device.index]
-    else:
-        target = 2 * rows
-    splits = max(1, min(width, math.ceil(target / max(rows, 1))))
-    return math.ceil(width / math.ceil(width / splits))  # equal page shares, none of them empty
+# -- the launch plan: tiles, padding, operands, occupancy and splits -------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """How one decode attention shape is launched: the split kernel's tile (``tile`` slots, a divisor of
+    the page, padded to ``tile_p``), the padded group, key and value widths, the dot operands' dtype
+    (``operand``: a ``triton.language`` dtype name) and precision, warps and pipelining stages."""
 
+    tile: int
+    tile_p: int
+    nrep_p: int
+    d_p: int
+    dv_p: int
+    operand: str
+    precision: str
+    num_warps: int
+    num_stages: int
 
-def _tile(blk: int, n_rep_p: int, d_p: int, interpret: bool) -> tuple[int, int]:
-    """Slots per tile (a divisor of ``blk``, so a tile stays in one page) and its power-of-two padding.
-
-    Compiled: the largest power of two up to 32 whose ``(n_rep, TILE, d)`` product fits
-    :data:`_REGISTER_ELEMENTS` (ptxas for sm_90, 4 warps: 8192 elements take about 100-130 registers per
-    thread without spills; 16384, or 64-slot tiles, take 220-255). Interpreted: whole pages, since every
-    tile is a Python-level loop iteration.
-    """
-    if blk & (blk - 1):  # not a power of two: whole pages, padded
-        return blk, _next_power_of_2(blk)
-    if interpret:
-        return blk, blk
-    tile = min(blk, 32)
-    while tile > 1 and n_rep_p * tile * d_p > _REGISTER_ELEMENTS:
-        tile //= 2
-    return tile, tile
+    @property
+    def tile_bytes(self) -> int:
+        """KV bytes one tile loads when full (keys and values, operand width)."""
+        width = 4 if self.operand == "float32" else 2
+        return self.tile * (self.d_p + self.dv_p) * width
 
 
 def _next_power_of_2(n: int) -> int:
     """Smallest power of two ``>= n`` (Triton block shapes must be powers of two)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def unserved(n_rep: int, d: int, dv: int) -> str | None:
+    """Why the kernel does not serve this head layout (it then takes the torch path), or ``None``."""
+    if max(_next_power_of_2(d), _next_power_of_2(dv)) > MAX_HEAD_DIM:
+        return f"head width {max(d, dv)} pads past {MAX_HEAD_DIM} (its tiles would spill registers)"
+    if n_rep > MAX_GROUP:
+        return f"{n_rep} query heads per KV head exceed {MAX_GROUP}"
+    return None
+
+
+def plan(n_rep: int, d: int, dv: int, blk: int, dtype: torch.dtype, interpret: bool) -> Plan:
+    """The launch plan of a layer: ``n_rep`` query heads per KV head, key width ``d``, value width ``dv``,
+    pages of ``blk`` slots, pool dtype ``dtype``; ``interpret`` for Triton's interpreter.
+
+    Every dot dimension is padded to at least 16 (the tensor cores' smallest tile; masked loads fill the
+    padding with zeros). Compiled: the largest power-of-two tile up to one page within
+    :data:`_TILE_ELEMENTS`, operands in the pool's 16-bit dtype (fp32 pools: fp32 at IEEE precision, so
+    fp32 stays exact to ~1e-6). Interpreted: whole pages (each tile is a Python-level iteration) and fp32
+    operands (the interpreter's bf16 ``tl.dot`` is wrong).
+    """
+    nrep_p = max(16, _next_power_of_2(n_rep))
+    d_p, dv_p = max(16, _next_power_of_2(d)), max(16, _next_power_of_2(dv))
+    if blk & (blk - 1) or interpret:  # not a power of two (or interpreted): whole pages, padded
+        tile = blk
+    else:
+        tile = blk
+        while tile > 16 and tile * max(d_p, dv_p) > _TILE_ELEMENTS:
+            tile //= 2
+    half = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype)
+    operand = half if half is not None and not interpret else "float32"
+    return Plan(
+        tile=tile,
+        tile_p=max(16, _next_power_of_2(tile)),
+        nrep_p=nrep_p,
+        d_p=d_p,
+        dv_p=dv_p,
+        operand=operand,
+        precision="ieee" if operand == "float32" else "tf32",
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
+    )
+
+
+@dataclass(frozen=True)
+class Card:
+    """What occupancy depends on in a CUDA device: SMs, and per SM registers, shared memory, resident
+    warps and resident programs (thread blocks)."""
+
+    sms: int
+    regs_per_sm: int = 65536
+    shared_per_sm: int = 233472
+    warps_per_sm: int = 64
+    blocks_per_sm: int = 32
+
+    @classmethod
+    def of(cls, device: torch.device) -> Card:
+        props = torch.cuda.get_device_properties(device)
+        return cls(
+            sms=props.multi_processor_count,
+            regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+            shared_per_sm=getattr(props, "shared_memory_per_multiprocessor", 233472),
+            warps_per_sm=getattr(props, "max_threads_per_multi_processor", 2048) // 32,
+        )
+
+
+def occupancy(regs: int, shared: int, num_warps: int, card: Card) -> int:
+    """Programs of ``num_warps`` warps using ``regs`` registers per thread and ``shared`` bytes of shared
+    memory that one SM holds at once: registers are allocated per warp in units of 256 (8 per thread),
+    every program reserves 1 KB of shared memory for the system (sm_80 and later)."""
+    per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = (card.regs_per_sm // per_warp) // num_warps
+    by_shared = card.shared_per_sm // (shared + 1024)
+    return max(0, min(by_regs, by_shared, card.warps_per_sm // num_warps, card.blocks_per_sm))
+
+
+def choose_splits(rows: int, width: int, slots: int) -> int:
+    """Splits per row for ``rows`` rows of ``width`` pages when the device holds ``slots`` programs at
+    once (SMs x programs per SM): the count that minimises waves x (pages per split + the overhead of a
+    program), so the grid fills whole waves without splitting rows finer than pays (fewer on ties)."""
+    best, best_cost = 1, math.inf
+    for s in range(1, min(width, 4 * math.ceil(slots / max(rows, 1))) + 1):
+        per = math.ceil(width / s)
+        used = math.ceil(width / per)  # equal page shares, none of them empty
+        cost = math.ceil(rows * used / max(slots, 1)) * (per + _PROGRAM_OVERHEAD_PAGES)
+        if cost < best_cost:
+            best, best_cost = used, cost
+    return best
+
+
+def num_splits(rows: int, width: int, device: torch.device, programs_per_sm: int | None = None) -> int:
+    """Splits per row from static facts only (never ``lengths``: that would need a host read and break
+    CUDA-graph capture). On CUDA from the device's SMs and the compiled kernel's ``programs_per_sm``
+    (:func:`choose_splits`); elsewhere two per row (the interpreter pays per program). Never more than
+    the block table's ``width`` (pages per row), and every split starts on a page."""
+    if device.type == "cuda":
+        sms = Card.of(device).sms if device.index not in _SMS else _SMS[device.index]
+        _SMS[device.index] = sms
+        return choose_splits(rows, width, sms * max(programs_per_sm or 1, 1))
+    splits = max(1, min(width, 2))
+    return math.ceil(width / math.ceil(width / splits))
+
+
+#: SMs per CUDA device index (a host-side property, read once per device).
+_SMS: dict[int | None, int] = {}
+#: programs per SM of each compiled split-kernel variant on each device (read from the compiled kernel
+#: once: registers and shared memory decide it, see :func:`occupancy`).
+_OCCUPANCY: dict[tuple[Any, ...], int] = {}
+
+
+def _programs_per_sm(key: tuple[Any, ...], kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Programs per SM of the split kernel as compiled for these arguments (compiles it, once per
+    variant: Triton's own cache then serves the launch)."""
+    if key not in _OCCUPANCY:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the module: registers are known from here on
+        _OCCUPANCY[key] = max(
+            1,
+            occupancy(
+                compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"], Card.of(args[0].device)
+            ),
+        )
+    return _OCCUPANCY[key]
+
+
+def merge_chunk(splits_p: int, dv_p: int) -> int:
+    """Value columns per merge program: all of them while the ``(splits, columns)`` tile stays within
+    4,096 fp32 (32 registers per thread at 4 warps), fewer (more programs) when there are many splits."""
+    return min(dv_p, max(16, _next_power_of_2(4096 // splits_p)))
 
 
 def paged_decode_attention(
@@ -386,6 +541,7 @@ def paged_decode_attention(
         ``(B, 1, H_q * d_v)`` in the query's dtype, and ``(B, H_kv, n_rep, slots)`` float32 probabilities
         (zero on slots ``>= length``) or ``None``. Reads each kept entry once; fp32 accumulation. No host
         read and static shapes throughout (CUDA-graph capturable); rows with no entries give zeros.
+        A head layout the kernel does not serve (:func:`unserved`) runs :func:`~kvpolicy.cache.paged_attention`.
     """
     interpret = query.device.type != "cuda"
     if interpret and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -396,6 +552,8 @@ def paged_decode_attention(
     h_kv = layer.num_heads
     if query.shape[1] % h_kv:
         raise ValueError(f"{query.shape[1]} query heads do not split into groups over {h_kv} KV heads")
+    if unserved(query.shape[1] // h_kv, query.shape[-1], layer.v_pool.shape[-1]):
+        return paged_attention(query, layer, scaling, want_probs, softcap, sinks)
     out, probs = torch.ops.kvpolicy.paged_decode_attention(
         query,
         layer.k_pool,
@@ -411,6 +569,33 @@ def paged_decode_attention(
         splits,
     )
     return out, (probs if want_probs else None)
+
+
+def split_constexprs(p: Plan, blk: int, softcap: bool, want_scores: bool, interpret: bool) -> dict[str, Any]:
+    """The split kernel's compile-time arguments for plan ``p`` (shared with ``kvpolicy bench kernel``,
+    which compiles exactly what a decode step launches)."""
+    import triton.language
+
+    return {
+        "BLK": blk,
+        "TILE": p.tile,
+        "TILE_P": p.tile_p,
+        "NREP_P": p.nrep_p,
+        "D_P": p.d_p,
+        "DV_P": p.dv_p,
+        "SOFTCAP": softcap,
+        "WANT_SCORES": want_scores,
+        "OP": getattr(triton.language, p.operand),
+        "PREC": p.precision,
+        "STAGES": p.num_stages,
+        "INTERPRET": interpret,
+    }
+
+
+def merge_constexprs(p: Plan, splits: int, has_sinks: bool) -> dict[str, Any]:
+    """The merge kernel's compile-time arguments (one variant per power-of-two bucket of splits)."""
+    splits_p = _next_power_of_2(splits)
+    return {"SPLITS_P": splits_p, "BV": merge_chunk(splits_p, p.dv_p), "HAS_SINKS": has_sinks}
 
 
 @torch.library.custom_op("kvpolicy::paged_decode_attention", mutates_args=())
@@ -436,53 +621,44 @@ def _paged_decode_op(
     b, h_q, _, d = query.shape
     rows, n_rep = lengths.numel(), h_q // h_kv
     width, dv = table.shape[1], v_pool.shape[-1]
-    n_rep_p = _next_power_of_2(n_rep)
-    d_p, dv_p = _next_power_of_2(d), _next_power_of_2(dv)
-    tile, tile_p = _tile(blk, n_rep_p, max(d_p, dv_p), interpret)
-    n_split = num_splits(rows, width, query.device) if splits is None else max(1, min(int(splits), width))
-    tiles_per_split = math.ceil(width / n_split) * (blk // tile)
+    p = plan(n_rep, d, dv, blk, k_pool.dtype, interpret)
+    per_page = blk // p.tile
 
     q = query.reshape(rows, n_rep, d)
     lengths = lengths.reshape(-1)
-    part = torch.empty((rows, n_split, n_rep_p, dv_p), dtype=torch.float32, device=query.device)
-    lse = torch.empty((rows, n_split, n_rep_p), dtype=torch.float32, device=query.device)
-    row_lse = torch.empty((rows, n_rep_p), dtype=torch.float32, device=query.device)
-    out = torch.empty((rows, n_rep, dv), dtype=query.dtype, device=query.device)
     slots = width * blk
+    # buffers first: the split count only sizes `part` and `lse`, which the occupancy probe never reads
+    row_lse = torch.empty((rows, n_rep), dtype=torch.float32, device=query.device)
+    out = torch.empty((rows, n_rep, dv), dtype=query.dtype, device=query.device)
     scores = (
-        torch.empty((rows, n_rep, slots), dtype=torch.float32, device=query.device) if want_probs else lse
+        torch.empty((rows, n_rep, slots), dtype=torch.float32, device=query.device) if want_probs else row_lse
     )
-    split_kernel[(rows, n_split)](
-        q,
-        k_pool,
-        v_pool,
-        table,
-        lengths,
-        part,
-        lse,
-        scores,
-        float(scaling),
-        float(softcap) if softcap is not None else 1.0,
-        *q.stride(),
-        *k_pool.stride(),
-        *v_pool.stride(),
-        *table.stride(),
-        n_rep,
-        d,
-        dv,
-        tiles_per_split,
-        slots,
-        BLK=blk,
-        TILE=tile,
-        TILE_P=tile_p,
-        NREP_P=n_rep_p,
-        D_P=d_p,
-        DV_P=dv_p,
-        SOFTCAP=softcap is not None,
-        WANT_SCORES=want_probs,
-        INTERPRET=interpret,
-    )
-    merge_kernel[(rows,)](
+    constexprs = split_constexprs(p, blk, softcap is not None, want_probs, interpret)
+    options = {} if interpret else {"num_warps": p.num_warps, "num_stages": p.num_stages}
+
+    def split_args(part: torch.Tensor, lse: torch.Tensor, tiles_per_split: int) -> tuple[Any, ...]:
+        return (
+            q, k_pool, v_pool, table, lengths, part, lse, scores, float(scaling),
+            float(softcap) if softcap is not None else 1.0, *q.stride(), *k_pool.stride(),
+            *v_pool.stride(), *table.stride(), n_rep, d, dv, tiles_per_split, slots,
+        )  # fmt: skip
+
+    if splits is not None:
+        n_split = max(1, min(int(splits), width))
+    elif interpret:
+        n_split = num_splits(rows, width, query.device)
+    else:
+        key = (query.device, p, k_pool.dtype, softcap is not None, want_probs)
+        probe = split_args(row_lse, row_lse, 1)
+        n_split = num_splits(
+            rows, width, query.device, _programs_per_sm(key, split_kernel, probe, {**constexprs, **options})
+        )
+    tiles_per_split = math.ceil(width / n_split) * per_page
+    part = torch.empty((rows, n_split, n_rep, dv), dtype=torch.float32, device=query.device)
+    lse = torch.empty((rows, n_split, n_rep), dtype=torch.float32, device=query.device)
+    split_kernel[(rows, n_split)](*split_args(part, lse, tiles_per_split), **constexprs, **options)
+    merge = merge_constexprs(p, n_split, sinks is not None)
+    merge_kernel[(rows, n_rep, math.ceil(dv / merge["BV"]))](
         part,
         lse,
         sinks.contiguous() if sinks is not None else lse,
@@ -491,17 +667,14 @@ def _paged_decode_op(
         n_rep,
         dv,
         h_kv,
+        n_split,
         *out.stride(),
-        SPLITS=n_split,
-        SPLITS_P=_next_power_of_2(n_split),
-        NREP_P=n_rep_p,
-        DV_P=dv_p,
-        HAS_SINKS=sinks is not None,
+        **merge,
     )
     probs = query.new_empty((0,), dtype=torch.float32)
     if want_probs:
         kept = torch.arange(slots, device=query.device) < lengths[:, None, None]  # (R, 1, slots)
-        probs = torch.where(kept, torch.exp(scores - row_lse[:, :n_rep, None]), 0.0)
+        probs = torch.where(kept, torch.exp(scores - row_lse[:, :, None]), 0.0)
         probs = probs.view(b, h_kv, n_rep, slots)
     return out.reshape(b, 1, h_q * dv), probs
 
