@@ -57,6 +57,10 @@ _TILE_ELEMENTS = 8192
 #: 16 x 64 score tile; 2 stages keep the next tile's keys and values in flight while one is computed.
 NUM_WARPS = 4
 NUM_STAGES = 2
+#: Warps per merge program (straight-line code: no stages to pipeline).
+MERGE_WARPS = 4
+#: Fused multiply-adds, as Triton has always compiled them (stated: Triton 3.10 changes the default).
+FP_FUSION = True
 #: Scheduling cost of one split program beyond its tiles, in pages (its queries, the partial output
 #: and log-sum-exp it writes, its share of the merge): what :func:`choose_splits` weighs against waves.
 _PROGRAM_OVERHEAD_PAGES = 2
@@ -634,7 +638,11 @@ def _paged_decode_op(
         torch.empty((rows, n_rep, slots), dtype=torch.float32, device=query.device) if want_probs else row_lse
     )
     constexprs = split_constexprs(p, blk, softcap is not None, want_probs, interpret)
-    options = {} if interpret else {"num_warps": p.num_warps, "num_stages": p.num_stages}
+    options = (
+        {}
+        if interpret
+        else {"num_warps": p.num_warps, "num_stages": p.num_stages, "enable_fp_fusion": FP_FUSION}
+    )
 
     def split_args(part: torch.Tensor, lse: torch.Tensor, tiles_per_split: int) -> tuple[Any, ...]:
         return (
@@ -670,6 +678,7 @@ def _paged_decode_op(
         n_split,
         *out.stride(),
         **merge,
+        **({} if interpret else {"num_warps": MERGE_WARPS, "num_stages": 1, "enable_fp_fusion": FP_FUSION}),
     )
     probs = query.new_empty((0,), dtype=torch.float32)
     if want_probs:
