@@ -364,3 +364,15 @@ def test_a_pool_whose_values_are_its_keys_first_columns(kernel):
     layer.evict(torch.tensor([[[2]], [[-1]]]))
     check(kernel, layer, n_rep=3)
     assert layer.nbytes(0) == 9 * 12 * 4  # keys only: the values are inside them
+
+
+def test_many_splits_merge_in_chunks_of_value_columns(kernel):
+    """65 splits (the merge's split axis padded to 128) over 40 value columns (padded to 64, merged 32 at a
+    time), one query head per KV head (the dot's 16 rows mostly padding)."""
+    from kvpolicy.kernels.paged_decode import merge_chunk
+
+    assert merge_chunk(128, 64) == 32  # so the merge's column chunks are exercised below
+    layer = build([[259, 3]], block=4, d=8, dv=40, seed=8)
+    assert layer.block_table.shape[1] == 65
+    check(kernel, layer, n_rep=1, splits=65)
+    check(kernel, layer, n_rep=1, splits=65, sinks=torch.tensor([0.3, -0.2]))

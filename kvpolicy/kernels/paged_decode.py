@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -492,6 +493,8 @@ def num_splits(rows: int, width: int, device: torch.device, programs_per_sm: int
     return math.ceil(width / math.ceil(width / splits))
 
 
+#: programs per SM assumed where the compiled kernel's cannot be read (the dense shapes' figure).
+_ASSUMED_PROGRAMS_PER_SM = 4
 #: SMs per CUDA device index (a host-side property, read once per device).
 _SMS: dict[int | None, int] = {}
 #: programs per SM of each compiled split-kernel variant on each device (read from the compiled kernel
@@ -503,14 +506,19 @@ def _programs_per_sm(key: tuple[Any, ...], kernel: Any, args: tuple[Any, ...], k
     """Programs per SM of the split kernel as compiled for these arguments (compiles it, once per
     variant: Triton's own cache then serves the launch)."""
     if key not in _OCCUPANCY:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-        compiled._init_handles()  # loads the module: registers are known from here on
-        _OCCUPANCY[key] = max(
-            1,
-            occupancy(
-                compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"], Card.of(args[0].device)
-            ),
-        )
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled._init_handles()  # loads the module: registers are known from here on
+            regs, shared = compiled.n_regs, compiled.metadata.shared
+            _OCCUPANCY[key] = max(1, occupancy(regs, shared, kwargs["num_warps"], Card.of(args[0].device)))
+        except Exception as exc:  # a Triton whose warm-up API differs: the launch itself still works
+            warnings.warn(
+                f"could not read the decode kernel's occupancy from Triton ({exc!r}); splits assume "
+                f"{_ASSUMED_PROGRAMS_PER_SM} programs per SM",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _OCCUPANCY[key] = _ASSUMED_PROGRAMS_PER_SM
     return _OCCUPANCY[key]
 
 
