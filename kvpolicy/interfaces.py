@@ -318,11 +318,13 @@ class Policy:
     """A composition of one propagation policy and one cache policy: what ``generate`` runs.
 
     Build one with :func:`kvpolicy.compose` or get a named preset with :func:`kvpolicy.get_policy`.
+    Two policies are equal when their parts are: ``name`` is a label (the preset's), so a preset equals
+    the same composition made by hand.
     """
 
     propagation: PropagationPolicy
     cache: CachePolicy
-    name: str | None = None
+    name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.propagation, PropagationPolicy):

@@ -143,7 +143,9 @@ def python_blocks(text: str) -> list[Block]:
     return blocks
 
 
-PAGES = sorted(p for p in DOCS.rglob("*.md") if python_blocks(p.read_text()))
+#: The README's Python blocks run too (on the stand-in; tests/test_real_model.py checks the first one's
+#: printed output on the real model).
+PAGES = [ROOT / "README.md", *sorted(p for p in DOCS.rglob("*.md") if python_blocks(p.read_text()))]
 
 
 def stand_in_model(*args, **kwargs):
@@ -151,7 +153,7 @@ def stand_in_model(*args, **kwargs):
     return tiny_llama(layers=30, heads=9, kv_heads=3, hidden=72, vocab=256), ByteTokenizer()
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_docs_python_blocks_run(page, tmp_path, monkeypatch):
     text = page.read_text()
     if "kvpolicy_keynorm" in text and importlib.util.find_spec("kvpolicy_keynorm") is None:
@@ -162,7 +164,7 @@ def test_docs_python_blocks_run(page, tmp_path, monkeypatch):
     # Pages show conftest.py files asking pytest to rewrite kvpolicy.testing's asserts; it is already
     # imported here, so that would only warn.
     monkeypatch.setattr(pytest, "register_assert_rewrite", lambda *names: None)
-    name = "docs_" + re.sub(r"\W", "_", str(page.relative_to(DOCS)))
+    name = "docs_" + re.sub(r"\W", "_", str(page.relative_to(ROOT)))
     module = types.ModuleType(name)
     monkeypatch.setitem(sys.modules, name, module)  # pydantic resolves annotations through it
     flags = 0  # __future__ imports carry over to later blocks, as in doctest

@@ -109,3 +109,19 @@ def test_prompt_shorter_than_budget_is_answered(real_model):
     full = kvpolicy.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=16)
     assert out.token_ids == full.token_ids
     assert "Paris" in out.text
+
+
+def test_readme_first_example_prints_what_the_readme_shows(real_model, monkeypatch, capsys):
+    """The README's first Python example, run as written on the embedded model, prints exactly the output
+    block below it (the one marked ``readme-output``)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(
+        r"```python\n(?P<code>.*?)```\s*<!-- readme-output.*?-->\s*```text\n(?P<shown>.*?)```", readme, re.S
+    )
+    assert found, "README.md: no ```python block followed by <!-- readme-output ... --> and a ```text block"
+    monkeypatch.setattr(kvpolicy, "load_model", lambda *args, **kwargs: real_model)
+    exec(compile(found["code"], "README.md", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out == found["shown"]
