@@ -19,6 +19,7 @@ from torch import nn
 
 from kvpolicy.cache import KVPolicyCache
 from kvpolicy.devices import module_device
+from kvpolicy.graphs import graph_decode_step
 from kvpolicy.interfaces import Policy
 from kvpolicy.registry import get_adapter, get_policy
 from kvpolicy.state import Batch, RequestState
@@ -620,13 +621,18 @@ def compiled_forward(adapter: Any, graphs: bool = False) -> Any:
 
     On CUDA without ``graphs`` it uses ``mode="reduce-overhead"`` (inductor's own CUDA graphs, which
     skip a step whose inputs are mutated: kvpolicy's always are); with ``graphs`` the default mode,
-    since :mod:`kvpolicy.graphs` records the fused step itself."""
+    since :mod:`kvpolicy.graphs` records the fused step itself. With ``graphs`` off CUDA, inductor is
+    replaced by ``aot_eager`` (the same captured graph, run as aten ops): the CPU stand-in of a CUDA
+    graph traces the ops a step runs, and inductor's generated kernels are invisible to it."""
     attr = "_compiled_forward_graphs" if graphs else "_compiled_forward"
     compiled = getattr(adapter, attr, None)
     if compiled is None:
         cuda = next(adapter.model.parameters()).device.type == "cuda"
-        options: dict[str, Any] = {"backend": COMPILE_BACKEND} if COMPILE_BACKEND else {}
-        if cuda and not COMPILE_BACKEND and not graphs:
+        backend = COMPILE_BACKEND
+        if graphs and not cuda and backend in (None, "inductor"):
+            backend = "aot_eager"
+        options: dict[str, Any] = {"backend": backend} if backend else {}
+        if cuda and not backend and not graphs:
             options["mode"] = "reduce-overhead"
         # Policies and batches are guarded by identity: allow a few dozen before dynamo gives up.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -654,9 +660,7 @@ def decode_step_fn(adapter: Any, compile: bool = False, graphs: bool = False) ->
     """The decode step every decode loop calls: eager, ``torch.compile``-d, or replayed from
     recorded graphs (:mod:`kvpolicy.graphs`; with ``compile`` too, the compiled step is recorded)."""
     if graphs:
-        from kvpolicy.graphs import graph_decode_step
-
-        return graph_decode_step(adapter, compile=compile)
+        return graph_decode_step(adapter, compiled_forward(adapter, graphs=True) if compile else None)
     return compiled_decode_step(adapter) if compile else adapter.decode_step
 
 
