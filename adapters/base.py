@@ -397,9 +397,7 @@ class DecoderAdapter:
             next_positions = torch.tensor(counts, dtype=torch.long, device=ids.device)
             if len(set(counts)) == 1:
                 cache.set_next_position(counts[0])
-            batch = Batch(states, cache, next_positions)
-            for state in states:
-                state.batch = batch
+            batch = Batch(states, cache, next_positions)  # points each state at it (weakly)
         return self._logits(h_last), batch
 
     @property

@@ -359,6 +359,7 @@ def generate(
         chunk = order[start : start + size]
         pre = _prefill(adapter, [encoded[i] for i in chunk], pol, max_new_tokens)
         tokens, stats = _decode(pre, pol, step_fn, sampler, max_new_tokens, _eos_ids(model, tokenizer))
+        del pre  # this chunk's cache goes now, before the next chunk's prefill allocates its own
         for i, out, st in zip(chunk, tokens, stats, strict=True):
             text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
             outputs[i] = GenerationOutput(text=text, token_ids=out, stats=st, policy=pol)
@@ -383,6 +384,7 @@ class _Sampler:
         return logits.argmax(dim=-1, keepdim=True)
 
 
+@torch.no_grad()  # a decode step replayed from a recording must not build autograd history on the cache
 def _decode(
     pre: Prefill,
     pol: Policy,
@@ -558,8 +560,9 @@ def _answer_questions(
         _sync(ctx.device)
         t0 = time.perf_counter()
         logits = pre.logits
-        for j in range(q.shape[0]):
-            logits = step_fn(q[j : j + 1].view(1, 1), pol, batch, j)
+        with torch.no_grad():
+            for j in range(q.shape[0]):
+                logits = step_fn(q[j : j + 1].view(1, 1), pol, batch, j)
         _sync(ctx.device)
         fed = Prefill(logits=logits, batch=batch, seconds=pre.seconds + time.perf_counter() - t0)
         tokens, stats = _decode(fed, pol, step_fn, sampler, max_new_tokens, eos, first_step=q.shape[0])

@@ -11,6 +11,8 @@ decode loop.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,11 @@ class RequestState:
         tokens_per_layer: tokens each layer processed during prefill (filled by the adapter).
         discarded_tokens_per_layer: tokens per layer of passes whose cache a ``Restart`` discarded
             (GemFilter's filter pass): prefill compute spent that ``tokens_per_layer`` omits.
-        batch: the :class:`Batch` this request decodes in, set at the end of prefill.
+        batch: the :class:`Batch` this request decodes in, set at the end of prefill (by the
+            :class:`Batch` itself when made). The request holds it weakly, the batch holds its requests:
+            there is no cycle between them, so a batch and its cache (the KV pools, recorded graphs'
+            memory) are freed as soon as the last reference to the batch goes, without waiting for the
+            cyclic garbage collector. ``None`` before prefill, and once the batch was freed.
     """
 
     prompt_len: int
@@ -40,15 +46,44 @@ class RequestState:
     max_new_tokens: int = 0
     tokens_per_layer: list[int] = field(default_factory=list)
     discarded_tokens_per_layer: list[int] = field(default_factory=list)
-    batch: Batch | None = field(default=None, repr=False)
     _scratch: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _batch_ref: weakref.ref[Batch] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def batch(self) -> Batch | None:
+        """The :class:`Batch` this request decodes in (held weakly), or ``None``."""
+        ref = self._batch_ref
+        return None if ref is None else ref()
+
+    @batch.setter
+    def batch(self, batch: Batch | None) -> None:
+        self._batch_ref = None if batch is None else weakref.ref(batch)
 
     @property
     def cache(self) -> KVPolicyCache:
         """The batch's cache (this request's rows are :attr:`index`)."""
-        if self.batch is None:
+        batch = self.batch
+        if batch is None:
+            if self._batch_ref is not None:
+                raise RuntimeError(
+                    "this request's batch was freed: keep the Prefill (or its batch) while using its cache"
+                )
             raise RuntimeError("this request has no cache yet: it is set at the end of prefill")
-        return self.batch.cache
+        return batch.cache
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RequestState:
+        """A deep copy whose :attr:`batch` is the copy of this request's batch made by the same
+        ``deepcopy`` (copying a :class:`Batch` copies its requests), else ``None``: a request copied
+        alone has no batch until one takes it."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        fields = {k: v for k, v in vars(self).items() if k != "_batch_ref"}
+        new.__dict__.update(copy.deepcopy(fields, memo))
+        batch = self.batch
+        new._batch_ref = None
+        if batch is not None and id(batch) in memo:
+            new.batch = memo[id(batch)]
+        return new
 
     def scratch(self, owner: object) -> dict[str, Any]:
         """A dict private to ``owner`` (a policy object) for this request."""
@@ -75,6 +110,9 @@ class Batch:
             each step, outside any recorded graph, so a replayed step reads the current value.
         graphs: the batch's recorded decode graphs (:class:`kvpolicy.graphs.DecodeGraphs`), made by the
             graph path on first use and released with the batch.
+
+    Making a batch points each of its requests' :attr:`RequestState.batch` at it (a weak reference:
+    the batch owns its requests, not the reverse; see :class:`RequestState`).
     """
 
     states: list[RequestState]
@@ -93,6 +131,17 @@ class Batch:
         self.step_counter = torch.zeros((), dtype=torch.long, device=self.next_positions.device)
         # one 0-d view per (layer, check): a deferred check is then two ops (any, or_), no indexing
         self._flag_views = [list(row.unbind(0)) for row in self.flags.unbind(0)]
+        for state in self.states:
+            state.batch = self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Batch:
+        """A deep copy (cache, positions, flags, scratch, requests) whose requests point at the copy."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(vars(self), memo))
+        for state in new.states:
+            state.batch = new
+        return new
 
     @property
     def size(self) -> int:

@@ -364,9 +364,7 @@ def join(sources: Sequence[Source], copies: int = 1, reserve: int = 0, device: A
     for index, state in enumerate(states):
         state.index = index
     next_positions = torch.cat([s.next_positions.to(device) for s in sources] * copies)
-    batch = Batch(states, cache, next_positions)
-    for state in states:
-        state.batch = batch
+    batch = Batch(states, cache, next_positions)  # points each state at it (weakly)
     logits = torch.cat([s.logits.to(device) for s in sources] * copies)
     return Prefill(logits=logits, batch=batch, seconds=0.0)
 
