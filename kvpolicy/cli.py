@@ -159,6 +159,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     p.add_argument("--device", help="e.g. cpu or cuda")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help=(
+            "CPU threads for torch (default: torch's, one per core). On a machine other jobs share, "
+            "1 is often several times faster; the thread count and the load are printed beside timings"
+        ),
+    )
 
 
 def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
@@ -206,7 +214,9 @@ def read_prompt_file(path: Path) -> str:
 def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from the options ``_model_args`` added."""
     from kvpolicy.models import load_model
+    from kvpolicy.threads import set_threads
 
+    set_threads(getattr(args, "threads", None))
     return load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
 
 
@@ -301,6 +311,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     check_model_source(args)
     _policy_for(args, extra)  # a bad setting the listing could not tell is reported before the model loads
     from kvpolicy.generation import generate
+    from kvpolicy.threads import CpuLoad
 
     if args.context_file is not None:
         context = text
@@ -318,12 +329,15 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(record, indent=2))
         return 0
     print(out.text)
+    cpu = CpuLoad.now()
     print(
         f"\n[{policy.describe()}] prompt {s.prompt_tokens} tok, prefill {s.prefill_seconds:.3f}s, "
         f"decode {1000 * s.decode_seconds_per_token:.1f} ms/tok, KV {s.kv_bytes / 2**20:.2f} MiB, "
-        f"tokens per layer {min(s.tokens_per_layer)}..{max(s.tokens_per_layer)}",
+        f"tokens per layer {min(s.tokens_per_layer)}..{max(s.tokens_per_layer)}; {cpu.describe()}",
         file=sys.stderr,
     )
+    if cpu.warning():
+        print(f"kvpolicy: {cpu.warning()}", file=sys.stderr)
     return 0
 
 

@@ -16,9 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from kvpolicy import threads
 from kvpolicy.eval import needle
 from kvpolicy.generation import generate
-from kvpolicy.threads import CpuLoad
 
 
 def demo_policies(model: Any = None) -> list[tuple[str, Any]]:
@@ -85,10 +85,7 @@ def run_demo(
             f"{processed / full_tokens:.0%}",
         )
     console.print(table)
-    cpu = CpuLoad.now()
-    console.print(f"timed on {cpu.describe()}", markup=False)
-    if cpu.warning():
-        console.print(cpu.warning(), style="yellow", markup=False)
+    threads.report(console)
     settings = "; ".join(f"{label} = {r.label}" for label, r in resolved[1:])
     measured = [r.note for _, r in resolved if r.note]
     console.print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,3 +67,13 @@ class CpuLoad:
             f"the CPU, so these timings are slower and noisier than on a quiet machine; with torch's "
             f"{self.threads} threads each step waits on the busiest core (try --threads 1)"
         )
+
+
+def report(console: Any) -> CpuLoad:
+    """Print what the timings above were taken under (and the warning, on a busy machine) to a rich
+    ``console``; returns the reading (for a JSON record)."""
+    cpu = CpuLoad.now()
+    console.print(f"timed on {cpu.describe()}", markup=False)
+    if cpu.warning():
+        console.print(cpu.warning(), style="yellow", markup=False)
+    return cpu

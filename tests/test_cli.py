@@ -78,7 +78,11 @@ def test_policy_config_file(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_generate_on_real_model(tmp_path, capsys, real_model):
+def test_generate_on_real_model(tmp_path, capsys, real_model, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads 1 below: not for later tests
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     prompt = tmp_path / "p.txt"
     prompt.write_text("What is the capital of France?")
     code = main(
@@ -92,11 +96,19 @@ def test_generate_on_real_model(tmp_path, capsys, real_model):
             "256",
             "--prompt-file",
             str(prompt),
+            "--threads",
+            "1",
         ]
     )
     captured = capsys.readouterr()
     assert code == 0 and "Paris" in captured.out
     assert "prefill" in captured.err and "KV" in captured.err
+    assert "1 thread, load " in captured.err  # what the timings were taken under
+
+
+def test_threads_below_one_are_refused(capsys):
+    assert main(["generate", "--prompt", "hi", "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_list_name_prints_every_setting_documented(capsys):

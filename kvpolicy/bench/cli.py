@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy import threads
 from kvpolicy.bench import kernel as kernel_report
 from kvpolicy.bench import throughput as tp
 from kvpolicy.bench.machine import Machine, measure_machine
@@ -294,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "kernel":
         return kernel_report.run(args)
     args.lengths = args.lengths or [4096]
+    threads.set_threads(args.threads)  # before any model is built (random weights skip load_from_args)
     common = parse_overrides(getattr(args, "policy_options", []))
     specs = args.policy or ["fastkv"]
     policies = dict(parse_policy_spec(spec, common) for spec in specs)
@@ -395,6 +397,7 @@ def _run(
             on_length=length_done,
         )
     print_rows(console, rows, gen)
+    record["cpu"] = asdict(threads.report(console))
     if args.out:
         _write(args.out, {**record, "results": rows_to_json(rows)}, markdown_table(rows, gen))
         plot = plot_speedups(rows, args.out.with_suffix(".png"))
@@ -456,6 +459,7 @@ def _run_throughput(
             on_length=length_done,
         )
     print_throughput(console, cells, batch_sizes)
+    record["cpu"] = asdict(threads.report(console))
     if args.out:
         _write(args.out, {**record, "results": tp.cells_to_json(cells)}, tp.markdown(cells, batch_sizes))
         console.print(f"wrote {args.out}")
