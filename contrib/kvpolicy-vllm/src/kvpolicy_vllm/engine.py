@@ -354,9 +354,10 @@ def __getattr__(name: str) -> Any:  # the backend classes, built on first use (t
     raise AttributeError(name)
 
 
-def _wrap(cls: type, name: str, hook: Any) -> None:
-    """Replace ``cls.name`` by ``hook(original, self, *args)``, once (a second install is a no-op)."""
-    current = getattr(cls, name)
+def _wrap(owner: Any, name: str, hook: Any) -> None:
+    """Replace ``owner.name`` by ``hook(original, self, *args)``, once (a second install is a no-op); on a
+    module, a function's first argument stands in for ``self``."""
+    current = getattr(owner, name)
     if getattr(current, "_kvpolicy", False):
         return
 
@@ -365,12 +366,15 @@ def _wrap(cls: type, name: str, hook: Any) -> None:
         return hook(current, self, *args, **kwargs)
 
     wrapped._kvpolicy = True  # type: ignore[attr-defined]
-    setattr(cls, name, wrapped)
+    setattr(owner, name, wrapped)
 
 
 def install() -> None:
-    """Register the backend and wrap the three vLLM methods (once per process; vLLM 0.32.0 only: the
-    methods' contracts are that release's, listed in ``docs/serving.md``)."""
+    """Register the backend and wrap vLLM's methods (once per process; vLLM 0.32.0 only: the methods'
+    contracts are that release's, listed in ``docs/serving.md``): the three that compress, and the two
+    that show a user what is served (:mod:`kvpolicy_vllm.server`)."""
+    import sys
+
     from kvpolicy_vllm.version import check_vllm
 
     check_vllm()
@@ -379,9 +383,16 @@ def install() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from kvpolicy_vllm import server
     from kvpolicy_vllm.admission import _validate_params
 
     register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.KVPolicyCPUBackend")
     _wrap(InputProcessor, "_validate_params", _validate_params)
+    _wrap(InputProcessor, "__init__", server._input_processor_init)
     _wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
     _wrap(Scheduler, "schedule", _schedule)
+    # the API server's app builder: imported by every server entry point before vLLM loads plugins
+    # (while it parses the command line); other processes (engine core, workers, offline) never build it
+    app = sys.modules.get("vllm.entrypoints.launchers.app")
+    if app is not None:
+        _wrap(app, "init_entrypoints_middleware", server._init_entrypoints_middleware)
