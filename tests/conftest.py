@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -125,3 +126,21 @@ def haystack() -> str:
     from kvpolicy.eval import needle
 
     return needle.load_haystack(needle.find_haystack_dir())
+
+
+def round_machine() -> Any:
+    """Round machine limits (1 GB/s read, 2 GB/s GEMV, 1 TFLOP/s), so the bench's absolute figures check
+    by hand and no test measures the machine it runs on."""
+    from kvpolicy.bench.machine import Machine
+
+    return Machine(
+        device="cpu",
+        dtype="torch.float32",
+        read_bytes_per_s=1e9,
+        matmul_flops_per_s=1e12,
+        gemv_bytes_per_s=2e9,
+        read_bytes=0,
+        matmul_size=0,
+        gemv_bytes=0,
+        seconds=0.0,
+    )

@@ -9,13 +9,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import tiny_llama
+from conftest import round_machine, tiny_llama
 
 import kvpolicy
 from kvpolicy.bench import ModelShape, decode_bytes_per_token, prefill_flops, speedup_bound
 from kvpolicy.bench.cli import markdown_table, parse_policy_spec, random_model
 from kvpolicy.bench.costmodel import prefill_peak_bytes, weight_bytes
-from kvpolicy.bench.machine import Machine, measure_machine
+from kvpolicy.bench.machine import measure_machine
 from kvpolicy.bench.runner import (
     FULL,
     HF_BASELINE,
@@ -26,18 +26,7 @@ from kvpolicy.bench.runner import (
 )
 
 SHAPE = ModelShape(hidden=8, intermediate=16, layers=2, q_heads=2, kv_heads=1, head_dim=4, vocab=10)
-#: Round machine limits (1 GB/s read, 2 GB/s GEMV, 1 TFLOP/s) so the absolute figures check by hand.
-MACHINE = Machine(
-    device="cpu",
-    dtype="torch.float32",
-    read_bytes_per_s=1e9,
-    matmul_flops_per_s=1e12,
-    gemv_bytes_per_s=2e9,
-    read_bytes=0,
-    matmul_size=0,
-    gemv_bytes=0,
-    seconds=0.0,
-)
+MACHINE = round_machine()
 
 
 #: A two-layer Llama shape for ``--random-weights`` (written to a config.json by the tests).

@@ -17,24 +17,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_OPTIONS, tiny_llama
+from conftest import TINY_OPTIONS, round_machine, tiny_llama
 
 import kvpolicy
-from kvpolicy.bench.machine import Machine
 from kvpolicy.generation import Prefill
 from kvpolicy.state import Batch, RequestState
 
-MACHINE = Machine(
-    device="cpu",
-    dtype="torch.float32",
-    read_bytes_per_s=1e9,
-    matmul_flops_per_s=1e12,
-    gemv_bytes_per_s=2e9,
-    read_bytes=0,
-    matmul_size=0,
-    gemv_bytes=0,
-    seconds=0.0,
-)
+MACHINE = round_machine()
+
 
 POLICIES = {
     "fullkv": {},
