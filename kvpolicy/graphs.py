@@ -294,7 +294,7 @@ class _TracedGraphs:
     @staticmethod
     def traces_compiled() -> bool:
         """Whether this torch can trace through a compiled function (dynamo's
-        ``force_compile_during_fx_trace``, torch >= 2.10); else the stand-in records the eager step."""
+        ``force_compile_during_fx_trace``, present in 2.13); else the stand-in records the eager step."""
         import torch._dynamo
 
         return hasattr(torch._dynamo.config, "force_compile_during_fx_trace")
