@@ -50,6 +50,7 @@ step, its guards and its recompiles are tested on a CPU too.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -280,6 +281,10 @@ class _CudaGraphs:
         graph.replay()
         return out
 
+    @staticmethod
+    def release(recorded: tuple[Any, torch.Tensor]) -> None:
+        """Nothing to break: a ``CUDAGraph`` and its output are freed with the last reference."""
+
 
 class _TracedGraphs:
     """The CPU stand-in for CUDA graphs: ``make_fx`` records the step's aten ops with every tensor it
@@ -326,12 +331,26 @@ class _TracedGraphs:
                 module = make_fx(traced)()
         else:
             module = make_fx(traced)()
+        # The tracer leaves reference cycles (its proxies and fx nodes) that hold the real tensors it
+        # saw, the KV pools among them: collect them now, once per recording, so that the pools are
+        # freed by reference counting when the batch ends (a CPU stand-in cost, never on CUDA).
+        gc.collect()
         return module, result[0].detach().clone()
 
     @staticmethod
     def replay(recorded: tuple[Any, torch.Tensor]) -> torch.Tensor:
         module, _ = recorded
-        return module()
+        with torch.no_grad():  # replayed ops build no autograd history on the cache they write
+            return module()
+
+    @staticmethod
+    def release(recorded: tuple[Any, torch.Tensor]) -> None:
+        """Drop the tensors a recording holds as constants (the batch's cache and state): an fx
+        ``GraphModule`` is a reference cycle (``Graph.owning_module``), so without this they would wait
+        for the cyclic collector after the batch ends."""
+        module, _ = recorded
+        module._buffers.clear()  # make_fx keeps the step's tensors as buffers, the model's weights as
+        module._parameters.clear()  # parameters: the module is being discarded, so it keeps none
 
 
 class _CallerState:
@@ -418,15 +437,24 @@ class DecodeGraphs:
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         return None  # a copied batch (compress once, answer many) records its own graphs
 
+    def __del__(self) -> None:
+        self._drop()  # the batch ended: its recordings let go of its cache at once
+
+    def _drop(self) -> None:
+        """Forget every recording (the state moved, or the batch ended)."""
+        for recorded in self.graphs.values():
+            self.backend.release(recorded)
+        self.graphs.clear()
+
     def step(self, token_ids: torch.Tensor, policy: Any, batch: Any, step: int) -> torch.Tensor:
         """One decode step (the host half already done): eager, recorded, or replayed."""
         now = fingerprint(batch, policy)
         if now != self.recorded_state:  # first step, or the state moved: every variant anew
-            self.graphs.clear()
+            self._drop()
             self.warm.clear()
         variant = policy.cache.decode_variant(step, batch)
         if variant == EAGER_STEP:  # the policy changes host-side state at this step
-            self.graphs.clear()
+            self._drop()
             self.warm.clear()
             return self._eager(token_ids, policy, batch, step, now)
         if variant not in self.warm:
@@ -466,7 +494,7 @@ class DecodeGraphs:
             out = self.backend.eager(lambda: self.forward(token_ids, policy, batch, step))
         self.recorded_state = fingerprint(batch, policy)
         if self.recorded_state != before:  # the step allocated or moved state: recordings are stale
-            self.graphs.clear()
+            self._drop()
         return out
 
     def _recording_checks(self) -> Any:
