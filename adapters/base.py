@@ -519,12 +519,17 @@ class DecoderAdapter:
         with self.routing():
             return self.decode_forward(token_ids, policy, batch, step)
 
-    @staticmethod
-    def prepare_step(batch: Batch, step: int) -> None:
+    def prepare_step(self, batch: Batch, step: int) -> None:
         """The host half of a decode step, outside anything compiled or recorded: room for one more
-        entry per row (growing the cache if the reserve is spent) and the device step counter."""
+        entry per row (growing the cache if the reserve is spent), the device step counter, and the
+        decode attention for each device the cache sits on, chosen before the first step: filled
+        inside it, the choice would change what a compiled step's guards saw, and ``compile=True``
+        would compile the step twice (60-85 s each for an 8B model)."""
         batch.cache.prepare_append()
         batch.set_step(step)
+        if not self._attention_fns:
+            for device in {getattr(layer, "device", None) for layer in batch.cache.layers} - {None}:
+                self._decode_attention(device)
 
     @torch.no_grad()
     def decode_forward(

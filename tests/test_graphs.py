@@ -308,6 +308,8 @@ def test_graphs_record_the_compiled_step_without_compiling_inside(monkeypatch, n
         torch._dynamo.reset()
     assert tokens["compile"] == tokens["eager"] and tokens["graphs"] == tokens["eager"]
     assert compiles["graphs"] == compiles["compile"] > 0
+    if name == "snapkv":  # no decode state of its own: the decode attention, chosen before the first
+        assert compiles["compile"] == 1  # step (prepare_step), leaves one compile (H2O allocates at step 0)
     stats = seen[-1].stats()
     assert seen[-1].compiled and stats["recordings"] >= 1 and stats["replays"] >= 10
     assert len(runs) == stats["eager_steps"] + stats["recordings"]
