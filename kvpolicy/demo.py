@@ -87,7 +87,7 @@ def run_demo(
     console.print(table)
     threads.report(console)
     settings = "; ".join(f"{label} = {r.label}" for label, r in resolved[1:])
-    measured = [r.note for _, r in resolved if r.note]
+    measured = list(dict.fromkeys(r.note for _, r in resolved if r.note))  # each note once
     console.print(
         f"settings on this {n_layers}-layer model: {settings}"
         + (

@@ -10,7 +10,7 @@ from kvpolicy.demo import demo_policies, run_demo
 from kvpolicy.threads import CpuLoad, set_threads
 
 
-def test_demo_rows_show_both_halves_of_fastkv(embedded_tokenizer, haystack, tmp_path, capsys):
+def test_demo_rows_show_both_halves_of_fastkv(embedded_tokenizer, haystack, tmp_path, capsys, single_thread):
     from conftest import tiny_llama_for
 
     from kvpolicy.models import embedded_model_dir
