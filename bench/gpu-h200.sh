@@ -29,7 +29,16 @@
 # and pydantic, pydantic-core, annotated-types, typing-inspection, gguf, transformers==5.24.0 with
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`), carry .whl, and run
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-#   PYTHONPATH=/tmp/site FAST=--graphs bash bench/gpu-h200.sh
+#   PYTHONPATH=/tmp/site PYTHONSAFEPATH=1 FAST=--graphs bash bench/gpu-h200.sh
+# Every Python here runs with PYTHONSAFEPATH=1 (exported below; Python >= 3.11): `python -m` would
+# otherwise put the working folder first on sys.path and import the source folder kvpolicy/, which has no
+# kvpolicy.adapters or kvpolicy.policies (installation maps them from the repository root). The script
+# first imports kvpolicy.adapters and stops with one line if that fails. `make test-wheel` replays this
+# on a CPU: the wheel installed with --target, a Python with the dependencies but no kvpolicy.
+# STAGES picks the stages to run (default: all, "check b1 throughput b1-128k hf-static throughput-128k"),
+# POLICIES the policies they run beside full KV (default: all five, "snapkv fastkv ada-snapkv h2o tova").
+# The script exits 1 if the check or any stage failed, or a stage that exited 0 left no rows in its JSON
+# (a stage cut at its time limit is not a failure: what it finished is in its JSON).
 # Dry run on a CPU with a tiny shape (about 10 minutes on 2 cores):
 #   PYTHON=.venv/bin/python SHAPE=tests/data/tiny-llama.json DEVICE=cpu DTYPE=fp32 LENGTHS="128 256" \
 #   LONG=512 TP_LENGTHS="128 256" TP_LONG=512 HF_LENGTH=256 GEN=4 WARMUP=0 MEMORY=0.08 BATCHES=1,8,max \
@@ -38,6 +47,7 @@
 # StaticCache baseline inductor's minutes of code generation)
 set -uo pipefail
 export PYTHONUNBUFFERED=1  # figures as they come, also through a pipe
+export PYTHONSAFEPATH=1    # the installed kvpolicy, never the source folder in the working folder (above)
 PYTHON=${PYTHON:-python3}
 KVPOLICY=${KVPOLICY:-"$PYTHON -m kvpolicy.cli"}
 OUT=${OUT:-bench/out}
@@ -54,26 +64,50 @@ GEN=${GEN:-32}                         # decode steps per run
 REPEATS=${REPEATS:-1}                  # timed repeats (interleaved across variants)
 WARMUP=${WARMUP:-1}                    # warm-up repeats at 8K / 32K (at 128K: none; its prefills take seconds)
 TP_WARMUP=${TP_WARMUP:-0}              # throughput: every run's untimed warm steps already take JIT and capture
+HF_WARMUP=${HF_WARMUP:-1}              # StaticCache + compile: the warm-up repeat takes the compile
 MEMORY=${MEMORY:-}                     # --memory-gib for throughput; empty: free device memory
 FAST=${FAST:---graphs}                 # the fast decode path (see above)
 BUDGET=${BUDGET:-520}                  # seconds for the whole script
 SCALE=${SCALE:-1}                      # multiplies every stage's limit (a slower machine, a dry run)
-FASTKV="fastkv:tsp_layer=15,tsp_rate=0.2,kv_budget=0.1"
-SNAPKV="snapkv:kv_budget=0.1"
-ADAKV="ada-snapkv:kv_budget=0.1"
-H2O="h2o:evict_during_decode=true,kv_budget=0.1"
-TOVA="tova:kv_budget=0.1"
+STAGES=${STAGES:-"check b1 throughput b1-128k hf-static throughput-128k"}  # which stages run
+POLICIES=${POLICIES:-"snapkv fastkv ada-snapkv h2o tova"}  # which of these the stages run beside full KV
+declare -A SPEC=(
+    [fastkv]="fastkv:tsp_layer=15,tsp_rate=0.2,kv_budget=0.1"
+    [snapkv]="snapkv:kv_budget=0.1"
+    [ada-snapkv]="ada-snapkv:kv_budget=0.1"
+    [h2o]="h2o:evict_during_decode=true,kv_budget=0.1"
+    [tova]="tova:kv_budget=0.1"
+)
+# policies NAME...: chosen=(--policy SPEC ...) for each NAME that $POLICIES names, in this order.
+policies() {
+    chosen=()
+    local n
+    for n; do
+        if [[ " $POLICIES " == *" $n "* ]]; then chosen+=(--policy "${SPEC[$n]}"); fi
+    done
+}
+# One line, and no stage started, when kvpolicy cannot be imported as installed.
+if ! where=$($PYTHON -c 'import kvpolicy.adapters, kvpolicy.policies; print(kvpolicy.__file__)' 2>&1); then
+    echo "gpu-h200: $PYTHON cannot import kvpolicy.adapters (${where##*$'\n'}): put the installed wheel on" \
+        "PYTHONPATH as this script's header says, with Python >= 3.11 (its PYTHONSAFEPATH keeps the source" \
+        "folder kvpolicy/, which lacks adapters and policies, off sys.path)" >&2
+    exit 2
+fi
+echo "== kvpolicy from ${where##*$'\n'}"
 mkdir -p "$OUT"
 model=(--random-weights "$SHAPE" --dtype "$DTYPE" --device "$DEVICE" --gen "$GEN" --repeats "$REPEATS")
 memory=()
 [[ -n "$MEMORY" ]] && memory=(--memory-gib "$MEMORY")
 start=$SECONDS
+failed=() finished=()
+selected() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # stage NAME LIMIT_S ARGS...: `kvpolicy bench ARGS --out $OUT/NAME.json` in its own process under timeout,
 # the limit capped by what is left of $BUDGET (skipped when under 20 s are left).
 stage() {
     local name=$1 limit=$(($2 * SCALE))
     shift 2
+    selected "$name" || return
     local left=$((BUDGET - (SECONDS - start)))
     if ((left < 20)); then
         echo "== $name: skipped (${left}s left of ${BUDGET}s)"
@@ -88,25 +122,43 @@ stage() {
         echo "== $name: cut at ${limit}s; what it finished is printed above and in $OUT/$name.json"
     elif ((rc != 0)); then
         echo "== $name: exit $rc"
+        failed+=("$name")
+    else
+        finished+=("$name")
     fi
 }
 
-echo "== check (limit $((120 * SCALE))s)"
-timeout -k 5 $((120 * SCALE)) $PYTHON bench/gpu_check.py || echo "== check: FAILED or cut (see above); timing goes on"
+if selected check; then
+    echo "== check (limit $((120 * SCALE))s)"
+    timeout -k 5 $((120 * SCALE)) $PYTHON bench/gpu_check.py
+    rc=$?
+    if ((rc == 124 || rc == 137)); then
+        echo "== check: cut at $((120 * SCALE))s (see above); timing goes on"
+    elif ((rc != 0)); then
+        echo "== check: FAILED, exit $rc (see above); timing goes on"
+        failed+=(check)
+    fi
+fi
 
 # shellcheck disable=SC2086
 {
-    stage b1 150 e2e "${model[@]}" --warmup "$WARMUP" --lengths $LENGTHS $FAST --also-eager \
-        --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$H2O" --policy "$TOVA"
+    policies snapkv fastkv ada-snapkv h2o tova
+    stage b1 150 e2e "${model[@]}" --warmup "$WARMUP" --lengths $LENGTHS $FAST --also-eager "${chosen[@]}"
     stage throughput 170 e2e "${model[@]}" --warmup "$TP_WARMUP" --lengths $TP_LENGTHS $FAST --throughput \
-        --batch-sizes "$BATCHES" "${memory[@]}" \
-        --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$H2O" --policy "$TOVA"
-    stage b1-128k 110 e2e "${model[@]}" --warmup 0 --lengths $LONG $FAST --also-eager \
-        --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$TOVA"
-    stage hf-static 100 e2e "${model[@]}" --warmup 1 --lengths $HF_LENGTH $FAST --no-transformers-baseline \
-        --transformers-compiled --policy "$FASTKV"
+        --batch-sizes "$BATCHES" "${memory[@]}" "${chosen[@]}"
+    policies snapkv fastkv ada-snapkv tova
+    stage b1-128k 110 e2e "${model[@]}" --warmup 0 --lengths $LONG $FAST --also-eager "${chosen[@]}"
+    policies fastkv
+    stage hf-static 100 e2e "${model[@]}" --warmup "$HF_WARMUP" --lengths $HF_LENGTH $FAST --no-transformers-baseline \
+        --transformers-compiled "${chosen[@]}"
+    policies snapkv fastkv ada-snapkv tova
     stage throughput-128k 600 e2e "${model[@]}" --warmup 0 --lengths $TP_LONG $FAST --throughput \
-        --batch-sizes "$BATCHES" "${memory[@]}" --policy "$SNAPKV" --policy "$FASTKV" --policy "$ADAKV" --policy "$TOVA"
+        --batch-sizes "$BATCHES" "${memory[@]}" "${chosen[@]}"
 }
 echo "== summary ($((SECONDS - start))s)"
-$PYTHON bench/summarize.py "$OUT"
+# A stage that exited 0 must have written rows (summarize exits 1 otherwise).
+$PYTHON bench/summarize.py "$OUT" ${finished[@]:+--require "${finished[@]}"} || failed+=(summary)
+if ((${#failed[@]})); then
+    echo "== failed: ${failed[*]}"
+    exit 1
+fi

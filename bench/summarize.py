@@ -6,10 +6,12 @@ output: the bench rewrites its JSON after every prompt length. Two Markdown tabl
 tokens/s at each batch size and the ratio to full KV's tokens/s at each one's largest batch).
 
     python bench/summarize.py bench/out
+    python bench/summarize.py bench/out --require b1 throughput   # exit 1 unless both measured something
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -125,5 +127,31 @@ def summarize(folder: Path) -> str:
     return "\n".join(out)
 
 
+def missing(folder: Path, stages: list[str]) -> list[str]:
+    """The stages among ``stages`` whose JSON in ``folder`` is absent or unreadable, or has no row with
+    a measured figure (tokens/s of a batch that ran, or a prefill or decode time)."""
+    out = []
+    for stage in stages:
+        try:
+            data = json.loads((folder / f"{stage}.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            data = None
+        rows = data.get("results") if isinstance(data, dict) else None
+        keys = ("tokens_per_s", "prefill_s", "decode_ms_per_token")
+        if not rows or not any(r.get(k) for r in rows for k in keys):
+            out.append(stage)
+    return out
+
+
 if __name__ == "__main__":
-    print(summarize(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/out")))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", default="bench/out", type=Path)
+    parser.add_argument(
+        "--require", nargs="+", default=[], metavar="STAGE", help="exit 1 unless each has measured rows"
+    )
+    args = parser.parse_args()
+    print(summarize(args.folder))
+    lacking = missing(args.folder, args.require)
+    if lacking:
+        print(f"no measured rows in {args.folder} for: {' '.join(lacking)}", file=sys.stderr)
+        sys.exit(1)
