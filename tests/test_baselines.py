@@ -449,14 +449,20 @@ def test_pyramidinfer_target_solves_decay_per_prompt():
 
 # -- decode-time eviction -------------------------------------------------------------------------
 def decode(model, ids, policy, steps=100):
-    """Prefill, then ``steps`` greedy decode steps; yields the state after each."""
+    """Prefill, then ``steps`` greedy decode steps; returns the state after each, and the Prefill that
+    holds their cache (a request holds its batch weakly: the cache lives as long as the Prefill)."""
     adapter = kvpolicy.get_adapter(model)
     pre = kvpolicy.prefill(model, ids, policy, reserve=steps)
     token = pre.next_token
-    for step in range(steps):
-        logits = adapter.decode_step(token, policy, pre.state, step)
-        token = logits.argmax(-1, keepdim=True)
-        yield step, pre.state
+
+    def steps_of():
+        nonlocal token
+        for step in range(steps):
+            logits = adapter.decode_step(token, policy, pre.state, step)
+            token = logits.argmax(-1, keepdim=True)
+            yield step, pre.state
+
+    return pre, steps_of()
 
 
 @pytest.mark.parametrize(
@@ -469,7 +475,8 @@ def decode(model, ids, policy, steps=100):
     ids=["streamingllm", "h2o", "tsp+streamingllm"],
 )
 def test_decode_eviction_keeps_cache_at_budget(tiny_model, prompt_ids, policy):
-    for step, state in decode(tiny_model, prompt_ids, policy):
+    _pre, steps = decode(tiny_model, prompt_ids, policy)
+    for step, state in steps:
         assert state.cache.kv_lengths == [24] * 4
         for layer in state.cache.layers:
             pos = layer.positions[0]
@@ -488,7 +495,8 @@ def test_decode_eviction_keeps_cache_at_budget(tiny_model, prompt_ids, policy):
 def test_pyramidinfer_squeeze_bounds_cache_growth(tiny_model, prompt_ids):
     policy = kvpolicy.get_policy("pyramidinfer", min_context=8)  # 35 % config: R = 2
     prefill_lengths = kvpolicy.prefill(tiny_model, prompt_ids, policy).cache.kv_lengths
-    for step, state in decode(tiny_model, prompt_ids, policy):
+    _pre, steps = decode(tiny_model, prompt_ids, policy)
+    for step, state in steps:
         appended = step + 1
         want = [n + appended - 2 * (appended // 16) for n in prefill_lengths]  # 16 -> 14 at every layer
         assert state.cache.kv_lengths == want
