@@ -62,10 +62,14 @@ class CpuLoad:
         """What to tell a user whose machine is busier than its cores, or ``None``."""
         if not self.busy:
             return None
+        advice = (
+            f"; with {self.threads} threads each step waits on the busiest core (try --threads 1)"
+            if self.threads > 1
+            else ""
+        )
         return (
             f"warning: the machine's load ({self.load:.1f}) exceeds its {self.cores} cores: other jobs share "
-            f"the CPU, so these timings are slower and noisier than on a quiet machine; with torch's "
-            f"{self.threads} threads each step waits on the busiest core (try --threads 1)"
+            f"the CPU, so these timings are slower and noisier than on a quiet machine{advice}"
         )
 
 

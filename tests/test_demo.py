@@ -45,6 +45,7 @@ def test_threads_and_load_are_reported_and_checked():
             and "--threads 1" in busy.warning()
         )
         assert CpuLoad(threads=2, load=0.5, cores=2).warning() is None
+        assert "--threads 1" not in CpuLoad(threads=1, load=7.5, cores=2).warning()
         with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
             set_threads(0)
     finally:
