@@ -450,6 +450,7 @@ class DecoderAdapter:
                     value=v[b : b + 1, :, lo:],
                     scaling=attn.scaling,
                     rope_theta=self.plain_rope_theta,
+                    out_proj=_out_proj_weight(attn),
                 )
                 if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
                     parts.append(None)
@@ -757,6 +758,15 @@ def _kept(
         None if counts is None else counts[0],
     )
     return kept
+
+
+def _out_proj_weight(attn: nn.Module) -> torch.Tensor | None:
+    """The attention's output projection weight ``(D, H_q * d_v)`` where it has the usual name."""
+    for name in ("o_proj", "out_proj", "dense", "c_proj"):
+        weight = getattr(getattr(attn, name, None), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return weight
+    return None
 
 
 def _check_decision(policy: Policy, layer: int, decision: Any, tokens: int, prompt_len: int) -> None:

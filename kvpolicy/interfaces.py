@@ -16,7 +16,7 @@ scoring; per-request scratch space comes from the :class:`~kvpolicy.state.Reques
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checkable
 
@@ -64,6 +64,15 @@ class LayerView:
     #: no partial rotation, one kind for every layer), else ``None``: what a policy that undoes RoPE
     #: (ExpectedAttention) may rely on.
     rope_theta: float | None = None
+    #: The model's own rotary embedding for this layer, whatever its type (scaled, partial, per layer):
+    #: ``rotary(positions)`` with ``positions`` ``(B, n)`` long gives ``(cos, sin)``, each
+    #: ``(B, n, d_rot)`` as the model applies them (``d_rot`` the rotated width). ``None`` when the
+    #: model has no rotary embedding or the adapter cannot reach it. What a policy that moves queries or
+    #: keys to other positions (ExpectedAttention) uses instead of assuming plain RoPE.
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: ``(D, H_q * d_v)`` weight of this layer's attention output projection (``o_proj``), or ``None``
+    #: when the adapter cannot name it: what output-error-aware scoring (CriticalKV) weighs values by.
+    out_proj: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
