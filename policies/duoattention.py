@@ -27,8 +27,10 @@ Defaults and where they come from:
   ``head_map_file`` reads that TSV (values clipped to ``[0, 1]`` as the official ``load_attn_pattern``
   does) or JSON (a list of lists, or an object with a ``"head_map"`` list, as
   :func:`write_head_map` writes). kvpress instead marks the lowest-scoring
-  ``head_compression_ratio`` share of heads as streaming: ``ratio`` does the same, exactly (ties
-  broken by layer then head order); :func:`threshold_for_ratio` gives a threshold for at least that
+  ``head_compression_ratio`` share of heads as streaming: ``ratio`` does the same, with the call
+  kvpress makes (``np.argsort(head_scores, axis=None)[:n]`` on the float64 map, numpy's default
+  sort, which is not stable), so heads tied at the cut are split as kvpress splits them (see
+  :func:`streaming_for_ratio`); :func:`threshold_for_ratio` gives a threshold for at least that
   share (a threshold cannot split tied heads).
 * Compression is at prefill only by default, as kvpress does (its press masks the streaming heads'
   middle entries at prefill); ``rolling=True`` also keeps each streaming head at ``sink + recent``
@@ -58,6 +60,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field, PrivateAttr, model_validator
 
@@ -130,8 +133,8 @@ def threshold_for_ratio(head_map: Sequence[Sequence[float]], ratio: float) -> fl
     """A threshold that makes at least ``ratio`` of the heads streaming heads (kvpress's
     ``head_compression_ratio``: the ``round(ratio * n)`` lowest-scoring heads). A threshold cannot
     split heads of equal score: heads tied with the last one the ratio takes stream too, so a tie at
-    the cut makes *more* heads stream, never fewer. For exactly the ratio, ties broken by layer then
-    head order as kvpress's sort does, give :class:`DuoAttention` ``ratio`` instead."""
+    the cut makes *more* heads stream, never fewer. For exactly the ratio, tied heads split as
+    kvpress splits them, give :class:`DuoAttention` ``ratio`` instead (:func:`streaming_for_ratio`)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio={ratio!r} must be in [0, 1]")
     scores = sorted(v for row in head_map for v in row)
@@ -144,12 +147,31 @@ def threshold_for_ratio(head_map: Sequence[Sequence[float]], ratio: float) -> fl
 
 def streaming_for_ratio(head_map: Sequence[Sequence[float]], ratio: float) -> list[list[bool]]:
     """Per layer and KV head: whether it streams when exactly ``round(ratio * n)`` of the ``n`` heads
-    do, the lowest-scoring ones, ties broken by layer then head order (kvpress's stable sort)."""
+    do, the lowest-scoring ones, chosen by the call kvpress's ``DuoAttentionPress.post_init_from_model``
+    makes: ``np.argsort(head_scores, axis=None)[:n]`` on the ``(layers, kv_heads)`` map as float64
+    (the dtype of the TSV it loads), flattened layer by layer.
+
+    That is numpy's default sort, ``kind="quicksort"`` (an introsort, or a SIMD sort on CPUs that
+    have one): it is *not* stable, so heads tied at the cut are split in an order that is neither
+    layer-first nor any other simple rule. On SmolLM2's shipped map at ratio 0.5, the heads
+    ``(14, 1)`` and ``(29, 0)`` both score 0.1343 at the cut and numpy streams ``(29, 0)``. Making
+    the same call gives kvpress's heads whenever both run the same numpy on the same kind of CPU;
+    numpy's order among ties can change with its version and with the CPU features its sort
+    dispatches to (measured with numpy 2.4: a map of values rounded to one decimal orders its ties
+    differently with AVX2 disabled, ``NPY_DISABLE_CPU_FEATURES``), so across machines kvpress's own
+    choice among tied heads is not fixed either. Heads that are not tied at the cut never depend on it.
+    """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio={ratio!r} must be in [0, 1]")
-    flat = [(v, layer, head) for layer, row in enumerate(head_map) for head, v in enumerate(row)]
-    chosen = {(layer, head) for _, layer, head in sorted(flat)[: round(ratio * len(flat))]}
-    return [[(layer, head) in chosen for head in range(len(row))] for layer, row in enumerate(head_map)]
+    # argsort(axis=None) sorts the C-order flattening, so the flat layer-major array is the same call
+    # (and a map with different head counts per layer still works).
+    flat = np.asarray([v for row in head_map for v in row], dtype=np.float64)
+    n = round(ratio * flat.size)
+    chosen = set(np.argsort(flat)[:n].tolist()) if n > 0 else set()
+    starts = np.cumsum([0] + [len(row) for row in head_map]).tolist()
+    return [
+        [starts[layer] + head in chosen for head in range(len(row))] for layer, row in enumerate(head_map)
+    ]
 
 
 class DuoAttention(CachePolicy):
@@ -163,8 +185,9 @@ class DuoAttention(CachePolicy):
             checked when the policy is built.
         threshold: a head whose score is at or above it keeps everything (official default 0.5).
         ratio: instead of ``threshold``, the share of heads that stream, met exactly: the
-            ``round(ratio * heads)`` lowest-scoring heads, ties broken by layer then head order
-            (kvpress's ``head_compression_ratio``).
+            ``round(ratio * heads)`` lowest-scoring heads, chosen with kvpress's own call (numpy's
+            default, unstable ``argsort``), so ties at the cut split as kvpress splits them
+            (kvpress's ``head_compression_ratio``; see :func:`streaming_for_ratio`).
         sink: initial prompt positions a streaming head keeps (official default 64).
         recent: most recent entries a streaming head keeps besides its sinks (official default 256).
         rolling: streaming heads keep evicting while decoding (their oldest non-sink entry once they

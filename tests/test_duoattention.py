@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 import json  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import kvpolicy  # noqa: E402
@@ -330,18 +331,62 @@ def test_threshold_for_ratio():
     assert threshold == 0.9 and streaming == 3 >= 2
 
 
+def kvpress_streaming(head_map, ratio):
+    """kvpress's DuoAttentionPress.post_init_from_model, its selection lines: the reference."""
+    head_scores = np.array(head_map, dtype=float)
+    n_pruned = round(head_scores.size * ratio)
+    mask = np.zeros(head_scores.shape, dtype=bool)
+    if n_pruned > 0:
+        indices = np.argsort(head_scores, axis=None)[:n_pruned]
+        mask[np.unravel_index(indices, head_scores.shape)] = True
+    return mask.tolist()
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75, 1.0])
 def test_ratio_is_met_exactly_with_ties(ratio):
-    """`ratio`: exactly round(ratio * heads) stream, the lowest first, ties broken by layer then head
-    (kvpress's head_compression_ratio), where a threshold cannot split tied heads."""
+    """`ratio`: exactly round(ratio * heads) stream, the lowest first (kvpress's
+    head_compression_ratio), where a threshold cannot split tied heads."""
     tied = [[0.3, 0.3], [0.3, 0.3]]  # every head tied
     policy = DuoAttention(head_map=tied, ratio=ratio, sink=SINK, recent=RECENT)
-    streaming = [
-        (layer, h) for layer in range(2) for h, r in enumerate(policy.retrieval_heads(layer)) if not r
-    ]
-    assert len(streaming) == round(4 * ratio)
-    assert streaming == [(0, 0), (0, 1), (1, 0), (1, 1)][: round(4 * ratio)]  # first by layer, then head
+    streaming = [[not r for r in policy.retrieval_heads(layer)] for layer in range(2)]
+    assert sum(map(sum, streaming)) == round(4 * ratio)
+    assert streaming == kvpress_streaming(tied, ratio)
     assert streaming_for_ratio([[0.2, 0.1], [0.9, 0.1]], 0.5) == [[False, True], [False, True]]
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75, 0.9])
+def test_ratio_splits_ties_as_kvpress_on_real_size_maps(ratio):
+    """Real-size maps (30 layers x 3 KV heads, the embedded model's) with ties at the cut: the heads
+    kvpress's unstable np.argsort picks, which are not layer-then-head order."""
+    from pathlib import Path
+
+    shipped = read_head_map(Path(__file__).parent / "data" / "duo_smollm2_head_map.json")
+    rng = np.random.default_rng(0)
+    coarse = np.round(rng.random((30, 3)), 1).tolist()  # ~9 heads per value: ties at every cut
+    for head_map in (shipped, coarse):
+        ours = streaming_for_ratio(head_map, ratio)
+        assert sum(map(sum, ours)) == round(90 * ratio)
+        assert ours == kvpress_streaming(head_map, ratio)
+        policy = DuoAttention(head_map=head_map, ratio=ratio, sink=SINK, recent=RECENT)
+        assert [[not r for r in policy.retrieval_heads(layer)] for layer in range(30)] == ours
+    # the tie the issue measured: (14, 1) and (29, 0) both score 0.1343 at ratio 0.5's cut
+    assert shipped[14][1] == shipped[29][0] == 0.1343
+    if ratio == 0.5:
+        half = streaming_for_ratio(shipped, 0.5)
+        assert half[14][1] != half[29][0]  # exactly one of the tied pair streams, the one numpy picks
+
+
+def test_layer_first_order_is_not_kvpress_order():
+    """The test above can see a layer-first tie rule: on the coarse map it picks other heads."""
+    coarse = np.round(np.random.default_rng(0).random((30, 3)), 1).tolist()
+    flat = sorted((v, layer, h) for layer, row in enumerate(coarse) for h, v in enumerate(row))
+
+    def layer_first(ratio):
+        chosen = {(layer, h) for _, layer, h in flat[: round(90 * ratio)]}
+        return [[(layer, h) in chosen for h in range(3)] for layer in range(30)]
+
+    ratios = [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert any(layer_first(r) != kvpress_streaming(coarse, r) for r in ratios)
 
 
 def test_preset_builds_the_policy(tmp_path, model, ids):
