@@ -1,5 +1,5 @@
-"""``kvpolicy eval needle|ruler|longbench|compare``: accuracy of a policy on the three benchmarks, and
-one table (plus plots) across runs.
+"""``kvpolicy eval needle|ruler|longbench|compare|leaderboard``: accuracy of a policy on the three
+benchmarks, one table (plus plots) across runs, and kvpress's leaderboard protocol in one command.
 
 Policy settings are options as in ``kvpolicy generate`` (``--kv-budget 128 --tsp-rate 0.2``), or
 ``--policy-config FILE``. See docs/evaluation.md.
@@ -27,7 +27,9 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
             "and are skipped once finished (--force reruns). Preset settings are options: --kv-budget 128."
         ),
     )
-    esub = p.add_subparsers(dest="eval_command", required=True, metavar="{needle,ruler,longbench,compare}")
+    esub = p.add_subparsers(
+        dest="eval_command", required=True, metavar="{needle,ruler,longbench,compare,leaderboard}"
+    )
 
     needle = _bench_parser(esub, "needle", "needle-in-a-haystack: recall of the needle per length and depth")
     needle.add_argument(
@@ -95,6 +97,122 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     cmp_.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
     cmp_.add_argument("--out", type=Path, help="where compare.md and the plots go (default: DIR/compare)")
     cmp_.set_defaults(func=run_compare)
+    _leaderboard_parser(esub, model_args)
+
+
+def _leaderboard_parser(esub: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    from kvpolicy.eval import leaderboard as lb
+
+    text = (
+        "kvpress's leaderboard protocol in one command: RULER with the context compressed before the "
+        "question is seen (query-agnostic), every method at every compression ratio (the fraction of "
+        "the KV cache removed; each preset runs with kv_budget = 1 - ratio), greedy answers, RULER's "
+        "string_match_all, plus full KV as the ceiling. Prints the table (method x ratio, the average "
+        "over tasks, then per task) and writes leaderboard.md/.json/.png in --out. Every cell is a "
+        "resumable query-agnostic RULER run under OUT/ruler (--shard splits them; rerun the same "
+        "command to resume or to add methods registered since). "
+        f"Length: {lb.LEADERBOARD_LENGTH} tokens as the leaderboard, except on the embedded "
+        f"SmolLM2-135M-Instruct (the default model): {lb.EMBEDDED_LENGTH} tokens and its "
+        f"{len(lb.EMBEDDED_TASKS)} tasks {', '.join(lb.EMBEDDED_TASKS)}, the length and tasks where that "
+        "model still answers with full KV (measured, docs/results.md); a task it fails uncompressed "
+        "cannot tell methods apart. With Llama-3.1-8B-Instruct or Qwen3-8B on a GPU it is the same "
+        "command at 4K over all 11 tasks."
+    )
+    q = esub.add_parser(
+        "leaderboard",
+        help="kvpress's leaderboard protocol: RULER, query-agnostic, methods x compression ratios, table and plot",
+        description=text,
+        allow_abbrev=False,
+    )
+    q.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME[:key=value,...]",
+        help="presets to compare, with settings as NAME:key=value,key=value (e.g. fastkv:tsp_layer=14); "
+        "default: every registered preset that takes kv_budget (kvpolicy list)",
+    )
+    q.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=list(lb.DEFAULT_RATIOS),
+        help="compression ratios, fractions of the KV cache REMOVED (kv_budget = 1 - ratio)",
+    )
+    q.add_argument(
+        "--length",
+        type=int,
+        help=f"prompt length in tokens (default: {lb.LEADERBOARD_LENGTH}; {lb.EMBEDDED_LENGTH} on the embedded model)",
+    )
+    q.add_argument(
+        "--tasks", nargs="+", help="RULER tasks (default: all 11; on the embedded model the 5 it solves)"
+    )
+    q.add_argument("--samples", type=int, default=lb.DEFAULT_SAMPLES, help="samples per task and ratio")
+    q.add_argument("--seed", type=int, default=42)
+    q.add_argument("--haystack-dir", type=Path, help="essay haystack folder (default: Paul Graham essays)")
+    q.add_argument("--out", type=Path, help="results folder (default: results/leaderboard/<model>-<length>)")
+    q.add_argument("--force", action="store_true", help="rerun cells that already finished")
+    q.add_argument("--max-new-tokens", type=int, help="cap on new tokens (default: RULER's, at most 64)")
+    q.add_argument("--no-plot", action="store_true", help="write no leaderboard.png")
+    q.add_argument("--quiet", action="store_true", help="no progress lines or tables")
+    q.add_argument(
+        "--compile", action="store_true", help="compile the decode step (same answers; faster on a GPU)"
+    )
+    q.add_argument(
+        "--graphs",
+        action="store_true",
+        help="replay the decode step from recorded CUDA graphs (same answers; the fast path on a GPU)",
+    )
+    q.add_argument(
+        "--shard",
+        help="run shard i of n (0-based, e.g. 0/4) of every cell; 'env' reads RANK/WORLD_SIZE or a Slurm "
+        "array; each shard's table shows what all shards have finished",
+    )
+    model_args(q)
+    q.set_defaults(func=run_leaderboard_cmd)
+
+
+def run_leaderboard_cmd(args: argparse.Namespace) -> int:
+    from kvpolicy.cli import check_model_source, load_from_args
+    from kvpolicy.eval import leaderboard as lb
+    from kvpolicy.eval.runner import EMBEDDED_LABEL
+    from kvpolicy.eval.shard import local_device, parse_shard
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    # Methods, ratios and the shard are checked before the model loads: a typo should not cost a load.
+    methods = [lb.parse_method(spec) for spec in args.methods or []]
+    ratios = [lb.check_ratio(r) for r in args.ratios]
+    lb.check_methods(methods, ratios)
+    shard = parse_shard(args.shard)
+    check_model_source(args)
+    if shard and args.device is None:
+        args.device = local_device()
+    model, tokenizer = load_from_args(args)
+    name = args.model or EMBEDDED_LABEL
+    if args.gguf_file:
+        name = f"{name}/{args.gguf_file}"
+    lb.run_leaderboard(
+        model,
+        tokenizer,
+        methods=methods or None,
+        ratios=ratios,
+        length=args.length,
+        tasks=args.tasks,
+        samples=args.samples,
+        seed=args.seed,
+        out=args.out,
+        model_name=name,
+        haystack_dir=args.haystack_dir,
+        max_new_tokens=args.max_new_tokens,
+        shard=shard,
+        force=args.force,
+        quiet=args.quiet,
+        command=_command_line(),
+        compile=args.compile,
+        graphs=args.graphs,
+        plot=not args.no_plot,
+    )
+    return 0
 
 
 def _bench_parser(esub: Any, name: str, help_: str) -> argparse.ArgumentParser:

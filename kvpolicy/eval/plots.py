@@ -127,3 +127,43 @@ def compare_plots(benchmark: str, runs: Sequence[Any], labels: Sequence[str], ou
             )
         )
     return written
+
+
+def leaderboard_plot(
+    series: dict[str, dict[float, float]],
+    path: Path,
+    title: str,
+    ceiling: tuple[str, float] | None = None,
+) -> Path:
+    """kvpress's leaderboard plot: score against compression ratio (fraction of the cache removed), one
+    line per method (the legend says its settings), full KV as a dashed horizontal line: the ceiling."""
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^vP*X<>h"
+    fig, ax = plt.subplots(figsize=(10.5, max(4.2, 1.2 + 0.24 * (len(series) + 1))))
+    xs_all = sorted({x for points in series.values() for x in points})
+    if ceiling is not None:
+        ax.axhline(ceiling[1], color="black", linestyle="--", linewidth=1.2, label=ceiling[0])
+    for i, (label, points) in enumerate(series.items()):
+        xs = sorted(points)
+        ax.plot(
+            xs,
+            [points[x] for x in xs],
+            marker=markers[i % len(markers)],
+            color=cmap(i % 20),
+            linewidth=1.4,
+            markersize=5,
+            label=label,
+        )
+    if xs_all:
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+    ax.set_xlabel("compression ratio (fraction of the KV cache removed)")
+    ax.set_ylabel("score (average over tasks, 0-100)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
