@@ -277,9 +277,21 @@ def run_leaderboard(
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples!r}")
     chosen = [m if isinstance(m, Method) else parse_method(m) for m in (methods or [])]
-    if not methods:
-        chosen = [Method(name) for name in compressing_presets()]
-    check_methods(chosen, ratio_list)
+    unusable: list[Cell] = []
+    if methods:
+        check_methods(chosen, ratio_list)  # methods named by the user: a bad one is an error
+    else:  # every registered one: a preset that cannot be built as is (no calibration yet) is reported
+        for name in compressing_presets():
+            try:
+                check_methods([Method(name)], ratio_list)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                unusable += [
+                    Cell(name, r, error=f"not built with its defaults: {reason}") for r in ratio_list
+                ]
+                console.print(f"leaderboard: left out {name}: {reason}", markup=False, highlight=False)
+                continue
+            chosen.append(Method(name))
     part = parse_shard(shard)
     if model is None:
         from kvpolicy.models import load_model
@@ -365,6 +377,7 @@ def run_leaderboard(
         )
     _fill_from_store(cells, out_dir)
     methods_done = [c.method for c in cells if c.ratio is None] + [m.spec for m in chosen]
+    cells += unusable
     result = LeaderboardResult(
         out_dir,
         cells,
@@ -478,7 +491,7 @@ def write_outputs(result: LeaderboardResult, plot: bool = True, console: Any = N
             lines.append(f"- {legend_label(cell)}")
     if errors:
         lines += ["", "## Failed", ""]
-        lines += [f"- {c.method} at ratio {c.ratio}: {c.error}" for c in errors]
+        lines += [f"- {line}" for line in _failures(errors)]
     lines += [
         "",
         f"Samples per cell: {', '.join(map(str, counts)) or 'none'}; wall time {result.seconds:.0f} s.",
@@ -526,11 +539,21 @@ def write_outputs(result: LeaderboardResult, plot: bool = True, console: Any = N
     if console is not None:
         console.print(report.rich_table(header, rows, title))
         console.print(report.rich_table(theader, trows, "per task"))
-        for cell in errors:
-            console.print(f"failed: {cell.method} at ratio {cell.ratio}: {cell.error}", markup=False)
+        for line in _failures(errors):
+            console.print(f"failed: {line}", markup=False, highlight=False)
         console.print(f"table: {result.table_path}", markup=False)
         if result.plot_path:
             console.print(f"plot: {result.plot_path}", markup=False)
+
+
+def _failures(errors: Sequence[Cell]) -> list[str]:
+    """One line per method and error, with the ratios it failed at."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for c in errors:
+        grouped.setdefault((c.method, str(c.error)), []).append(
+            "full KV" if c.ratio is None else f"{c.ratio:g}"
+        )
+    return [f"{method} at ratio {', '.join(ratios)}: {error}" for (method, error), ratios in grouped.items()]
 
 
 def _series(result: LeaderboardResult) -> dict[str, dict[float, float]]:
