@@ -12,6 +12,10 @@ measures it:
    ``tolerance`` points of full KV (binary search: later layers keep more), then the smallest KV
    budget for the chosen setting; the cost model predicts each point's prefill speed-up and KV size.
 3. A ready policy config (JSON) and the command that reproduces the run.
+
+Other measured settings come from the same prompts: ``--duo-heads`` (a DuoAttention head map,
+:func:`kvpolicy.policies.duoattention.calibrate_heads`) and ``--qfilters`` (the model's Q-Filters,
+:func:`kvpolicy.policies.qfilters.calibrate_filters`).
 """
 
 from __future__ import annotations
@@ -561,6 +565,19 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     )
     p.add_argument("--duo-sink", type=int, default=64, help="--duo-heads sink tokens (default 64)")
     p.add_argument("--duo-recent", type=int, default=256, help="--duo-heads recent tokens (default 256)")
+    p.add_argument(
+        "--qfilters",
+        action="store_true",
+        help="instead of the FastKV search, measure the model's Q-Filters (the SVD of its queries) on the "
+        "same prompts and write OUT/qfilters_filters.json, for the qfilters policy's --filters-file",
+    )
+    p.add_argument(
+        "--qfilters-samples",
+        type=int,
+        default=3000,
+        help="--qfilters: calibration tokens whose queries enter the SVD, drawn with --seed (default 3000, "
+        "the official make_filters.py's)",
+    )
     model_args(p)
     p.set_defaults(func=_run)
 
@@ -575,6 +592,29 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rates and --budgets are fractions in (0, 1]; got {bad}")
     model, tokenizer = load_from_args(args)
     command = "kvpolicy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.duo_heads and args.qfilters:
+        raise ValueError("--duo-heads and --qfilters are separate runs; give one")
+    if args.qfilters:
+        from kvpolicy.policies.qfilters import calibrate_filters
+
+        if args.qfilters_samples < 1:
+            raise ValueError(f"--qfilters-samples must be >= 1, got {args.qfilters_samples}")
+        prepared = calibration_samples(
+            tokenizer, args.task, args.length, args.samples, args.ruler_tasks, args.prompts, args.seed
+        )
+        path = calibrate_filters(
+            model,
+            args.out,
+            [s.input_ids for s in prepared],
+            args.qfilters_samples,
+            args.seed,
+            command=command,
+        )
+        print(
+            f"Q-Filters: {path}; run them with --policy qfilters --filters-file {path} "
+            f"(or --policy-config {path})"
+        )
+        return 0
     if args.duo_heads:
         from kvpolicy.policies.duoattention import calibrate_heads
 

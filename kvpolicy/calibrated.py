@@ -8,6 +8,12 @@ model ship as ``kvpolicy/configs/<model>/<preset>.json`` (each a ``--policy-conf
 fill whatever the user did not set, and a note says so; a user's own setting always wins, and
 ``kvpolicy.get_policy`` (which knows no model) never changes.
 
+Measured data too large for a setting ships beside the config and the setting names it: the
+embedded model's Q-Filters (``kvpolicy calibrate --qfilters``) are ``<model>/qfilters_filters.json``,
+itself a policy config with the filters embedded, and ``qfilters.json`` sets
+``packaged_filters=<model>``. A user's filters (``filters_file`` or ``filters``) replace the shipped
+ones: settings a preset lists as alternatives (``alternative_settings``) count as one.
+
 The resolved settings (user's, measured, then the preset's defaults, with model-dependent values such
 as a default TSP layer worked out for the model) also name the run in every table and plot title.
 """
@@ -85,7 +91,11 @@ def resolve_preset(name: str, options: dict[str, Any] | None = None, model: Any 
     measured: dict[str, Any] = {}
     if source is not None:
         data = json.loads(source.read_text(encoding="utf-8"))
-        measured = {k: v for k, v in data.items() if k not in ("policy", "name") and k not in options}
+        # Settings that are alternatives to one the user gave (Q-Filters from a file, not the shipped
+        # ones) are the user's choice too.
+        groups = getattr(preset_class(name), "alternative_settings", ())
+        taken = set(options) | {k for g in groups if set(options) & g for k in g}
+        measured = {k: v for k, v in data.items() if k not in ("policy", "name") and k not in taken}
     merged = {**measured, **options}
     policy = get_policy(name, **merged)
     preset = preset_class(name).model_validate(merged)
