@@ -113,10 +113,11 @@ def _leaderboard_parser(esub: Any, model_args: Callable[[argparse.ArgumentParser
         "command to resume or to add methods registered since). "
         f"Length: {lb.LEADERBOARD_LENGTH} tokens as the leaderboard, except on the embedded "
         f"SmolLM2-135M-Instruct (the default model): {lb.EMBEDDED_LENGTH} tokens and its "
-        f"{len(lb.EMBEDDED_TASKS)} tasks {', '.join(lb.EMBEDDED_TASKS)}, the length and tasks where that "
-        "model still answers with full KV (measured, docs/results.md); a task it fails uncompressed "
-        "cannot tell methods apart. With Llama-3.1-8B-Instruct or Qwen3-8B on a GPU it is the same "
-        "command at 4K over all 11 tasks."
+        f"{len(lb.EMBEDDED_TASKS)} tasks {', '.join(lb.EMBEDDED_TASKS)}: where that model still "
+        "answers with full KV (measured at 512, 1K and 2K, docs/results.md; a task it fails uncompressed "
+        "cannot tell methods apart), at the length where every registered method at five ratios fits in "
+        "about half an hour of one CPU thread (--length 1024 or 2048: longer, and it still answers). "
+        "With Llama-3.1-8B-Instruct or Qwen3-8B on a GPU it is the same command at 4K over all 11 tasks."
     )
     q = esub.add_parser(
         "leaderboard",
@@ -144,7 +145,7 @@ def _leaderboard_parser(esub: Any, model_args: Callable[[argparse.ArgumentParser
         help=f"prompt length in tokens (default: {lb.LEADERBOARD_LENGTH}; {lb.EMBEDDED_LENGTH} on the embedded model)",
     )
     q.add_argument(
-        "--tasks", nargs="+", help="RULER tasks (default: all 11; on the embedded model the 5 it solves)"
+        "--tasks", nargs="+", help="RULER tasks (default: all 11; on the embedded model the 6 it answers)"
     )
     q.add_argument("--samples", type=int, default=lb.DEFAULT_SAMPLES, help="samples per task and ratio")
     q.add_argument("--seed", type=int, default=42)
