@@ -23,21 +23,39 @@ query head, *mean* over each KV group, sinks excluded from the softmax and alway
 
 **Pre- or post-RoPE statistics.** kvpress computes μ and Σ of the queries *before* RoPE (it projects
 the hidden states with ``q_proj``), then moves them to the next ``n_future_positions`` positions with
-the *average* RoPE rotation over those positions, ``R̄ = mean_p R(p)``: ``μ' = R̄μ``,
-``Σ' = R̄ΣR̄ᵀ`` (one Gaussian with the averaged rotation; kvpress notes that a mixture over the
-positions estimated better but scored lower end to end). A :class:`~kvpolicy.interfaces.LayerView`
-holds queries *after* RoPE and no rotary tables, so the two routes here are:
+the *average* rotation the module's own rotary embedding applies over those positions,
+``R̄ = mean_p R(p)`` with ``R(p) = diag(cos p) + diag(sin p)·P`` from ``module.rotary_emb`` whatever
+its rope type: ``μ' = R̄μ``, ``Σ' = R̄ΣR̄ᵀ`` (one Gaussian with the averaged rotation; kvpress notes
+that a mixture over the positions estimated better but scored lower end to end). A
+:class:`~kvpolicy.interfaces.LayerView` holds queries *after* RoPE, so each post-RoPE query is first
+rotated back to pre-RoPE at its original position, then the kvpress computation runs, with the future
+positions ``prompt_len .. prompt_len + n_future_positions - 1`` (where decoding continues, whatever a
+propagation cut left at this layer). The rotation comes from, in this order (default
+``rope_theta="model"``):
 
-* a RoPE base (the default ``rope_theta="model"`` takes the model's own from its config, through the
-  adapter, when its rotary embedding is plain RoPE: HF's half-rotation layout, no rope scaling, no
-  partial rotation, one kind for every layer; a number sets it by hand): each post-RoPE query is
-  rotated back to pre-RoPE with the inverse rotation at its original position (RoPE is orthogonal:
-  ``q_pre = R(p)ᵀ q_post``), then the kvpress computation runs exactly, with the future positions
-  ``prompt_len .. prompt_len + n_future_positions - 1`` (where decoding continues, whatever a
-  propagation cut left at this layer). A wrong theta silently gives wrong statistics, hence the base
-  comes from the model's config, never from a guess.
-* no plain RoPE (``rope_theta=None``, or ``"model"`` on a model with scaled, partial or per-layer RoPE;
-  any rope type): statistics of the post-RoPE queries of the
+* plain RoPE (the adapter reports the model's base, ``LayerView.rope_theta``, when its rotary
+  embedding is plain RoPE: HF's half-rotation layout, no rope scaling, no partial rotation, one kind
+  for every layer; or a number given as ``rope_theta`` by hand): the tables computed here from the
+  base, as transformers computes them (RoPE is orthogonal: ``q_pre = R(p)ᵀ q_post``; the mean
+  rotation averaged in float64). A wrong theta silently gives wrong statistics, hence the base comes
+  from the model's config, never from a guess.
+* any other rotary embedding (``LayerView.rotary``: the model's own rotary module for this layer, which
+  the adapters pass for every rope type but ``dynamic``, e.g. Llama 3.1's ``llama3`` scaling,
+  ``linear``, ``yarn``, ``longrope``, partial rotation, and Gemma 3's local and global rotaries, each
+  layer its own): its ``(cos, sin)`` at the queries' positions undo the rotation
+  (``q_pre = (q·cos - P q·sin) / (cos² + sin²)``, which also removes the ``attention_scaling`` some
+  rope types fold into the tables), and its tables at the future positions, averaged in float64,
+  give ``R̄`` (so the ``attention_scaling`` is in ``R̄`` as in kvpress's). Where the tables cover
+  only the first ``d_rot < d`` dimensions (partial rotation) ``R̄`` is the identity on the rest, as
+  the model passes them through; kvpress's square ``R`` assumes ``d_rot = d`` (its broadcast fails
+  otherwise), so that case is an extension, not a copy. The tables are float32 here, where kvpress
+  takes them in the model's dtype (bf16 on a GPU): differences of rounding only.
+* neither (``rope_theta=None``; or a model without a rotary embedding the adapter can offer: learned
+  or no positions; ``dynamic`` RoPE, whose module changes its frequencies when called at new
+  positions; latent attention (MLA), whose rotated part is last; an attention that applies its tables
+  other than in the half-rotation layout, as the adapter's probe finds for Cohere, GLM, Helium and
+  ERNIE 4.5 (interleaved pairs) and Phi (its attention splits the rotated part off before the
+  helper)): statistics of the post-RoPE queries of the
   last ``n_future_positions`` tokens (past the sinks), used as they are, in the keys' frame. Under
   kvpress's own model (pre-RoPE queries i.i.d.) their mean is ``R̄_past μ``, the rotation averaged over
   the *last* ``n`` positions, where kvpress uses the next ``n``: RoPE rotations commute, so
@@ -62,6 +80,7 @@ exactly and must exceed ``n_sink``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import torch
@@ -78,6 +97,10 @@ MIN_SCORED = 8
 
 #: Elements (``B · H · rows · d``) of one fp32 temporary: bounds the memory of statistics and scores.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+#: ``LayerView.rotary``: ``(B, n)`` long positions to ``(cos, sin)``, each ``(B, n, d_rot)``.
+Rotary = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _rows_per_chunk(b: int, h: int, d: int) -> int:
@@ -132,12 +155,62 @@ def mean_rope_rotation(start: int, count: int, inv_freq: torch.Tensor) -> torch.
     angles = positions[:, None] * inv_freq.to(torch.float64)[None]  # (count, d/2)
     cos, sin = angles.cos().mean(dim=0), angles.sin().mean(dim=0)
     cos, sin = torch.cat((cos, cos)), torch.cat((sin, sin))
-    d = cos.shape[0]
+    return (torch.diag(cos) + torch.diag(sin) @ _rotate_half_matrix(cos.shape[0], device)).float()
+
+
+def _rotate_half_matrix(d: int, device: torch.device | str | None) -> torch.Tensor:
+    """``(d, d)`` float64 ``P`` with ``P x = rotate_half(x)``."""
     eye = torch.eye(d // 2, dtype=torch.float64, device=device)
     p = torch.zeros(d, d, dtype=torch.float64, device=device)
     p[d // 2 :, : d // 2] = eye
     p[: d // 2, d // 2 :] = -eye
-    return (torch.diag(cos) + torch.diag(sin) @ p).float()
+    return p
+
+
+# -- any rotary embedding, from the model's own tables (LayerView.rotary) ----------------------------
+def _check_tables(cos: torch.Tensor, head_dim: int) -> int:
+    width = cos.shape[-1]
+    if width % 2 or width > head_dim:
+        raise ValueError(
+            f"the rotary tables are {width} wide for a head dimension of {head_dim}: expected an even "
+            "width no larger than the head (the half-rotation layout on the first d_rot dimensions)"
+        )
+    return width
+
+
+def unrotate_with_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo a rotary embedding from its own tables, in float32.
+
+    Args:
+        x: ``(B, H, W, d)`` vectors after the rotation ``x·cos + rotate_half(x)·sin`` on the first
+            ``d_rot`` dimensions (the rest passed through).
+        cos, sin: ``(B, W, d_rot)`` the tables each was rotated with (HF's half-rotation layout).
+
+    Returns:
+        ``(B, H, W, d)`` float32 vectors before it: ``(x·cos - rotate_half(x)·sin) / (cos² + sin²)``
+        on the rotated part (the division removes a scale folded into the tables, e.g. YaRN's).
+    """
+    width = _check_tables(cos, x.shape[-1])
+    x = x.float()
+    cos, sin = cos.float()[:, None], sin.float()[:, None]  # (B, 1, W, d_rot)
+    rot = x[..., :width]
+    back = (rot * cos - rotate_half(rot) * sin) / (cos * cos + sin * sin)
+    return back if width == x.shape[-1] else torch.cat((back, x[..., width:]), dim=-1)
+
+
+def mean_rotary_rotation(
+    rotary: Rotary, start: int, count: int, head_dim: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``(d, d)`` float32: the rotation ``rotary`` applies, averaged over positions
+    ``start .. start + count - 1`` (kvpress's ``apply_avg_rope``: ``mean_p diag(cos p) + diag(sin p)·P``),
+    the identity on dimensions past the tables' width. Averaged in float64."""
+    positions = torch.arange(start, start + count, device=device)[None]
+    cos, sin = rotary(positions)
+    width = _check_tables(cos, head_dim)
+    cos, sin = cos[0].double().mean(dim=0), sin[0].double().mean(dim=0)  # (d_rot,)
+    rotation = torch.eye(head_dim, dtype=torch.float64, device=cos.device)
+    rotation[:width, :width] = torch.diag(cos) + torch.diag(sin) @ _rotate_half_matrix(width, cos.device)
+    return rotation.float()
 
 
 # -- statistics and scores ------------------------------------------------------------------------
@@ -147,6 +220,7 @@ def query_statistics(
     use_covariance: bool = True,
     positions: torch.Tensor | None = None,
     inv_freq: torch.Tensor | None = None,
+    rotary: Rotary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean and (population) covariance of the queries each head, over the tokens of ``mask``.
 
@@ -157,8 +231,10 @@ def query_statistics(
         query: ``(B, H, W, d)``.
         mask: ``(B, W)`` bool, which tokens count (default all); rows with none give zeros.
         use_covariance: ``False`` skips the covariance (returned as ``None``).
-        positions: ``(B, W)`` query positions, needed with ``inv_freq``.
-        inv_freq: ``(d/2,)``: undo RoPE first (:func:`unrotate`).
+        positions: ``(B, W)`` query positions, needed with ``inv_freq`` or ``rotary``.
+        inv_freq: ``(d/2,)``: undo plain RoPE first (:func:`unrotate`).
+        rotary: the model's rotary embedding (``LayerView.rotary``): undo it first
+            (:func:`unrotate_with_tables`).
 
     Returns:
         ``μ (B, H, d)`` and ``Σ (B, H, d, d)`` (or ``None``), float32.
@@ -175,6 +251,9 @@ def query_statistics(
         if inv_freq is not None:
             assert positions is not None
             q = unrotate(q, positions[:, lo : lo + step], inv_freq)
+        elif rotary is not None:
+            assert positions is not None
+            q = unrotate_with_tables(q, *rotary(positions[:, lo : lo + step]))
         return q.float(), weights[:, None, lo : lo + step, None]  # (B, H, c, d), (B, 1, c, 1)
 
     total = torch.zeros(b, h, d, dtype=torch.float32, device=query.device)
@@ -201,6 +280,7 @@ def expected_attention_scores(
     query_mask: torch.Tensor | None = None,
     always_keep: torch.Tensor | None = None,
     inv_freq: torch.Tensor | None = None,
+    rotary: Rotary | None = None,
     query_positions: torch.Tensor | None = None,
     future_start: int = 0,
     n_future_positions: int = 512,
@@ -218,18 +298,21 @@ def expected_attention_scores(
     query head, and the quadratic term is computed in key chunks.
 
     Args:
-        query: ``(B, H_q, W, d)`` the queries to take statistics of: post-RoPE (``inv_freq=None``:
-            used in the keys' frame as they are) or, with ``inv_freq``, post-RoPE queries that are
-            rotated back to pre-RoPE, whose statistics are then moved by the RoPE rotation averaged
-            over positions ``future_start .. future_start + n_future_positions - 1`` (kvpress).
+        query: ``(B, H_q, W, d)`` the queries to take statistics of: post-RoPE (``inv_freq`` and
+            ``rotary`` ``None``: used in the keys' frame as they are) or, with ``inv_freq`` or
+            ``rotary``, post-RoPE queries that are rotated back to pre-RoPE, whose statistics are then
+            moved by the rotation averaged over positions
+            ``future_start .. future_start + n_future_positions - 1`` (kvpress).
         key: ``(B, H_kv, T, d)`` after RoPE; ``H_q`` a multiple of ``H_kv``.
         value: ``(B, H_kv, T, d_v)``.
         scaling: the attention's softmax scale ``s``.
         query_mask: ``(B, W)`` bool, the queries that count (default all).
         always_keep: ``(B, T)`` bool, entries always kept (sinks): out of the softmax, score ``+inf``.
         inv_freq: ``(d/2,)`` plain-RoPE inverse frequencies (:func:`rope_inverse_frequencies`), or
-            ``None`` for post-RoPE statistics.
-        query_positions: ``(B, W)`` positions of the queries (needed with ``inv_freq``).
+            ``None``.
+        rotary: instead of ``inv_freq``, the model's own rotary embedding (``LayerView.rotary``), any
+            rope type (:func:`unrotate_with_tables`, :func:`mean_rotary_rotation`).
+        query_positions: ``(B, W)`` positions of the queries (needed with ``inv_freq`` or ``rotary``).
         future_start: the first future position the rotation is averaged over.
         n_future_positions: how many future positions it is averaged over.
         use_covariance: include the ``kᵀΣk`` term.
@@ -242,11 +325,17 @@ def expected_attention_scores(
     b, h_q, _, d = query.shape
     h_kv, t = key.shape[1], key.shape[2]
     n_rep = h_q // h_kv
-    if inv_freq is not None and query_positions is None:
-        raise ValueError("query_positions are needed to undo RoPE (inv_freq given)")
-    mean, cov = query_statistics(query, query_mask, use_covariance, query_positions, inv_freq)
+    if inv_freq is not None and rotary is not None:
+        raise ValueError("give inv_freq (plain RoPE) or rotary (the model's own tables), not both")
+    if (inv_freq is not None or rotary is not None) and query_positions is None:
+        raise ValueError("query_positions are needed to undo RoPE (inv_freq or rotary given)")
+    mean, cov = query_statistics(query, query_mask, use_covariance, query_positions, inv_freq, rotary)
+    rotation = None
     if inv_freq is not None:
         rotation = mean_rope_rotation(future_start, n_future_positions, inv_freq.to(query.device))
+    elif rotary is not None:
+        rotation = mean_rotary_rotation(rotary, future_start, n_future_positions, d, query.device)
+    if rotation is not None:
         mean = mean @ rotation.T
         if cov is not None:
             cov = rotation @ cov @ rotation.T
@@ -301,13 +390,13 @@ class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
         use_vnorm: rescale by the value norms (kvpress: ``True``).
         epsilon: added to the probabilities before the value-norm rescaling (kvpress: 0.0).
         stats_window: the most recent queries the statistics are taken over (sinks excluded). ``None``:
-            every query past the sinks with ``rope_theta`` (kvpress), the last ``n_future_positions``
-            without (see the module docstring for why).
-        rope_theta: ``"model"`` (default): the model's own plain-RoPE base, from its config, when its
-            rotary embedding is plain RoPE (the adapter reports it: ``LayerView.rope_theta``); then
-            queries are rotated back and kvpress's pre-RoPE computation runs exactly; a model with
-            scaled, partial or per-layer RoPE gets the post-RoPE statistics. A number: that base.
-            ``None``: post-RoPE statistics, for any model.
+            every query past the sinks with pre-RoPE statistics (kvpress), the last
+            ``n_future_positions`` with post-RoPE ones (see the module docstring for why).
+        rope_theta: ``"model"`` (default): the model's own rotation: plain RoPE from its base when the
+            adapter reports one (``LayerView.rope_theta``), else the model's own rotary embedding
+            (``LayerView.rotary``: scaled, partial or per-layer RoPE); queries are rotated back and
+            kvpress's pre-RoPE computation runs; post-RoPE statistics where the view has neither. A
+            number: plain RoPE with that base. ``None``: post-RoPE statistics, for any model.
     """
 
     kind = "expected_attention"
@@ -331,12 +420,20 @@ class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
         """The RoPE base this policy undoes on ``view`` (``None``: post-RoPE statistics)."""
         return view.rope_theta if self.rope_theta == "model" else self.rope_theta  # type: ignore[return-value]
 
-    def statistics_window(self, num_tokens: int, theta: float | None = None) -> int:
+    def rotary_for(self, view: LayerView) -> Rotary | None:
+        """The model's own rotary embedding this policy undoes on ``view`` where no plain-RoPE base
+        applies (``rope_theta="model"`` on a model with another rotary embedding), else ``None``."""
+        if self.rope_theta != "model" or view.rope_theta is not None:
+            return None
+        return view.rotary
+
+    def statistics_window(self, num_tokens: int, theta: float | None = None, rotary: bool = False) -> int:
         """How many of the last tokens present the query statistics read (sinks among them excluded);
-        ``theta``: the RoPE base in use (:meth:`theta_for`)."""
+        ``theta``: the RoPE base in use (:meth:`theta_for`); ``rotary``: whether the model's own rotary
+        embedding is undone instead (:meth:`rotary_for`)."""
         if self.stats_window is not None:
             window = self.stats_window
-        elif theta is not None:
+        elif theta is not None or rotary:
             window = num_tokens
         else:
             window = self.n_future_positions
@@ -350,7 +447,8 @@ class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
         """
         t = view.num_tokens
         theta = self.theta_for(view)
-        lo = t - self.statistics_window(t, theta)
+        rotary = None if theta is not None else self.rotary_for(view)
+        lo = t - self.statistics_window(t, theta, rotary is not None)
         positions = view.positions[:, lo:]
         inv_freq = None
         if theta is not None:
@@ -363,6 +461,7 @@ class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
             query_mask=positions >= self.n_sink,
             always_keep=view.positions < self.n_sink,
             inv_freq=inv_freq,
+            rotary=rotary,
             query_positions=positions,
             future_start=view.prompt_len,
             n_future_positions=self.n_future_positions,

@@ -25,8 +25,10 @@ from kvpolicy.policies.expected_attention import (  # noqa: E402
     ExpectedAttention,
     expected_attention_scores,
     mean_rope_rotation,
+    mean_rotary_rotation,
     rope_inverse_frequencies,
     unrotate,
+    unrotate_with_tables,
 )
 from kvpolicy.registry import PolicyConfigError, component_from_dict  # noqa: E402
 from kvpolicy.state import RequestState  # noqa: E402
@@ -64,8 +66,22 @@ def naive_rotation(position: int, theta: float, d: int) -> torch.Tensor:
     return r
 
 
-def naive_scores(view, policy: ExpectedAttention) -> torch.Tensor:
-    """Expected Attention the obvious way, float64, one head, one token, one key at a time."""
+def naive_rotation_freqs(position: int, freqs: list[float], d: int, scale: float = 1.0) -> torch.Tensor:
+    """A rotary embedding at ``position`` as an explicit matrix, from its frequencies one by one: a 2x2
+    rotation of each pair ``(i, i + len(freqs))`` by ``position * freqs[i]`` (times ``scale``), the
+    identity on the dimensions past ``2 * len(freqs)`` (partial rotation)."""
+    r = torch.eye(d, dtype=torch.float64)
+    half = len(freqs)
+    for i, freq in enumerate(freqs):
+        angle = position * freq
+        c, s = math.cos(angle) * scale, math.sin(angle) * scale
+        r[i, i], r[i, i + half], r[i + half, i], r[i + half, i + half] = c, -s, s, c
+    return r
+
+
+def naive_scores(view, policy: ExpectedAttention, freqs: list[float] | None = None) -> torch.Tensor:
+    """Expected Attention the obvious way, float64, one head, one token, one key at a time.
+    ``freqs``: the frequencies of the view's rotary embedding (its ``rotary`` route), given by hand."""
     q, k, v = (x.double()[0] for x in (view.query, view.key, view.value))
     positions = view.positions[0].tolist()
     h_q, t, d = q.shape
@@ -73,12 +89,16 @@ def naive_scores(view, policy: ExpectedAttention) -> torch.Tensor:
     n_rep = h_q // h_kv
     s = view.scaling
     theta = policy.theta_for(view)
-    window = policy.statistics_window(t, theta)
-    if theta is not None:
-        rotations = [
-            naive_rotation(p, theta, d)
-            for p in range(view.prompt_len, view.prompt_len + policy.n_future_positions)
-        ]
+    if freqs is not None:
+        assert theta is None and policy.rotary_for(view) is not None
+        rotate = lambda p: naive_rotation_freqs(p, freqs, d)  # noqa: E731
+    elif theta is not None:
+        rotate = lambda p: naive_rotation(p, theta, d)  # noqa: E731
+    else:
+        rotate = None
+    window = policy.statistics_window(t, theta, freqs is not None)
+    if rotate is not None:
+        rotations = [rotate(p) for p in range(view.prompt_len, view.prompt_len + policy.n_future_positions)]
         r_mean = sum(rotations) / len(rotations)
     out = torch.zeros(h_kv, t, dtype=torch.float64)
     for h in range(h_q):
@@ -86,12 +106,12 @@ def naive_scores(view, policy: ExpectedAttention) -> torch.Tensor:
         for i in range(t - window, t):
             if positions[i] >= policy.n_sink:
                 x = q[h, i]
-                if theta is not None:
-                    x = naive_rotation(positions[i], theta, d).T @ x  # back to pre-RoPE
+                if rotate is not None:
+                    x = rotate(positions[i]).T @ x  # back to pre-RoPE
                 samples.append(x)
         mu = sum(samples) / len(samples)
         cov = sum(torch.outer(x - mu, x - mu) for x in samples) / len(samples)
-        if theta is not None:
+        if rotate is not None:
             mu, cov = r_mean @ mu, r_mean @ cov @ r_mean.T
         if not policy.use_covariance:
             cov = torch.zeros(d, d, dtype=torch.float64)
@@ -245,6 +265,221 @@ def test_unrotate_recovers_the_models_pre_rope_queries(model, ids):
     theta = getattr(model.config, "rope_theta", None) or model.config.rope_parameters["rope_theta"]
     back = unrotate(view.query, view.positions, rope_inverse_frequencies(theta, d))
     torch.testing.assert_close(back, q_pre.float(), rtol=1e-4, atol=1e-4)
+
+
+# -- any rotary embedding: the model's own (LayerView.rotary) -------------------------------------
+#: Llama 3.1's scaling, with a short original context so that a tiny head has all three bands.
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 10000.0,
+}
+
+
+def naive_llama3_frequencies(d: int, cfg: dict = LLAMA3) -> list[float]:
+    """Llama 3.1's scaled RoPE frequencies one by one (Meta's ``apply_scaling``, llama-models): kept
+    above the high-frequency wavelength, divided by ``factor`` below the low one, blended between."""
+    old, low, high = cfg["original_max_position_embeddings"], cfg["low_freq_factor"], cfg["high_freq_factor"]
+    out = []
+    for i in range(d // 2):
+        freq = 1.0 / cfg["rope_theta"] ** (2 * i / d)
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(freq)
+        elif wavelen > old / low:
+            out.append(freq / cfg["factor"])
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append((1 - smooth) * freq / cfg["factor"] + smooth * freq)
+    return out
+
+
+def llama_rotary(head_dim: int, rope_parameters: dict):
+    """A ``LayerView.rotary`` from transformers' own Llama rotary embedding."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, rope_parameters=rope_parameters)
+    module = LlamaRotaryEmbedding(config)
+    return module, lambda positions: module(torch.zeros(1), positions)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"n_future_positions": 7, "stats_window": 12, "n_sink": 2},
+        {"use_covariance": False, "epsilon": 0.05},
+    ],
+    ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "defaults",
+)
+def test_llama3_scaled_rope_scores_equal_the_naive_reference(settings):
+    """A view without plain RoPE but with the model's rotary embedding (Llama 3.1's ``llama3``
+    scaling): queries are rotated back and the statistics moved with that embedding's own rotation,
+    exactly as the naive reference does with explicit per-position matrices of the scaled frequencies."""
+    from dataclasses import replace
+
+    module, rotary = llama_rotary(8, LLAMA3)
+    freqs = naive_llama3_frequencies(8)
+    torch.testing.assert_close(module.inv_freq.double(), torch.tensor(freqs, dtype=torch.float64))
+    unscaled = naive_llama3_frequencies(8, {**LLAMA3, "factor": 1.0})
+    ratios = [round(f / g, 6) for f, g in zip(freqs, unscaled, strict=True)]
+    assert ratios[0] == 1.0 and ratios[-1] == 0.125 and 0.125 < ratios[1] < 1.0  # all three bands
+    policy = ExpectedAttention(budget=12, **settings)
+    for view in (
+        make_view(t=40, seed=0),
+        make_view(t=32, seed=1, prompt_len=90, positions=torch.tensor([[0, 2, 3, *range(5, 90, 3)]])),
+    ):
+        view = replace(view, rotary=rotary)
+        assert policy.rotary_for(view) is rotary
+        ours = policy.key_scores(view, new_state(view.prompt_len))
+        want = naive_scores(view, policy, freqs=freqs)
+        assert torch.equal(torch.isinf(ours), torch.isinf(want))
+        finite = ~torch.isinf(want)
+        torch.testing.assert_close(ours[finite].double(), want[finite], rtol=1e-4, atol=1e-7)
+        # the scaling matters: plain RoPE with the same base scores otherwise
+        plain = ExpectedAttention(budget=12, rope_theta=10000.0, **settings).key_scores(view)
+        assert not torch.allclose(plain[finite], ours[finite], rtol=1e-3)
+    # a number or None still means plain RoPE or post-RoPE statistics, whatever the view offers
+    assert ExpectedAttention(budget=12, rope_theta=None).rotary_for(view) is None
+    assert ExpectedAttention(budget=12, rope_theta=1e4).rotary_for(view) is None
+
+
+def test_partial_rotation_and_scaled_tables():
+    """Tables narrower than the head rotate the first ``d_rot`` dimensions and pass the rest through
+    (GPT-NeoX, Phi); a scale folded into the tables (YaRN's ``attention_scaling``) is divided out when
+    undoing and kept in the mean rotation, as kvpress's ``R = mean(cos·I + sin·P)`` keeps it."""
+    from dataclasses import replace
+
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    # partial: 4 of 8 dimensions rotate, with base 100
+    freqs = [100.0 ** (-2 * i / 4) for i in range(2)]
+    inv_freq = torch.tensor(freqs, dtype=torch.float32)
+
+    def partial(positions):
+        angles = positions.float()[..., None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()
+
+    view = replace(make_view(t=40, seed=2), rotary=partial)
+    policy = ExpectedAttention(budget=12, n_future_positions=32)
+    ours = policy.key_scores(view, new_state())
+    want = naive_scores(view, policy, freqs=freqs)
+    finite = ~torch.isinf(want)
+    torch.testing.assert_close(ours[finite].double(), want[finite], rtol=1e-4, atol=1e-7)
+    rotation = mean_rotary_rotation(partial, 40, 32, 8).double()
+    torch.testing.assert_close(rotation[4:, 4:], torch.eye(4, dtype=torch.float64))
+    assert (rotation[:4, 4:] == 0).all() and (rotation[4:, :4] == 0).all()
+
+    # YaRN: transformers folds attention_scaling into cos and sin
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    module, rotary = llama_rotary(8, yarn)
+    scale = module.attention_scaling
+    assert scale != 1.0
+    positions = torch.tensor([[0, 3, 40, 300]])
+    x = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0))
+    cos, sin = rotary(positions)
+    rotated, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    torch.testing.assert_close(unrotate_with_tables(rotated, cos, sin), x, rtol=1e-5, atol=1e-5)
+    freqs = module.inv_freq.double().tolist()
+    mean = sum(naive_rotation_freqs(p, freqs, 8, scale) for p in range(50, 60)) / 10
+    torch.testing.assert_close(mean_rotary_rotation(rotary, 50, 10, 8).double(), mean, rtol=1e-5, atol=1e-6)
+
+
+def record_views(model, ids, policy=None):
+    """Every view the cache policy is shown in a prefill of ``ids`` (with ``policy``'s selection)."""
+
+    class Record(CachePolicy):
+        kind = "record-views"
+
+        def select(self, view, state):
+            state.scratch(self).setdefault("views", {})[view.layer] = view
+            return None if policy is None else policy.select(view, state)
+
+    recorder = Record()
+    pre = kvpolicy.prefill(model, ids, kvpolicy.compose(cache=recorder))
+    return pre.state.scratch(recorder)["views"]
+
+
+def test_llama3_model_views_carry_its_rotary_embedding(ids):
+    """On a tiny Llama with ``llama3`` scaling the adapter reports no plain RoPE but passes the model's
+    own rotary embedding: undone with it, the view's queries are what ``q_proj`` made, and the scores
+    equal the naive reference with explicit matrices of the scaled frequencies."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(layers=2, rope_parameters=dict(LLAMA3))
+    attn = model.model.layers[0].self_attn
+    seen = {}
+    hook = attn.q_proj.register_forward_hook(lambda mod, args, out: seen.setdefault("q", out))
+    try:
+        views = record_views(model, ids)
+    finally:
+        hook.remove()
+    view = views[0]
+    assert view.rope_theta is None and view.rotary is not None
+    d = attn.head_dim
+    q_pre = seen["q"].view(1, ids.shape[1], -1, d).transpose(1, 2)
+    back = unrotate_with_tables(view.query, *view.rotary(view.positions))
+    torch.testing.assert_close(back, q_pre.float(), rtol=1e-4, atol=1e-4)
+    cos, sin = view.rotary(torch.arange(5)[None])
+    want_cos, want_sin = model.model.rotary_emb(torch.zeros(1), torch.arange(5)[None])
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    policy = ExpectedAttention(budget=24, n_future_positions=64)
+    ours = policy.key_scores(view)
+    want = naive_scores(view, policy, freqs=naive_llama3_frequencies(d))
+    finite = ~torch.isinf(want)
+    torch.testing.assert_close(ours[finite].double(), want[finite], rtol=1e-4, atol=1e-7)
+    # and it compresses: the budget per layer and KV head, sinks kept
+    pre = kvpolicy.prefill(model, ids, kvpolicy.compose(cache=ExpectedAttention(budget=24)))
+    assert pre.cache.kv_head_lengths() == [[24, 24]] * 2
+
+
+def test_plain_rope_keeps_its_own_tables(model, ids):
+    """A plain-RoPE model's views carry both its base and its rotary embedding: the base's tables are
+    used, as before the rotary embedding was passed (identical scores), and the module's tables give
+    the same rotation to float32 rounding."""
+    from dataclasses import replace
+
+    view = record_views(model, ids)[1]
+    assert view.rope_theta is not None and view.rotary is not None
+    policy = ExpectedAttention(budget=24)
+    ours = policy.key_scores(view)
+    assert torch.equal(ours, policy.key_scores(replace(view, rotary=None)))
+    assert torch.equal(ours, ExpectedAttention(budget=24, rope_theta=view.rope_theta).key_scores(view))
+    by_module = policy.key_scores(replace(view, rope_theta=None))
+    finite = torch.isfinite(ours)
+    torch.testing.assert_close(by_module[finite], ours[finite], rtol=1e-4, atol=1e-7)
+
+
+def test_gemma3_layers_get_their_own_rotary_embedding():
+    """Gemma 3 (generic adapter): sliding layers rotate with the local base, full-attention layers with
+    the global one; each view carries its own layer type's rotary embedding."""
+    from test_generic_adapter import SLIDING, tiny_model
+
+    model = tiny_model("gemma3_text", SLIDING["gemma3_text"])
+    adapter = kvpolicy.get_adapter(model)
+    assert adapter.plain_rope_theta is None  # per layer type: not one RoPE
+    positions = torch.arange(0, 400, 7)[None]
+    tables = {}
+    for i, rotary in enumerate(adapter.view_rotaries):
+        kind = adapter.layer_types[i]
+        want = model.model.rotary_emb(torch.zeros(1), positions, kind)
+        got = rotary(positions)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        tables[kind] = got[0]
+    assert set(tables) == {"sliding_attention", "full_attention"}
+    assert not torch.allclose(tables["sliding_attention"], tables["full_attention"])
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    views = record_views(model, ids, ExpectedAttention(budget=12))
+    full = [i for i, w in enumerate(adapter.windows) if w is None]
+    assert full and set(full) <= set(views)
+    for i, view in views.items():
+        want = model.model.rotary_emb(torch.zeros(1), positions, adapter.layer_types[i])[0]
+        assert torch.equal(view.rotary(positions)[0], want)
 
 
 # -- query-agnostic -------------------------------------------------------------------------------
