@@ -33,7 +33,7 @@ from kvpolicy.cache import (
     flash_paged_attention,
 )
 from kvpolicy.devices import module_device
-from kvpolicy.interfaces import DecodeView, Evict, LayerView, PerHead, Policy, Propagate, Restart
+from kvpolicy.interfaces import DecodeView, Evict, LayerView, PerHead, Policy, Propagate, Restart, Selection
 from kvpolicy.kernels import decode_attention_for
 from kvpolicy.state import Batch, RequestState
 
@@ -127,7 +127,8 @@ class DecoderAdapter:
     @functools.cached_property
     def plain_rope_theta(self) -> float | None:
         """The RoPE base when the model's rotary embedding is plain RoPE over the whole head (rope type
-        ``default``, no partial rotation, one set of parameters for every layer), else ``None``."""
+        ``default``, no partial rotation, one set of parameters for every layer, applied in HF's
+        half-rotation layout as :func:`_layer_rotary`'s probe checks), else ``None``."""
         cfg = self.config
         params = getattr(cfg, "rope_parameters", None) or {}
         if any(isinstance(v, dict) for v in params.values()):  # per layer type (Gemma 3): not one RoPE
@@ -135,12 +136,23 @@ class DecoderAdapter:
         scaling = getattr(cfg, "rope_scaling", None) or {}
         rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
         theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
-        partial = getattr(cfg, "partial_rotary_factor", None) or 1.0
+        # (transformers 5 keeps the factor in rope_parameters: GPT-NeoX, Phi)
+        partial = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None)) or 1.0
         if getattr(cfg, "qk_nope_head_dim", None):  # latent attention (MLA): part of each head unrotated
             partial = 0.0
         if rope_type != "default" or partial != 1.0 or not isinstance(theta, (int, float)):
             return None
+        if not any(self.view_rotaries):  # interleaved pairs (Cohere, GLM, Helium, ERNIE 4.5): not this RoPE
+            return None
         return float(theta)
+
+    @functools.cached_property
+    def view_rotaries(self) -> list[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None]:
+        """Per layer, what :attr:`LayerView.rotary` holds: the model's own rotary embedding, whatever
+        its type, as a function of positions (each layer its own where rotaries differ by layer type,
+        Gemma 3's local and global); ``None`` on layers without attention and where
+        :func:`_layer_rotary` finds none it can offer."""
+        return [_layer_rotary(self, i) if attends else None for i, attends in enumerate(self.attends)]
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -373,7 +385,8 @@ class DecoderAdapter:
         self.check_policy(policy)
         lengths = [int(p.shape[0]) for p in prompts]
         states = [self._new_state(n, b, reserve) for b, n in enumerate(lengths)]
-        ids, counts, propagate = left_pad(prompts), list(lengths), True
+        rows = self._with_scoring_suffix(prompts, policy, states)
+        ids, counts, propagate = left_pad(rows), [int(r.shape[0]) for r in rows], True
         block = block_size or self.block_size
         with self.routing():
             while True:
@@ -393,12 +406,41 @@ class DecoderAdapter:
                         states[b].discarded_tokens_per_layer += states[b].tokens_per_layer
                         states[b].tokens_per_layer = []
                 ids, counts, propagate = left_pad(chosen), [int(c.shape[0]) for c in chosen], False
-            # Decode positions continue at each sequence's logical length (a restarted pass: its own).
+            # Decode positions continue at each sequence's logical length (a restarted pass: its own;
+            # a scoring suffix is not part of it).
+            counts = [c - state.scoring_tokens for c, state in zip(counts, states, strict=True)]
             next_positions = torch.tensor(counts, dtype=torch.long, device=ids.device)
             if len(set(counts)) == 1:
                 cache.set_next_position(counts[0])
             batch = Batch(states, cache, next_positions)  # points each state at it (weakly)
         return self._logits(h_last), batch
+
+    def _with_scoring_suffix(
+        self, prompts: list[torch.Tensor], policy: Policy, states: list[RequestState]
+    ) -> list[torch.Tensor]:
+        """Each prompt with the tokens its cache policy appends to score with (KVzip's reconstruction),
+        recorded in its state; the prompts themselves when the policy appends none."""
+        rows = []
+        for prompt, state in zip(prompts, states, strict=True):
+            suffix = _call(policy.cache, "scoring_suffix", 0, prompt, state)
+            if suffix is None or suffix.numel() == 0:
+                rows.append(prompt)
+                continue
+            if not isinstance(suffix, torch.Tensor) or suffix.dim() != 1 or suffix.is_floating_point():
+                raise AdapterError(
+                    f"policy {type(policy.cache).__name__} ({policy.cache.kind!r}) scoring_suffix() returned "
+                    f"{suffix!r}; expected a 1-D tensor of token ids or None"
+                )
+            total = prompt.shape[0] + suffix.shape[0]
+            if self.max_positions is not None and total > self.max_positions:
+                raise ValueError(
+                    f"{type(policy.cache).__name__} scores a {prompt.shape[0]}-token prompt with "
+                    f"{suffix.shape[0]} more tokens ({total} in all), beyond the model's "
+                    f"{self.max_positions} positions; use a shorter prompt"
+                )
+            state.scoring_tokens = int(suffix.shape[0])
+            rows.append(torch.cat([prompt, suffix.to(device=prompt.device, dtype=prompt.dtype)]))
+        return rows
 
     @property
     def block_size(self) -> int:
@@ -427,6 +469,7 @@ class DecoderAdapter:
         h = self._embed(ids, positions)
         cos_sin = self._rotary(h, positions)
         uncached: list[int] = []
+        held: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
         for i, layer in enumerate(self.layers):
             h, cos_sin, positions, qkv = self._prefill_layer(
                 i, layer, h, cos_sin, positions, counts, states=cache.states
@@ -434,6 +477,12 @@ class DecoderAdapter:
             for b, state in enumerate(states):
                 state.tokens_per_layer.append(counts[b])
             if qkv is None:  # no attention (a hybrid's recurrent layer): nothing to score or cache
+                if any(state.scoring_tokens for state in states):
+                    raise AdapterError(
+                        f"cache policy {type(policy.cache).__name__} ({policy.cache.kind!r}) scores with tokens "
+                        f"appended to the prompt, but layer {i} is recurrent: its state would carry them into "
+                        "decoding"
+                    )
                 continue
             q, k, v = qkv
             attn = self.attention(layer)
@@ -450,6 +499,7 @@ class DecoderAdapter:
                     value=v[b : b + 1, :, lo:],
                     scaling=attn.scaling,
                     rope_theta=self.plain_rope_theta,
+                    rotary=self.view_rotaries[i],
                     out_proj=_out_proj_weight(attn),
                 )
                 if propagate and not _call(policy.propagation, "needs_cache", i, view, state):
@@ -460,12 +510,20 @@ class DecoderAdapter:
                 if propagate and i < self.num_layers - 1:
                     decision = _call(policy.propagation, "propagate", i, view, state)
                     _check_decision(policy, i, decision, counts[b], state.prompt_len)
+                    if decision is not None and state.scoring_tokens:
+                        raise AdapterError(
+                            f"cache policy {type(policy.cache).__name__} ({policy.cache.kind!r}) scores with "
+                            f"tokens appended to the prompt, which propagation {type(policy.propagation).__name__} "
+                            f"({policy.propagation.kind!r}) cut at layer {i}; compose it with propagation 'all'"
+                        )
                 decisions.append(decision)
                 del view
             if any(isinstance(d, Restart) for d in decisions):
                 return [d if isinstance(d, Restart) else None for d in decisions], h
             if any(p is None for p in parts):
                 uncached.append(i)  # a coming Restart discards this pass's cache (GemFilter)
+            elif policy.cache.selects_after_prefill:
+                held[i] = parts  # type: ignore[assignment]  # cached once every layer has run
             else:
                 cache.layers[i].store(parts, reserve=reserve)  # type: ignore[arg-type]
             del q, k, v, parts  # this layer's full-length KV is released before the next layer runs
@@ -473,6 +531,12 @@ class DecoderAdapter:
                 h, positions, counts, width = _repack(h, positions, counts, width, decisions)
                 cos_sin = self._rotary(h, positions)
         _check_cached(policy, uncached)
+        if held:
+            _store_final(policy, states, cache, held, reserve)
+        tails = [state.scoring_tokens for state in states]
+        if any(tails):  # the last prompt token's hidden state, before its scoring suffix
+            last = torch.tensor([width - 1 - t for t in tails], device=h.device)
+            return None, h[torch.arange(h.shape[0], device=h.device), last][:, None, :]
         return None, h[:, -1:, :]
 
     def _attend_prefill(
@@ -742,13 +806,28 @@ def _kept(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What the cache policy keeps at ``layer`` for one sequence: ``(key (H, n, d), value, positions
     (H, n), counts (H,) or None)`` (indices checked: prefill may read them back)."""
-    k, v = view.key[0], view.value[0]
     keep = _call(policy.cache, "select", layer, view, state)
-    kv_pos = view.positions[0][None, :].expand(k.shape[0], -1)
+    # A scoring suffix (KVzip's reconstruction) is never cached: the selection picks among the prompt.
+    tokens = view.num_tokens - state.scoring_tokens
+    k, v = view.key[0, :, :tokens], view.value[0, :, :tokens]
+    kv_pos = view.positions[0, :tokens][None, :].expand(k.shape[0], -1)
+    return _gathered(policy, layer, (k, v, kv_pos, None), keep, "select")
+
+
+def _gathered(
+    policy: Policy,
+    layer: int,
+    part: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    keep: Selection,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The entries of ``part`` (``(key (H, n, d), value, positions (H, n), None)``) that ``keep``
+    selects (indices checked)."""
+    k, v, kv_pos, _ = part
     if keep is None:
-        return k, v, kv_pos, None
+        return part
     idx, counts = (keep.indices, keep.counts) if isinstance(keep, PerHead) else (keep, None)
-    _check_indices(policy.cache, "select", layer, idx, (1, k.shape[0]), k.shape[1], counts=counts)
+    _check_indices(policy.cache, method, layer, idx, (1, k.shape[0]), k.shape[1], counts=counts)
     idx = idx[0].to(k.device)
     g = idx.unsqueeze(-1)
     kept = (
@@ -760,6 +839,58 @@ def _kept(
     return kept
 
 
+def _layer_rotary(
+    adapter: DecoderAdapter, i: int
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """Layer ``i``'s rotary tables as a function: ``(B, n)`` long positions to float32 ``(cos, sin)``,
+    each ``(B, n, d_rot)``, from the adapter's own :meth:`~DecoderAdapter._rotary` (the model's rotary
+    embedding module; per layer type where the model has several).
+
+    ``None`` where the model has no rotary embedding (learned or no positions); where its tables
+    change the module's state (rope type ``dynamic``: its frequencies follow the longest position it
+    was called with, so a call at future positions would change what the model applies later); and
+    where the family's ``apply_rotary_pos_emb`` does not rotate as HF's half-rotation layout does on
+    the first ``d_rot`` dimensions and pass the rest through (interleaved pairs, rotary part last,
+    other signatures), checked once on a probe: the layout a policy may then rely on.
+    """
+    cfg = adapter.config
+    params = getattr(cfg, "rope_parameters", None) or {}
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    kinds = {scaling.get("rope_type", scaling.get("type")), params.get("rope_type")}
+    kinds |= {v.get("rope_type") for v in params.values() if isinstance(v, dict)}
+    if "dynamic" in kinds or getattr(cfg, "qk_nope_head_dim", None):  # (MLA: the rotary part is last)
+        return None
+    layer_types = getattr(adapter, "layer_types", None)
+
+    def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.zeros(1, dtype=torch.float32, device=positions.device)  # dtype and device only
+        out = adapter._rotary(x, positions)
+        if isinstance(out, dict):
+            out = out[layer_types[i]]  # type: ignore[index]
+        return out[0].float(), out[1].float()
+
+    try:  # a family whose helper takes other arguments or shapes fails the probe: no rotary offered
+        if adapter._rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long)) is None:
+            return None
+        cos, sin = tables(torch.tensor([[1, 5, 50]]))
+        attn = adapter.attention(adapter.layers[i])
+        d = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or getattr(cfg, "head_dim", 0)
+        d = d or cfg.hidden_size // cfg.num_attention_heads
+        r = cos.shape[-1]
+        if adapter._apply_rotary is None or r > d or r % 2:
+            return None
+        x = torch.arange(3 * d, dtype=torch.float32).sin().reshape(1, 1, 3, d)
+        rot, rest = x[..., :r], x[..., r:]
+        half = torch.cat((-rot[..., r // 2 :], rot[..., : r // 2]), dim=-1)
+        want = torch.cat((rot * cos[:, None] + half * sin[:, None], rest), dim=-1)
+        got = adapter._apply_rotary(x, x, cos, sin)[0]
+        if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5):
+            return None
+    except Exception:
+        return None
+    return tables
+
+
 def _out_proj_weight(attn: nn.Module) -> torch.Tensor | None:
     """The attention's output projection weight ``(D, H_q * d_v)`` where it has the usual name."""
     for name in ("o_proj", "out_proj", "dense", "c_proj"):
@@ -767,6 +898,33 @@ def _out_proj_weight(attn: nn.Module) -> torch.Tensor | None:
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             return weight
     return None
+
+
+def _store_final(
+    policy: Policy,
+    states: list[RequestState],
+    cache: KVPolicyCache,
+    held: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]],
+    reserve: int,
+) -> None:
+    """Cache each held layer as the cache policy's :meth:`~CachePolicy.finish_prefill` selects it."""
+    finals = []
+    for state in states:
+        try:
+            final = policy.cache.finish_prefill(state)
+        except Exception as exc:  # third-party code: say whose
+            raise AdapterError(
+                f"policy {type(policy.cache).__name__} ({policy.cache.kind!r}) failed in finish_prefill(): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        finals.append(final or {})
+    for i, parts in held.items():
+        kept = [
+            _gathered(policy, i, part, final.get(i), "finish_prefill")
+            for part, final in zip(parts, finals, strict=True)
+        ]
+        parts.clear()  # each layer's held entries go as soon as its selection is cached
+        cache.layers[i].store(kept, reserve=reserve)
 
 
 def _check_decision(policy: Policy, layer: int, decision: Any, tokens: int, prompt_len: int) -> None:

@@ -43,7 +43,7 @@ from transformers.cache_utils import (
     LinearAttentionLayer,
 )
 
-from kvpolicy.adapters.base import DecoderAdapter
+from kvpolicy.adapters.base import AdapterError, DecoderAdapter
 from kvpolicy.cache import KVPolicyCache, PagedLayer
 from kvpolicy.interfaces import LayerView
 from kvpolicy.state import RequestState
@@ -764,6 +764,12 @@ class GenericAdapter(DecoderAdapter):
         ``window - 1`` positions); the cache policy compresses the full-attention layers only."""
         window = self.windows[i]
         chunk = self.chunks[i]
+        if state.scoring_tokens and (window is not None or chunk is not None):
+            raise AdapterError(
+                f"cache policy {type(policy.cache).__name__} ({policy.cache.kind!r}) scores with tokens "
+                f"appended to the prompt, but layer {i} of {type(self.model).__name__} attends within a "
+                f"{'sliding window' if window is not None else 'chunk'}: it would cache them"
+            )
         if chunk is not None:  # the entries of the last prompt token's chunk (decode clears them at the next)
             pos = view.positions[0]
             keep = (pos >= (int(pos.max()) // chunk) * chunk).nonzero().squeeze(-1)

@@ -109,17 +109,19 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _resolve_policy(policy: Policy | str | None) -> Policy:
+def _resolve_policy(policy: Policy | str | None, tokenizer: Any = None) -> Policy:
+    """The policy to run, bound to ``tokenizer`` when one is given (a policy whose scoring pass is
+    text, KVzip's, needs its ids: :meth:`~kvpolicy.interfaces.CachePolicy.with_tokenizer`)."""
     if policy is None:
-        return get_policy("fullkv")
-    if isinstance(policy, str):
-        return get_policy(policy)
-    if not isinstance(policy, Policy):
+        policy = get_policy("fullkv")
+    elif isinstance(policy, str):
+        policy = get_policy(policy)
+    elif not isinstance(policy, Policy):
         raise TypeError(
             f"policy must be a Policy (kvpolicy.compose / kvpolicy.get_policy) or a preset name, "
             f"got {type(policy).__name__}"
         )
-    return policy
+    return policy if tokenizer is None else policy.with_tokenizer(tokenizer)
 
 
 def _sync(device: torch.device) -> None:
@@ -322,7 +324,7 @@ def generate(
         return _answer_questions(
             model,
             tokenizer,
-            _resolve_policy(policy),
+            _resolve_policy(policy, tokenizer),
             context,
             questions,
             context_ids,
@@ -343,7 +345,7 @@ def generate(
     many = _is_batch(prompt, input_ids)
     if (prompt is None) == (input_ids is None):
         raise ValueError(f"pass exactly one of prompt ({'texts' if many else 'text'}) or input_ids")
-    pol = _resolve_policy(policy)
+    pol = _resolve_policy(policy, tokenizer)
     adapter = get_adapter(model)
     texts = None if prompt is None else (list(prompt) if many else [prompt])  # type: ignore[arg-type]
     encoded = _encode_all(model, adapter, tokenizer, texts, input_ids, chat, max_new_tokens, batch=many)

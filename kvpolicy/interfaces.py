@@ -16,7 +16,7 @@ scoring; per-request scratch space comes from the :class:`~kvpolicy.state.Reques
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checkable
 
@@ -302,6 +302,44 @@ class CachePolicy(Settings, ABC):
     def evicts_during_decode(self) -> bool:
         return type(self).on_decode is not CachePolicy.on_decode
 
+    # -- optional prefill hooks: a scoring pass, and selections made once every layer has run ---------
+
+    def with_tokenizer(self, tokenizer: Any) -> CachePolicy:
+        """This policy bound to the tokenizer of the model it will run on (default: itself).
+
+        Why: a policy whose scoring pass is made of text (KVzip's "Repeat the previous context") needs
+        that text's token ids, and the chat template's; settings are tokenizer-free data, so
+        :func:`kvpolicy.generate` asks for the bound form before prefill. Return a copy; never keep
+        the tokenizer on the policy beyond ids."""
+        return self
+
+    def scoring_suffix(self, prompt: torch.Tensor, state: RequestState) -> torch.Tensor | None:
+        """Tokens ``(S,)`` the engine appends to this sequence's prompt ``(L,)`` for the policy to
+        score with, or ``None`` (the default).
+
+        Why: some scores come from a pass the prompt alone does not make (KVzip asks the model to
+        repeat its context and scores each KV entry by the attention the repetition pays it). The
+        suffix runs through every layer with the prompt, its queries attending to the whole prompt
+        and causally to itself, exactly as a second pass over a full cache would; its KV is never
+        cached and decoding continues from the prompt's last token, at position ``L``. Its work is
+        prefill work (``tokens_per_layer`` counts it). :meth:`select` then sees ``L + S`` tokens and
+        must pick among the first ``L`` (``None``: all of them). Not offered with a propagation cut."""
+        return None
+
+    def finish_prefill(self, state: RequestState) -> Mapping[int, Selection] | None:
+        """After the last layer: each layer's final selection, ``{layer: Selection}``, or ``None``.
+
+        For policies that allocate one budget across layers (KVzip ranks every layer's entries
+        together): while this method is overridden, the engine holds what each layer's
+        :meth:`select` kept instead of caching it, and caches the selection given here, indices into
+        those entries (a layer missing from the mapping keeps them all). Peak memory is then that of
+        the held entries, as a full cache's."""
+        return None
+
+    @property
+    def selects_after_prefill(self) -> bool:
+        return type(self).finish_prefill is not CachePolicy.finish_prefill
+
 
 @runtime_checkable
 class ScoresKeys(Protocol):
@@ -350,6 +388,11 @@ class Policy:
     def check_model(self, num_layers: int) -> None:
         self.propagation.check_model(num_layers)
         self.cache.check_model(num_layers)
+
+    def with_tokenizer(self, tokenizer: Any) -> Policy:
+        """This composition with its cache policy bound to ``tokenizer`` (:meth:`CachePolicy.with_tokenizer`)."""
+        cache = self.cache.with_tokenizer(tokenizer)
+        return self if cache is self.cache else Policy(self.propagation, cache, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; :func:`kvpolicy.registry.policy_from_dict` reverses it."""

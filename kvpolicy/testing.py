@@ -49,7 +49,7 @@ transformers, which every pytest run in an environment with kvpolicy installed w
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +112,9 @@ class ConformanceCase:
             times the budget (head-adaptive budgets, a :class:`~kvpolicy.interfaces.PerHead`
             selection): the budget checks compare the mean over the KV heads (what the layer's
             memory follows) with ``expected_kv``, instead of the largest head.
+        composes_with: the propagation kinds the policy composes with; ``None`` (the default): every
+            registered one. Each other kind must be refused by :func:`kvpolicy.compose` with a
+            ``ValueError`` that names it (KVzip scores with a pass no propagation cut may shorten).
     """
 
     policy: type[CachePolicy]
@@ -124,6 +127,7 @@ class ConformanceCase:
     registered: bool = True
     id: str = ""
     ragged: bool = False
+    composes_with: Collection[str] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.policy, type) and issubclass(self.policy, CachePolicy)):
@@ -432,6 +436,10 @@ class CachePolicyConformance:
                 f"for this model ({exc}); give ConformanceCase.propagation_settings"
             )
         keep_all = kvpolicy_case.make_keep_all()
+        if kvpolicy_case.composes_with is not None and kvpolicy_propagation not in kvpolicy_case.composes_with:
+            with pytest.raises(ValueError, match=kvpolicy_propagation):
+                kvpolicy.compose(prop, keep_all)
+            return
         full = _tokens(kvpolicy_model, kvpolicy_prompt, kvpolicy.compose(prop, FullCache()))
         ours = _tokens(kvpolicy_model, kvpolicy_prompt, kvpolicy.compose(prop, keep_all))
         assert ours == full, f"{keep_all!r} after {prop!r} should match full KV after it"

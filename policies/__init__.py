@@ -17,14 +17,24 @@ from kvpolicy.policies.baseline_presets import (
     StreamingLLMPreset,
 )
 from kvpolicy.policies.cake import CAKE, CAKEPreset
+from kvpolicy.policies.chunkkv import ChunkKV, ChunkKVPreset
+from kvpolicy.policies.compactor import Compactor, CompactorPreset, Leverage, NonCausalAttention
+from kvpolicy.policies.criticalkv import CriticalAdaKVPreset, CriticalKV, CriticalKVPreset
+from kvpolicy.policies.defensivekv import DefensiveKV, DefensiveKVPreset
 from kvpolicy.policies.duoattention import DuoAttention, DuoAttentionPreset
 from kvpolicy.policies.expected_attention import ExpectedAttention, ExpectedAttentionPreset
 from kvpolicy.policies.full import AllTokens, FullCache
 from kvpolicy.policies.gemfilter import GemFilter
 from kvpolicy.policies.h2o import H2O
+from kvpolicy.policies.keydiff import KeyDiff, KeyDiffPreset
+from kvpolicy.policies.kvzip import KVzip, KVzipPreset
+from kvpolicy.policies.lagkv import LagKV, LagKVPreset
 from kvpolicy.policies.presets import FastKVPreset, FullKVPreset, SnapKVPreset
 from kvpolicy.policies.pyramidinfer import PyramidInfer, PyramidInferSqueeze
 from kvpolicy.policies.pyramidkv import PyramidKV
+from kvpolicy.policies.qfilters import QFilters, QFiltersPreset
+from kvpolicy.policies.random import Random, RandomPreset
+from kvpolicy.policies.rkv import RKV, RKVPreset
 from kvpolicy.policies.snapkv import SnapKV
 from kvpolicy.policies.streamingllm import StreamingLLM
 from kvpolicy.policies.tova import TOVA, TOVAPreset
@@ -45,10 +55,22 @@ def kvpolicy_register_components() -> list[type]:
         PyramidKV,
         PyramidInferSqueeze,
         AdaKV,
+        CriticalKV,
+        DefensiveKV,
+        ChunkKV,
         ExpectedAttention,
         TOVA,
+        RKV,
         CAKE,
         DuoAttention,
+        QFilters,
+        KeyDiff,
+        LagKV,
+        Leverage,
+        NonCausalAttention,
+        Compactor,
+        Random,
+        KVzip,
     ]
 
 
@@ -64,22 +86,43 @@ def kvpolicy_register_presets() -> list[type]:
         GemFilterPreset,
         PyramidInferPreset,
         AdaSnapKVPreset,
+        CriticalKVPreset,
+        CriticalAdaKVPreset,
+        DefensiveKVPreset,
+        ChunkKVPreset,
         ExpectedAttentionPreset,
         TOVAPreset,
+        RKVPreset,
         CAKEPreset,
         DuoAttentionPreset,
+        QFiltersPreset,
+        KeyDiffPreset,
+        LagKVPreset,
+        CompactorPreset,
+        RandomPreset,
+        KVzipPreset,
     ]
 
 
 __all__ = [
     "CAKE",
     "H2O",
+    "RKV",
     "TOVA",
     "TSP",
     "AdaKV",
     "AdaSnapKVPreset",
     "AllTokens",
     "CAKEPreset",
+    "ChunkKV",
+    "ChunkKVPreset",
+    "Compactor",
+    "CompactorPreset",
+    "CriticalAdaKVPreset",
+    "CriticalKV",
+    "CriticalKVPreset",
+    "DefensiveKV",
+    "DefensiveKVPreset",
     "DuoAttention",
     "DuoAttentionPreset",
     "ExpectedAttention",
@@ -90,11 +133,24 @@ __all__ = [
     "GemFilter",
     "GemFilterPreset",
     "H2OPreset",
+    "KVzip",
+    "KVzipPreset",
+    "KeyDiff",
+    "KeyDiffPreset",
+    "LagKV",
+    "LagKVPreset",
+    "Leverage",
+    "NonCausalAttention",
     "PyramidInfer",
     "PyramidInferPreset",
     "PyramidInferSqueeze",
     "PyramidKV",
     "PyramidKVPreset",
+    "QFilters",
+    "QFiltersPreset",
+    "RKVPreset",
+    "Random",
+    "RandomPreset",
     "SnapKV",
     "SnapKVPreset",
     "StreamingLLM",
