@@ -436,7 +436,10 @@ class CachePolicyConformance:
                 f"for this model ({exc}); give ConformanceCase.propagation_settings"
             )
         keep_all = kvpolicy_case.make_keep_all()
-        if kvpolicy_case.composes_with is not None and kvpolicy_propagation not in kvpolicy_case.composes_with:
+        if (
+            kvpolicy_case.composes_with is not None
+            and kvpolicy_propagation not in kvpolicy_case.composes_with
+        ):
             with pytest.raises(ValueError, match=kvpolicy_propagation):
                 kvpolicy.compose(prop, keep_all)
             return
