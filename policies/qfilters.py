@@ -29,8 +29,8 @@ What is computed, and where it comes from:
   them on the model itself (:func:`calibrate_filters`), on the calibration prompts calibrate already
   uses (needle-in-a-haystack text by default), and writes ``OUT/qfilters_filters.json``. The embedded
   SmolLM2-135M-Instruct ships its own (``kvpolicy/configs/SmolLM2-135M-Instruct/``), which the
-  ``qfilters`` preset uses on that model (``packaged_filters``); any other model needs calibrate first,
-  and the preset says so.
+  ``qfilters`` preset uses on that model (``packaged_filters``); on any other model, the policy
+  without filters stops before prefill with the calibrate command to run.
 * ``budget`` default 0.1 (kvpress's ``compression_ratio`` is ``1 - budget``; its default 0.0 is
   :class:`~kvpolicy.policies.full.FullCache` here), as every compressing policy of kvpolicy. A
   fractional budget never resolves below ``window + 8`` entries (capped at the prompt), as SnapKV's
@@ -204,11 +204,13 @@ class _Loaded:
 
     __slots__ = ("tensor",)
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor | None) -> None:
         self.tensor = tensor
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Loaded) and torch.equal(self.tensor, other.tensor)
+        if not isinstance(other, _Loaded) or (self.tensor is None) != (other.tensor is None):
+            return False
+        return self.tensor is None or torch.equal(self.tensor, other.tensor)  # type: ignore[arg-type]
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -232,7 +234,10 @@ class QFiltersSettings(Settings):
     def _load(self) -> QFiltersSettings:
         given = [n for n in ("filters", "filters_file", "packaged_filters") if getattr(self, n) is not None]
         if not given:
-            raise ValueError(f"filters_file, filters or packaged_filters: Field required: {_missing()}")
+            # Whether filters ship depends on the model, known only when the policy meets it:
+            # check_model (before prefill) raises the missing-filters error.
+            self._loaded = _Loaded(None)
+            return self
         if len(given) > 1:
             raise ValueError(
                 f"give one of filters, filters_file and packaged_filters, got {', '.join(given)}"
@@ -256,7 +261,12 @@ class QFiltersSettings(Settings):
 
     @property
     def filter_tensor(self) -> torch.Tensor:
-        """``(layers, H_kv, d)`` float32 filters."""
+        """``(layers, H_kv, d)`` float32 filters; ``ValueError`` naming the calibrate command when none
+        were given."""
+        if self._loaded.tensor is None:
+            raise ValueError(
+                f"qfilters: filters_file, filters or packaged_filters: Field required: {_missing()}"
+            )
         return self._loaded.tensor
 
     @property
@@ -277,8 +287,10 @@ class QFilters(QFiltersSettings, CachePolicy):
             than ``window``) or a fraction of the prompt (float, ``int(L * r)`` but at least
             ``window + 8``, at most ``L``). kvpress's ``compression_ratio`` is ``1 - budget``.
         filters: the Q-Filters themselves, per layer, per KV head, ``head_dim`` numbers (the official
-            ``q_filters``: minus the sign-fixed query direction); one of ``filters``,
-            ``filters_file`` and ``packaged_filters``.
+            ``q_filters``: minus the sign-fixed query direction); at most one of ``filters``,
+            ``filters_file`` and ``packaged_filters``. With none, the policy refuses the model before
+            prefill, naming the ``kvpolicy calibrate --qfilters`` command that makes them (whether
+            filters ship depends on the model, which settings do not know).
         filters_file: a file of filters, as ``kvpolicy calibrate --qfilters`` writes it
             (``OUT/qfilters_filters.json``), or the official ``model.safetensors``.
         packaged_filters: the name of a packaged model whose measured filters ship with kvpolicy

@@ -266,16 +266,21 @@ def test_the_embedded_model_ships_its_filters():
 
 
 # -- the missing-filters error ----------------------------------------------------------------------
-def test_missing_filters_name_the_calibrate_command(tiny_model):
+def test_missing_filters_name_the_calibrate_command(model, ids):
+    """Without filters, the policy refuses the model before prefill (whether filters ship depends on
+    the model: settings alone cannot tell), naming the calibrate command that makes them."""
     from kvpolicy.calibrated import resolve_preset
 
-    for attempt in (
-        lambda: kvpolicy.get_policy("qfilters"),
-        lambda: resolve_preset("qfilters", {}, tiny_model),  # not a packaged model
+    for policy in (
+        kvpolicy.get_policy("qfilters"),
+        resolve_preset("qfilters", {}, model).policy,  # not a packaged model: nothing measured
+        kvpolicy.compose(cache=AdaKV(inner=QFilters())),
     ):
-        with pytest.raises(PolicyConfigError, match=r"kvpolicy calibrate --qfilters") as err:
-            attempt()
+        with pytest.raises(ValueError, match=r"Field required.*kvpolicy calibrate --qfilters") as err:
+            kvpolicy.prefill(model, ids, policy)
         assert "none ship for this model" in str(err.value) and "filters_file=" in str(err.value)
+    with pytest.raises(PolicyConfigError, match=r"invalid settings for qfilters: packaged_filters='nope'"):
+        kvpolicy.get_policy("qfilters", packaged_filters="nope")
     with pytest.raises(
         ValueError, match=r"packaged_filters='Llama-3-8B'.*none ship for Llama-3-8B.*ship for: SmolLM2"
     ):
