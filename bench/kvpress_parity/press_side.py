@@ -53,7 +53,9 @@ def duo_press(head_compression_ratio: float, head_map: str) -> InjectedDuoAttent
 
 
 def _row_hash(keys: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-    return keys.double() @ probe
+    """An exact hash of each key row: its float32 bit patterns times random int64 coefficients, summed
+    with int64 wrap-around (integer sums do not depend on the order a float matmul would take)."""
+    return (keys.float().contiguous().view(torch.int32).long() * probe).sum(-1)
 
 
 def capture(press, record: dict[int, torch.Tensor]):
@@ -65,7 +67,7 @@ def capture(press, record: dict[int, torch.Tensor]):
             del module.masked_key_indices
         b, h, t, d = keys.shape
         assert b == 1
-        probe = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        probe = torch.randint(1, 2**62, (d,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
         before = _row_hash(keys[0], probe)  # (H, T)
         new_keys, new_values = original(module, hidden_states, keys, values, attentions, kwargs)
         kept = torch.zeros(h, t, dtype=torch.bool)
@@ -75,7 +77,9 @@ def capture(press, record: dict[int, torch.Tensor]):
                 order = torch.argsort(before[head])
                 at = torch.searchsorted(before[head][order], after[head]).clamp(max=t - 1)
                 found = order[at]
-                assert torch.equal(before[head][found], after[head]), "a kept key is not among the input keys"
+                assert torch.equal(before[head][found], after[head]), (
+                    f"layer {module.layer_idx}: a kept key is not an input key"
+                )
                 kept[head, found] = True
         else:
             kept[:] = True
