@@ -20,7 +20,9 @@ and the top ``budget - window`` stay, per KV head:
   survives and the older ones are redundant; the per-key means are softmaxed over the cache.
 
 At prefill the prompt is compressed to the same budget with the same score (the last ``window``
-prompt queries observe), as the official code does on its first forward.
+prompt queries observe), as the official code does on its first forward (there only for the first
+request of a process: its ``compression`` flag is ``None`` before the first forward only, after which a
+prompt is compressed only if the previous request's last step happened to set the flag).
 
 Defaults are the official code's (github.com/Zefan-Cai/R-KV, ``rkv/compression/r1_kv.py`` ``R1KV``,
 ``rkv/utils.py`` ``compute_attention_scores`` / ``cal_similarity``, ``run_math.py``,
@@ -28,15 +30,16 @@ Defaults are the official code's (github.com/Zefan-Cai/R-KV, ``rkv/compression/r
 buffer 128 (``--divide_method step_length --divide_length 128``, the README's ``B_buffer``), kernel 7
 (``kernel_size``, max pooling), λ = 0.07 (``mix_lambda``, the code's default; the README's table says
 0.1), similarity threshold 0.5 and ``retain_direction="last"`` (``cal_similarity``), max pooling of the
-logits over the query group (``compute_attention_scores(pooling="max")``). kvpress (0.5.5) has no R-KV.
+logits over the query group (``compute_attention_scores(pooling="max")``). kvpress has no R-KV (its
+``DecodingPress`` compresses every ``compression_interval`` steps with a scorer, none redundancy-aware).
 
 How this relates to the official code (deliberate differences):
 
 * **compression schedule**: the reference compresses when the *absolute* sequence length (prompt plus
   generated, a counter kept on the model) is a multiple of 128, so the first decode-time compression
   comes after 1 to 128 tokens depending on the prompt length; here every ``buffer`` generated tokens
-  from the start of generation (the same steps for every sequence of a batch, so a batch is one
-  graph variant). The cache holds at most ``budget + buffer`` entries either way;
+  from the start of generation (the same steps for every sequence of a batch, so one recorded
+  graph per variant serves the whole batch). The cache holds at most ``budget + buffer`` entries either way;
 * the reference compresses at the start of the step (the step's token attends to the compressed
   cache); here after the step's attention, as every decode-time policy of kvpolicy does;
 * after its first compression the reference's cache is in top-k *score* order (``topk`` indices
@@ -307,7 +310,7 @@ class RKV(CachePolicy):
         """Whether decode step ``step`` (0 for the first) ends with a compression."""
         return (step + 1) % self.buffer == 0
 
-    def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:  # type: ignore[override]
+    def on_decode(self, view: DecodeView, state: RequestState) -> Evict | None:
         """Write the new query into the ring of the last ``window``; every ``buffer`` steps evict each
         KV head's lowest-scored entries down to the budget, in place (tensor ops only)."""
         st: dict[str, Any] | None = state.scratch(self).get(view.layer)
@@ -323,8 +326,8 @@ class RKV(CachePolicy):
         keys = view.key
         if keys.shape[-1] != ring.shape[-1]:
             raise ValueError(
-                f"R-KV scores the cached keys against the queries, but this layer caches vectors of size "
-                f"{keys.shape[-1]} for queries of size {ring.shape[-1]} (a latent-attention cache?)"
+                f"R-KV scores the cached keys against the queries, but layer {view.layer} caches vectors "
+                f"of size {keys.shape[-1]} for queries of size {ring.shape[-1]}"
             )
         scores = rkv_scores(
             ring,
