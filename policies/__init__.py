@@ -4,7 +4,9 @@ Compose them freely: ``kvpolicy.compose(propagation=TSP(layer=20, rate=0.1), cac
 Every propagation policy (``all``, ``tsp``, ``gemfilter``, ``pyramidinfer``) composes with every cache
 policy (``full``, ``snapkv``, ``streamingllm``, ``h2o``, ``pyramidkv``, ``pyramidinfer_squeeze``,
 ``ada`` (head-adaptive budgets around a scoring policy), ``expected_attention``, ``tova``, ``cake``,
-``duoattention``).
+``duoattention``, ``critical``, ``defensive`` and ``chunk`` (refinements of a scoring policy), ``keydiff``,
+``lagkv``, ``leverage``, ``noncausal_attention``, ``compactor``, ``qfilters``, ``rkv``, ``random``), except
+``kvzip``, which scores with a pass over the whole context and composes with ``all`` only.
 """
 
 from kvpolicy.hookspecs import hookimpl

@@ -170,6 +170,13 @@ class DefensiveKVPreset(_SnapKVSettings):
     The official composition (github.com/FFY0/DefensiveKV): SnapKV's observation scores (window 32,
     average pooling with kernel 5), defensive aggregation, CriticalKV's two-stage selection with
     head-adaptive budgets and no per-head safeguard (``floor = 0``: one entry).
+
+    Attributes:
+        kv_budget: entries kept per layer and KV head on average, window included: tokens (int) or a
+            fraction of the prompt (float, at least ``2 * window``).
+        window: observation window of SnapKV's scores (the official code's 32).
+        kernel: pooling kernel along the key axis (odd; official 5).
+        pooling: ``"avg"`` (official) or ``"max"``.
     """
 
     kind = "defensivekv"
