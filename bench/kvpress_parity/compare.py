@@ -1,6 +1,6 @@
 """Half (c) of the kvpress parity harness: numpy only, runs in either venv.
 
-Reads ``OUT/kept_kvpress.npz`` and every ``OUT/kept_kvpolicy*.npz`` and prints, per method x ratio x
+Reads every ``OUT/kept_kvpress*.npz`` and every ``OUT/kept_kvpolicy*.npz`` and prints, per method x ratio x
 length, as a markdown table: the (layer, KV head) pairs whose kept sets are identical, the mean
 Jaccard index of the kept sets, the share of kvpress's kept entries that kvpolicy keeps too, the
 pairs where one set contains the other (same ranking, different counts), and the mean kept per head
@@ -19,15 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods import METHODS
 
 
-def unpack(packed: np.ndarray, length: int) -> np.ndarray:
-    return np.unpackbits(packed, axis=-1, count=length).astype(bool)
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """``(L, H, bits)`` bool; padding bits are zero on both sides (a KVzip prompt is longer than ``T``:
+    the chat template's prefix comes first)."""
+    return np.unpackbits(packed, axis=-1).astype(bool)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    press = dict(np.load(args.out / "kept_kvpress.npz"))
+    press: dict[str, np.ndarray] = {}
+    for path in sorted(args.out.glob("kept_kvpress*.npz")):
+        press.update(dict(np.load(path)))
     policy: dict[str, np.ndarray] = {}
     for path in sorted(args.out.glob("kept_kvpolicy*.npz")):
         policy.update(dict(np.load(path)))
@@ -45,8 +49,8 @@ def main() -> None:
     totals: dict[str, list[int]] = {}
     for key in sorted(set(press) & set(policy), key=sort_key):
         method, ratio, length = key.split("|")
-        a = unpack(press[key], int(length))  # (L, H, T)
-        b = unpack(policy[key], int(length))
+        a = unpack(press[key])  # (L, H, T)
+        b = unpack(policy[key])
         inter = (a & b).sum(-1)
         union = (a | b).sum(-1)
         na, nb = a.sum(-1), b.sum(-1)

@@ -10,13 +10,15 @@ Names available to the expressions:
   (``kvpress.utils.compute_n_kept``), handed to kvpolicy as an int (token) budget so neither side
   rounds a fraction its own way;
 * ``T``: the prompt length in tokens;
+* ``qfilters``: path of the Q-Filters kvpolicy ships for the embedded model (a plain JSON list);
 * ``head_map``: path of kvpolicy's calibrated DuoAttention head map for the embedded model
   (``tests/data/duo_smollm2_head_map.json``: ``kvpolicy calibrate --duo-heads``, sink 64, recent 256);
   the kvpress side injects the same map into ``DuoAttentionPress`` instead of its hub download.
 
 Settings are kvpress 0.5.5's defaults; kvpolicy's are set to them where its own defaults differ
 (SnapKV's window 8 / kernel 7 / max-pooling are FastKV's; kvpress uses 64 / 5 / average).
-Rows for methods a file in ``policies/`` does not implement yet are skipped by the kvpolicy side
+A row with ``"context": "chat"`` runs on the chat template's prefix followed by the context (kvpress's
+pipeline sends KVzip's context that way). Rows for methods a file in ``policies/`` does not implement yet are skipped by the kvpolicy side
 (``requires``: the component kind that must be registered).
 """
 
@@ -86,6 +88,19 @@ METHODS: dict[str, dict[str, str]] = {
         "requires": "keynorm",
         "note": "contrib/kvpolicy-keynorm (kind keynorm): lowest key norms",
     },
+    "KVzip": {
+        "press": "KVzipPress(compression_ratio=r)",
+        "policy": "compose(cache=KVzip(budget=1 - r))",
+        "requires": "kvzip",
+        "context": "chat",
+        "note": "context after the chat template's prefix; one chunk up to 2048 tokens (3K: two chunks, see README)",
+    },
+    "QFilters": {
+        "press": "qfilter_press(compression_ratio=r, filters=qfilters)",
+        "policy": "compose(cache=QFilters(budget=n, filters_file=qfilters))",
+        "requires": "qfilters",
+        "note": "kvpolicy's shipped SmolLM2 filters injected into kvpress's press (no hub download)",
+    },
     "KeyDiff": {
         "press": "KeyDiffPress(compression_ratio=r)",
         "policy": "compose(cache=KeyDiff(budget=n))",
@@ -121,6 +136,12 @@ METHODS: dict[str, dict[str, str]] = {
         "policy": f"compose(cache=CriticalKV(inner={_SNAP_POLICY}, adaptive=True, floor=0.2))",
         "requires": "critical",
         "note": "head-wise",
+    },
+    "CriticalKV(SnapKV) eps=0": {
+        "press": f"CriticalKVPress({_SNAP_PRESS}, epsilon=0.0)",
+        "policy": f"compose(cache=CriticalKV(inner={_SNAP_POLICY}, epsilon=0.0))",
+        "requires": "critical",
+        "note": "diagnostic: epsilon 0 on both sides (kvpolicy's SnapKV scores are sums, kvpress's means)",
     },
     "ChunkKV(SnapKV)": {
         "press": f"ChunkKVPress({_SNAP_PRESS}, chunk_length=20)",

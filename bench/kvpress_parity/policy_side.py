@@ -76,12 +76,12 @@ def main() -> None:
     from kvpolicy.generation import prefill
     from kvpolicy.models import load_model
 
-    model, _ = load_model(context["model_dir"], dtype="fp32")
+    model, tokenizer = load_model(context["model_dir"], dtype="fp32")
     names, kinds = namespace()
     path = args.out / args.file
     results = dict(np.load(path)) if path.exists() else {}
-    for _length, ids in context["ids"].items():  # length-major: every method at 1.5K first
-        T = len(ids)
+    for _length, plain_ids in context["ids"].items():  # length-major: every method at 1.5K first
+        T = len(plain_ids)
         if args.lengths and T not in args.lengths:
             continue
         for method, row in METHODS.items():
@@ -93,22 +93,29 @@ def main() -> None:
                     file=sys.stderr,
                 )
                 continue
+            ids = context["chat_prefix"] + plain_ids if row.get("context") == "chat" else plain_ids
             for r in args.ratios:
                 key = f"{method}|{r}|{T}"
                 if key in results and not args.redo:
                     continue
                 n = max(1, int(T * (1 - r)))
-                env = {"r": r, "n": n, "T": T, "head_map": context["head_map"]}
-                policy = eval(row["policy"], dict(names), env)
+                env = {
+                    "r": r,
+                    "n": n,
+                    "T": T,
+                    "head_map": context["head_map"],
+                    "qfilters": context["qfilters"],
+                }
+                policy = eval(row["policy"], dict(names), env).with_tokenizer(tokenizer)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     done = prefill(model, torch.tensor([ids]), policy)
                 layers = []
                 for layer in done.cache.layers:
                     pos = layer.positions[0].cpu()  # (H, n), -1 on padding
-                    kept = torch.zeros(pos.shape[0], T + 1, dtype=torch.bool)
-                    kept.scatter_(1, torch.where(pos >= 0, pos, T).long(), True)
-                    layers.append(kept[:, :T])
+                    kept = torch.zeros(pos.shape[0], len(ids) + 1, dtype=torch.bool)
+                    kept.scatter_(1, torch.where(pos >= 0, pos, len(ids)).long(), True)
+                    layers.append(kept[:, : len(ids)])
                 kept = torch.stack(layers).numpy()
                 results[key] = np.packbits(kept, axis=-1)
                 took = time.perf_counter() - t0

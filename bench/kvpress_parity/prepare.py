@@ -50,11 +50,27 @@ def main() -> None:
     if len(ids) < max(args.lengths):
         raise SystemExit(f"{source}: {len(ids)} tokens, fewer than the longest length {max(args.lengths)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    # KVzip's context goes in as kvpress's pipeline sends it: after the chat template's prefix
+    # (system prompt and user header), which KVzipPress skips when it repeats the context; the prefix
+    # is found as KVzipPress finds it (a dummy user turn split at a separator).
+    dummy, separator = "dummy context", "\n" + "#" * len("dummy context")
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": dummy + separator}], add_generation_prompt=True, tokenize=False
+    )
+    chat_prefix = tokenizer.encode(templated.split(separator)[0].split(dummy)[0], add_special_tokens=False)
+    # Q-Filters: the filters kvpolicy ships for the embedded model (kvpolicy calibrate --qfilters),
+    # as a plain JSON list the kvpress side reads without kvpolicy.
+    from kvpolicy.policies.qfilters import packaged_filters_file, read_filters
+
+    qfilters = args.out.resolve() / "qfilters.json"
+    qfilters.write_text(json.dumps({"filters": read_filters(packaged_filters_file(EMBEDDED.name)).tolist()}))
     context = {
         "model_dir": str(model_dir),
         "text": source,
         "ids": {str(length): ids[:length] for length in args.lengths},
         "head_map": str(ROOT / "tests" / "data" / "duo_smollm2_head_map.json"),
+        "chat_prefix": chat_prefix,
+        "qfilters": str(qfilters),
     }
     (args.out / "context.json").write_text(json.dumps(context))
     print(f"context: {source}, lengths {args.lengths}, model {model_dir}")

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import kvpress
 import numpy as np
 import torch
-from kvpress import DuoAttentionPress
+from kvpress import DuoAttentionPress, QFilterPress
 from methods import METHODS, RATIOS
 
 
@@ -46,6 +46,22 @@ class InjectedDuoAttentionPress(DuoAttentionPress):
         data = json.loads(Path(self.head_map).read_text())
         scores = np.clip(np.asarray(data["head_map"], dtype=float), 0, 1)
         return int(data.get("sink", 64)), int(data.get("recent", 256)), scores
+
+
+@dataclass
+class InjectedQFilterPress(QFilterPress):
+    """kvpress's QFilterPress with the filters kvpolicy measured (``kvpolicy calibrate --qfilters``)
+    instead of the hub's ``nthngdy/<model>_qfilt`` (none exists for SmolLM2)."""
+
+    filters: str = ""
+
+    def post_init_from_model(self, model):  # type: ignore[override]
+        data = json.loads(Path(self.filters).read_text())["filters"]
+        self.q_filters = torch.tensor(data, dtype=model.dtype)
+
+
+def qfilter_press(compression_ratio: float, filters: str) -> InjectedQFilterPress:
+    return InjectedQFilterPress(compression_ratio=compression_ratio, filters=filters)
 
 
 def duo_press(head_compression_ratio: float, head_map: str) -> InjectedDuoAttentionPress:
@@ -101,6 +117,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--ratios", type=float, nargs="*", default=list(RATIOS))
+    ap.add_argument("--lengths", type=int, nargs="*", default=None)
+    ap.add_argument(
+        "--file",
+        default="kept_kvpress.npz",
+        help="output file under --out (compare.py reads kept_kvpress*.npz)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     context = json.loads((args.out / "context.json").read_text())
@@ -110,19 +132,28 @@ def main() -> None:
         context["model_dir"], dtype=torch.float32, attn_implementation="sdpa"
     ).eval()
     names = {k: getattr(kvpress, k) for k in dir(kvpress) if k.endswith("Press")}
-    names.update(duo_press=duo_press)
-    path = args.out / "kept_kvpress.npz"
+    names.update(duo_press=duo_press, qfilter_press=qfilter_press)
+    path = args.out / args.file
     results = dict(np.load(path)) if path.exists() else {}
     language_model = model.model
-    for _length, ids in context["ids"].items():
-        T = len(ids)
+    for _length, plain_ids in context["ids"].items():
+        T = len(plain_ids)
+        if args.lengths and T not in args.lengths:
+            continue
         inputs = None  # each layer's hook arguments, recorded by one plain prefill (see replay)
         for method, row in METHODS.items():
             if args.methods and method not in args.methods:
                 continue
+            ids = context["chat_prefix"] + plain_ids if row.get("context") == "chat" else plain_ids
             for r in args.ratios:
                 n = max(1, int(T * (1 - r)))
-                env = {"r": r, "n": n, "T": T, "head_map": context["head_map"]}
+                env = {
+                    "r": r,
+                    "n": n,
+                    "T": T,
+                    "head_map": context["head_map"],
+                    "qfilters": context["qfilters"],
+                }
                 try:
                     press = eval(row["press"], dict(names), env)
                 except Exception as exc:  # a press this kvpress lacks
@@ -131,6 +162,10 @@ def main() -> None:
                 record: dict[int, torch.Tensor] = {}
                 capture(press, record)
                 t0 = time.perf_counter()
+                if not replayable(press):
+                    for layer in language_model.layers:
+                        if hasattr(layer.self_attn, "masked_key_indices"):
+                            del layer.self_attn.masked_key_indices
                 if replayable(press):
                     if inputs is None:
                         inputs = record_inputs(model, ids)
@@ -151,6 +186,13 @@ def main() -> None:
                             use_cache=True,
                             logits_to_keep=1,
                         )
+                    if not record:  # KVzip: masks every layer after its reconstruction pass
+                        for layer in language_model.layers:
+                            kept = torch.ones(model.config.num_key_value_heads, len(ids), dtype=torch.bool)
+                            masked = getattr(layer.self_attn, "masked_key_indices", None)
+                            if masked is not None:
+                                kept[masked[1].cpu(), masked[2].cpu()] = False
+                            record[layer.self_attn.layer_idx] = kept
                 kept = torch.stack([record[i] for i in range(len(record))]).numpy()
                 results[f"{method}|{r}|{T}"] = np.packbits(kept, axis=-1)
                 took = time.perf_counter() - t0
