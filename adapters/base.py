@@ -480,8 +480,8 @@ class DecoderAdapter:
                 if any(state.scoring_tokens for state in states):
                     raise AdapterError(
                         f"cache policy {type(policy.cache).__name__} ({policy.cache.kind!r}) scores with tokens "
-                        f"appended to the prompt, but layer {i} is recurrent: its state would carry them into "
-                        "decoding"
+                        f"appended to the prompt, but layer {i} has no attention (it is recurrent): its state "
+                        "would carry them into decoding"
                     )
                 continue
             q, k, v = qkv
