@@ -418,28 +418,38 @@ class DecoderAdapter:
     def _with_scoring_suffix(
         self, prompts: list[torch.Tensor], policy: Policy, states: list[RequestState]
     ) -> list[torch.Tensor]:
-        """Each prompt with the tokens its cache policy appends to score with (KVzip's reconstruction),
-        recorded in its state; the prompts themselves when the policy appends none."""
+        """Each prompt with the segments its cache policy appends to score with (KVzip's
+        reconstruction), recorded in its state; the prompts themselves when the policy appends none."""
         rows = []
         for prompt, state in zip(prompts, states, strict=True):
             suffix = _call(policy.cache, "scoring_suffix", 0, prompt, state)
-            if suffix is None or suffix.numel() == 0:
-                rows.append(prompt)
-                continue
-            if not isinstance(suffix, torch.Tensor) or suffix.dim() != 1 or suffix.is_floating_point():
+            segments = [suffix] if isinstance(suffix, torch.Tensor) else list(suffix or [])
+            bad = [
+                s
+                for s in segments
+                if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.is_floating_point()
+            ]
+            if bad:
                 raise AdapterError(
                     f"policy {type(policy.cache).__name__} ({policy.cache.kind!r}) scoring_suffix() returned "
-                    f"{suffix!r}; expected a 1-D tensor of token ids or None"
+                    f"{suffix!r}; expected a 1-D tensor of token ids, a list of them, or None"
                 )
-            total = prompt.shape[0] + suffix.shape[0]
-            if self.max_positions is not None and total > self.max_positions:
+            segments = [s for s in segments if s.numel()]
+            if not segments:
+                rows.append(prompt)
+                continue
+            longest = prompt.shape[0] + max(s.shape[0] for s in segments)  # each segment starts at L
+            if self.max_positions is not None and longest > self.max_positions:
                 raise ValueError(
-                    f"{type(policy.cache).__name__} scores a {prompt.shape[0]}-token prompt with "
-                    f"{suffix.shape[0]} more tokens ({total} in all), beyond the model's "
-                    f"{self.max_positions} positions; use a shorter prompt"
+                    f"{type(policy.cache).__name__} scores a {prompt.shape[0]}-token prompt with a "
+                    f"{longest - prompt.shape[0]}-token pass after it ({longest} positions), beyond the "
+                    f"model's {self.max_positions}; use a shorter prompt"
                 )
-            state.scoring_tokens = int(suffix.shape[0])
-            rows.append(torch.cat([prompt, suffix.to(device=prompt.device, dtype=prompt.dtype)]))
+            state.scoring_segments = tuple(int(s.shape[0]) for s in segments)
+            state.scoring_tokens = sum(state.scoring_segments)
+            rows.append(
+                torch.cat([prompt, *(s.to(device=prompt.device, dtype=prompt.dtype) for s in segments)])
+            )
         return rows
 
     @property
@@ -466,6 +476,9 @@ class DecoderAdapter:
         position's hidden state ``(B, 1, D)``."""
         width = ids.shape[1]
         positions = _positions(counts, width, ids.device)
+        if any(state.scoring_segments for state in states):
+            counts = _Counts(counts, [state.scoring_segments for state in states])
+            _segment_positions(positions, counts)
         h = self._embed(ids, positions)
         cos_sin = self._rotary(h, positions)
         uncached: list[int] = []
@@ -555,14 +568,24 @@ class DecoderAdapter:
         which keep the fused causal kernels and give each sequence exactly its unbatched attention.
         Padding rows get zeros."""
         width = q.shape[2]
-        if all(c == width for c in counts):
+        segments = getattr(counts, "segments", None) or [()] * len(counts)
+        separate = [len(s) > 1 for s in segments]  # several scoring passes: each sees the prompt alone
+        if all(c == width for c in counts) and not any(separate):
             return self._attend(attn, q, k, v, causal=True, extra=extra)
         out = q.new_zeros((q.shape[0], width, q.shape[1] * q.shape[3]))
         for b, c in enumerate(counts):
             lo = width - c
-            out[b : b + 1, lo:] = self._attend(
-                attn, q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:], True, extra=extra
+            qb, kb, vb = q[b : b + 1, :, lo:], k[b : b + 1, :, lo:], v[b : b + 1, :, lo:]
+            if not separate[b]:
+                out[b : b + 1, lo:] = self._attend(attn, qb, kb, vb, True, extra=extra)
+                continue
+            # The prompt causally; each scoring segment over the prompt and causally over itself only.
+            n = c - sum(segments[b])
+            out[b : b + 1, lo : lo + n] = self._attend(
+                attn, qb[:, :, :n], kb[:, :, :n], vb[:, :, :n], True, extra=extra
             )
+            mask = _segment_mask(n, segments[b], qb.dtype, qb.device)
+            out[b : b + 1, lo + n :] = self._attend(attn, qb[:, :, n:], kb, vb, False, mask=mask, extra=extra)
         return out
 
     # -- decode ----------------------------------------------------------------------------------
@@ -656,6 +679,43 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
     for b, p in enumerate(prompts):
         ids[b, width - p.shape[0] :] = p
     return ids
+
+
+class _Counts(list):
+    """Real tokens per (left-padded) sequence, with each sequence's scoring segments (lengths, at the
+    end of its row; :meth:`~kvpolicy.interfaces.CachePolicy.scoring_suffix`)."""
+
+    def __init__(self, counts: list[int], segments: list[tuple[int, ...]]) -> None:
+        super().__init__(counts)
+        self.segments = segments
+
+
+def _segment_positions(positions: torch.Tensor, counts: _Counts) -> None:
+    """Each scoring segment's positions, in place: ``L, L + 1, ...`` for every segment (a separate
+    pass after the ``L``-token prompt, as a second forward over the prompt's cache would number it)."""
+    width = positions.shape[1]
+    for b, (c, segments) in enumerate(zip(counts, counts.segments, strict=True)):
+        n = c - sum(segments)
+        start = width - c + n
+        for length in segments:
+            positions[b, start : start + length] = torch.arange(n, n + length, device=positions.device)
+            start += length
+
+
+def _segment_mask(
+    prompt: int, segments: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``(1, 1, S, prompt + S)`` additive mask of the scoring segments' queries (``S`` their tokens):
+    every segment sees the whole prompt and itself causally, never another segment."""
+    total = sum(segments)
+    seg = torch.repeat_interleave(
+        torch.arange(len(segments), device=device), torch.tensor(segments, device=device), output_size=total
+    )
+    row = torch.arange(total, device=device)
+    allowed = (seg[:, None] == seg[None, :]) & (row[:, None] >= row[None, :])
+    allowed = torch.cat([torch.ones(total, prompt, dtype=torch.bool, device=device), allowed], dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def _positions(counts: list[int], width: int, device: torch.device) -> torch.Tensor:

@@ -313,9 +313,11 @@ class CachePolicy(Settings, ABC):
         the tokenizer on the policy beyond ids."""
         return self
 
-    def scoring_suffix(self, prompt: torch.Tensor, state: RequestState) -> torch.Tensor | None:
+    def scoring_suffix(
+        self, prompt: torch.Tensor, state: RequestState
+    ) -> torch.Tensor | list[torch.Tensor] | None:
         """Tokens ``(S,)`` the engine appends to this sequence's prompt ``(L,)`` for the policy to
-        score with, or ``None`` (the default).
+        score with, or a list of such segments, or ``None`` (the default).
 
         Why: some scores come from a pass the prompt alone does not make (KVzip asks the model to
         repeat its context and scores each KV entry by the attention the repetition pays it). The
@@ -323,7 +325,12 @@ class CachePolicy(Settings, ABC):
         and causally to itself, exactly as a second pass over a full cache would; its KV is never
         cached and decoding continues from the prompt's last token, at position ``L``. Its work is
         prefill work (``tokens_per_layer`` counts it). :meth:`select` then sees ``L + S`` tokens and
-        must pick among the first ``L`` (``None``: all of them). Not offered with a propagation cut."""
+        must pick among the first ``L`` (``None``: all of them). Not offered with a propagation cut.
+
+        Segments of a list are separate passes: each attends to the whole prompt and causally to
+        itself, never to another segment, and each is numbered from position ``L`` on (what one pass
+        per segment over the prompt's cache computes: KVzip's chunked reconstruction). They follow
+        each other after the prompt, in order, in the view's tokens."""
         return None
 
     def finish_prefill(self, state: RequestState) -> Mapping[int, Selection] | None:

@@ -35,7 +35,8 @@ class RequestState:
             (GemFilter's filter pass): prefill compute spent that ``tokens_per_layer`` omits.
         scoring_tokens: tokens the cache policy appended to the prompt to score with
             (:meth:`~kvpolicy.interfaces.CachePolicy.scoring_suffix`: KVzip's reconstruction), counted
-            in ``tokens_per_layer``, never cached.
+            in ``tokens_per_layer``, never cached; ``scoring_segments``: their lengths, one per
+            separate pass (each sees the prompt and itself only).
         batch: the :class:`Batch` this request decodes in, set at the end of prefill (by the
             :class:`Batch` itself when made). The request holds it weakly, the batch holds its requests:
             there is no cycle between them, so a batch and its cache (the KV pools, recorded graphs'
@@ -50,6 +51,7 @@ class RequestState:
     tokens_per_layer: list[int] = field(default_factory=list)
     discarded_tokens_per_layer: list[int] = field(default_factory=list)
     scoring_tokens: int = 0
+    scoring_segments: tuple[int, ...] = ()
     _scratch: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     _batch_ref: weakref.ref[Batch] | None = field(default=None, init=False, repr=False, compare=False)
 

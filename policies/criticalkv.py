@@ -151,7 +151,9 @@ def value_output_norm(value: torch.Tensor, out_proj: torch.Tensor, n_rep: int) -
     if width != h_kv * n_rep * d_v:
         raise ValueError(
             f"out_proj has shape {tuple(out_proj.shape)}, expected (D, H_q * d_v) = (D, {h_kv * n_rep * d_v}) "
-            f"for {h_kv * n_rep} query heads of value width {d_v}"
+            f"for {h_kv * n_rep} query heads of value width {d_v}: the cached values are not what the "
+            "output projection reads (latent attention caches a compressed latent), so output-error-aware "
+            "scoring does not apply to this model"
         )
     # (D, H_kv, n_rep, d_v) -> (H_kv, d_v, n_rep * D): one matmul per KV group gives its n_rep outputs.
     w = (

@@ -10,10 +10,12 @@ once: the lowest scores of the whole model are dropped, so layers and heads keep
 (a ragged :class:`~kvpolicy.interfaces.PerHead` cache; the memory is freed, where kvpress masks).
 
 How it runs here. The reconstruction is a *scoring suffix* the engine appends to the prompt
-(:meth:`~kvpolicy.interfaces.CachePolicy.scoring_suffix`): it runs through every layer with the
-prompt, its queries attending to the whole prompt and causally to themselves, which is what a second
-pass over the full cache computes; its KV is never cached, decoding continues from the prompt's last
-token, and its tokens count as prefill work (``tokens_per_layer``, as GemFilter's filter pass). Each
+(:meth:`~kvpolicy.interfaces.CachePolicy.scoring_suffix`), one segment per chunk: each segment runs
+through every layer with the prompt, its queries attending to the whole prompt and causally to
+themselves (never to another chunk's segment), numbered from position ``L`` on, which is what
+kvpress's one pass per chunk over the full cache computes; its KV is never cached, decoding
+continues from the prompt's last token, and its tokens count as prefill work (``tokens_per_layer``,
+as GemFilter's filter pass). The prompt and every chunk's pass are one forward. Each
 layer's :meth:`KVzip.select` records that layer's scores; :meth:`KVzip.finish_prefill` allocates the
 budget once every layer has run (the engine holds the layers' full KV until then: peak memory is a
 full cache's, as in kvpress and the official code).
@@ -36,11 +38,6 @@ Reference and defaults: kvpress 0.5.5's ``KVzipPress`` (github.com/NVIDIA/kvpres
 
 Where this differs, and why:
 
-* a context longer than ``chunk_size`` has every chunk's repetition in one suffix, so chunk ``i``'s
-  repetition also sees chunks ``< i``'s repetitions and sits at later positions; kvpress runs one
-  pass per chunk against the context cache alone. Scores use the same subsampled softmax, so up to
-  ``chunk_size`` context tokens (one chunk) the two agree exactly; beyond, the hidden states of later
-  repetitions differ slightly;
 * every KV head keeps at least its best entry (kvpress may mask a head entirely at extreme ratios;
   the same number of entries is dropped, the next lowest instead);
 * the template's prefix is skipped only when the prompt starts with its ids (kvpress skips
@@ -240,7 +237,7 @@ class KVzip(CachePolicy):
         """Average entries per layer and KV head for a prompt of ``prompt_len`` tokens."""
         return resolve_budget(self.budget, prompt_len)
 
-    def scoring_suffix(self, prompt: torch.Tensor, state: RequestState) -> torch.Tensor | None:
+    def scoring_suffix(self, prompt: torch.Tensor, state: RequestState) -> list[torch.Tensor] | None:
         n = int(prompt.shape[0])
         if self.resolved_budget(n) >= n:
             return None  # nothing to drop: no reconstruction pass
@@ -262,7 +259,7 @@ class KVzip(CachePolicy):
             offset += piece.shape[0]
         scratch = state.scratch(self)
         scratch["spans"], scratch["scores"] = spans, {}
-        return torch.cat(pieces)
+        return pieces
 
     def select(self, view: LayerView, state: RequestState) -> Selection:
         scratch = state.scratch(self)

@@ -40,6 +40,7 @@ TINY_OPTIONS: dict[str, dict[str, object]] = {
     "expected_attention": {"kv_budget": 20},
     "tova": {"kv_budget": 20},
     "cake": {"kv_budget": 20, "window": 8},
+    "qfilters": {"kv_budget": 20, "filters": [[[0.25] * 16] * 2] * 4},  # the tiny model has no calibration
     "duoattention": {
         "head_map_file": str(Path(__file__).parent / "data" / "duo_tiny_head_map.json"),
         "sink": 4,

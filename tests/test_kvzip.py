@@ -11,7 +11,8 @@ pytest.register_assert_rewrite("kvpolicy.testing")
 pytest_plugins = ["kvpolicy.testing"]
 
 import kvpolicy  # noqa: E402
-from kvpolicy.policies import TSP, AllTokens, KVzip  # noqa: E402
+from kvpolicy.interfaces import LayerView  # noqa: E402
+from kvpolicy.policies import TSP, AllTokens, FullCache, KVzip  # noqa: E402
 from kvpolicy.policies.kvzip import (  # noqa: E402
     FIRST_PROMPT,
     NEXT_PROMPT,
@@ -115,8 +116,9 @@ def test_repetition_is_kvpress_prompt_chat_suffix_and_context() -> None:
     context = list(b"<sys>be brief</sys><user>") + list(b"abcdefghijklmnopqrstuvw")
     prompt = torch.tensor(context)
     state = RequestState(prompt_len=len(context), num_layers=2)
-    suffix = policy.scoring_suffix(prompt, state)
-    assert suffix is not None
+    segments = policy.scoring_suffix(prompt, state)
+    assert segments is not None and len(segments) == 3  # one pass per chunk
+    suffix = torch.cat(segments)
     text = bytes(suffix.tolist()).decode()
     first = FIRST_PROMPT + "</user><assistant>abcdefghij"
     second = NEXT_PROMPT + "hij</user><assistant>klmnopqrst"
@@ -128,16 +130,15 @@ def test_repetition_is_kvpress_prompt_chat_suffix_and_context() -> None:
     assert spans[0][2] == n and spans[-1][3] == n + len(suffix)
     # A prompt that does not start with the template's prefix is repeated whole.
     bare = torch.tensor(list(b"abcdefghijklmnopqrstuvw"))
-    suffix = policy.scoring_suffix(bare, RequestState(prompt_len=23, num_layers=2))
-    assert suffix is not None and bytes(suffix.tolist()).decode().startswith(
-        FIRST_PROMPT + "</user><assistant>abc"
-    )
+    segments = policy.scoring_suffix(bare, RequestState(prompt_len=23, num_layers=2))
+    assert segments is not None
+    assert bytes(segments[0].tolist()).decode() == FIRST_PROMPT + "</user><assistant>abcdefghij"
 
 
 def test_without_a_tokenizer_the_repetition_is_the_context() -> None:
     prompt = _prompt(30)
-    suffix = KVzip(budget=0.5).scoring_suffix(prompt, RequestState(prompt_len=30, num_layers=2))
-    assert suffix is not None and suffix.tolist() == prompt.tolist()
+    segments = KVzip(budget=0.5).scoring_suffix(prompt, RequestState(prompt_len=30, num_layers=2))
+    assert segments is not None and torch.cat(segments).tolist() == prompt.tolist()
     assert KVzip(budget=1.0).scoring_suffix(prompt, RequestState(prompt_len=30, num_layers=2)) is None
 
 
@@ -221,3 +222,45 @@ class TestKVzipConformance(CachePolicyConformance):
             composes_with=("all",),
         ),
     )
+
+
+class _Segments(FullCache):
+    """Test policy: appends given scoring segments and records each layer's queries and keys."""
+
+    segments: tuple[tuple[int, ...], ...] = ()
+
+    def scoring_suffix(self, prompt: torch.Tensor, state: RequestState) -> list[torch.Tensor] | None:
+        return [torch.tensor(s) for s in self.segments] or None
+
+    def select(self, view: LayerView, state: RequestState) -> None:
+        state.scratch(self)[view.layer] = (
+            view.query[0].clone(),
+            view.key[0].clone(),
+            view.positions[0].clone(),
+        )
+        return None
+
+
+def test_each_segment_is_a_separate_pass_over_the_prompt(model: torch.nn.Module) -> None:
+    """Segments after one prompt in one forward see the prompt and themselves only, numbered from L:
+    each one's queries and keys equal those of a forward with that segment alone."""
+    prompt = _prompt(40, 7)
+    segs = (tuple(_prompt(12, 8).tolist()), tuple(_prompt(9, 9).tolist()), tuple(_prompt(15, 10).tolist()))
+    together = _Segments(segments=segs)
+    pre = kvpolicy.prefill(model, prompt[None], kvpolicy.compose(AllTokens(), together))
+    rec = pre.state.scratch(together)
+    assert pre.state.scoring_segments == (12, 9, 15) and pre.cache.get_seq_length() == 40
+    start = 40
+    for seg in segs:
+        alone = _Segments(segments=(seg,))
+        one = kvpolicy.prefill(model, prompt[None], kvpolicy.compose(AllTokens(), alone))
+        ref = one.state.scratch(alone)
+        rows = slice(start, start + len(seg))
+        for layer, (q, k, pos) in ref.items():
+            q_all, k_all, pos_all = rec[layer]
+            assert pos_all[rows].tolist() == pos[40:].tolist() == list(range(40, 40 + len(seg)))
+            torch.testing.assert_close(q_all[:, rows], q[:, 40:], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(k_all[:, rows], k[:, 40:], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(q_all[:, :40], q[:, :40])  # the prompt never sees a segment
+        start += len(seg)
+    torch.testing.assert_close(pre.logits, kvpolicy.prefill(model, prompt[None]).logits)
