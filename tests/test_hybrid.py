@@ -149,5 +149,8 @@ def test_the_cli_generates_with_every_preset_on_hybrid_and_latent_models(tiny_di
         else:
             # not applicable: a layer without attention, a setting the preset cannot default (a head map),
             # or a method that reads what latent attention does not cache (CriticalKV's per-head values)
-            assert "has no attention" in err or "Field required" in err or "does not apply" in err, (name, err)
+            assert "has no attention" in err or "Field required" in err or "does not apply" in err, (
+                name,
+                err,
+            )
     assert {"fullkv", "snapkv", "fastkv"} <= set(ran)
