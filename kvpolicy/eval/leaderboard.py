@@ -462,6 +462,8 @@ def task_table(result: LeaderboardResult) -> tuple[list[str], list[list[str]]]:
     header = ["method", "ratio", *result.tasks, "average"]
     rows = []
     for cell in result.cells:
+        if cell.run_dir is None and cell.error:
+            continue  # never ran (listed under the failures)
         by_task = cell.summary.get("by_task", {})
         scores = [f"{by_task[t]:.1f}" if t in by_task else "-" for t in result.tasks]
         ratio = "0" if cell.ratio is None else f"{cell.ratio:g}"
@@ -528,7 +530,7 @@ def write_outputs(result: LeaderboardResult, plot: bool = True, console: Any = N
                 "total": c.total,
                 "complete": c.complete,
                 "error": c.error,
-                "run_dir": str(c.run_dir) if c.run_dir else None,
+                "run_dir": _relative(c.run_dir, result.out),
             }
             for c in result.cells
         ],
@@ -555,6 +557,16 @@ def write_outputs(result: LeaderboardResult, plot: bool = True, console: Any = N
         console.print(f"table: {result.table_path}", markup=False)
         if result.plot_path:
             console.print(f"plot: {result.plot_path}", markup=False)
+
+
+def _relative(path: Path | None, root: Path) -> str | None:
+    """A run folder as a path under the leaderboard's folder (where the table file is), when it is one."""
+    if path is None:
+        return None
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _failures(errors: Sequence[Cell]) -> list[str]:

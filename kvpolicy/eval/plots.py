@@ -140,7 +140,10 @@ def leaderboard_plot(
     plt = _pyplot()
     cmap = plt.get_cmap("tab20")
     markers = "osD^vP*X<>h"
-    fig, ax = plt.subplots(figsize=(10.5, max(4.2, 1.2 + 0.24 * (len(series) + 1))))
+    # Fixed axes; the legend (one line per method, with its settings) goes below them and the saved
+    # image grows to hold it, so many methods never squeeze the plot.
+    fig = plt.figure(figsize=(9.0, 5.0))
+    ax = fig.add_axes((0.08, 0.1, 0.9, 0.82))
     xs_all = sorted({x for points in series.values() for x in points})
     if ceiling is not None:
         ax.axhline(ceiling[1], color="black", linestyle="--", linewidth=1.2, label=ceiling[0])
@@ -162,8 +165,7 @@ def leaderboard_plot(
     ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), borderaxespad=0.0, frameon=False)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
