@@ -53,9 +53,15 @@ def snapkv_key_scores(view: LayerView, window: int, kernel: int, pooling: str) -
     """``(B, H_kv, T)`` float32 SnapKV scores of every key present, ``+inf`` on the window.
 
     The :class:`~kvpolicy.interfaces.ScoresKeys` form of :func:`snapkv_prefix_scores`: the window
-    is always kept, so it ranks above every prefix key.
+    is always kept, so it ranks above every prefix key. Scores are *means* over the window's queries
+    and the KV group's query heads (the prefix scores are sums; a constant factor per layer, so no
+    ranking or allocation changes): kvpress's scale, which wrappers that add a constant to the scores
+    rely on (CriticalKV's ``epsilon``: 1e-4 next to a mean, as kvpress has it, not next to a sum
+    hundreds of times larger).
     """
-    prefix = snapkv_prefix_scores(view, window, kernel, pooling)
+    window = min(window, view.num_tokens)
+    group = view.query.shape[1] // view.key.shape[1]
+    prefix = snapkv_prefix_scores(view, window, kernel, pooling) / (window * group)
     tail = prefix.new_full((*prefix.shape[:-1], view.num_tokens - prefix.shape[-1]), float("inf"))
     return torch.cat([prefix, tail], dim=-1)
 

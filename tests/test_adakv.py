@@ -196,7 +196,9 @@ def test_snapkv_key_scores_are_its_selection_scores():
     assert scores.shape == (1, 2, 40)
     assert bool(torch.isinf(scores[..., -8:]).all()) and bool(torch.isfinite(scores[..., :-8]).all())
     ref = naive_window_scores(view.query, view.key, 8, view.scaling, 7, "avg")
-    torch.testing.assert_close(scores[..., :-8], ref, rtol=1e-5, atol=1e-6)
+    group = view.query.shape[1] // view.key.shape[1]
+    # Means over the window's 8 queries and the group's query heads (kvpress's scale): the sums / 8g.
+    torch.testing.assert_close(scores[..., :-8], ref / (8 * group), rtol=1e-5, atol=1e-6)
     short = SnapKV().key_scores(_view(t=5), _state(5))  # shorter than the window: all always kept
     assert short.shape == (1, 2, 5) and bool(torch.isinf(short).all())
 
