@@ -9,7 +9,10 @@ from kvpolicy_vllm import PINNED_VLLM, NotServable, check_vllm, policy_for_reque
 from kvpolicy_vllm.version import VLLMVersionError
 
 
-@pytest.mark.parametrize("spec", ["snapkv:kv_budget=0.25", "streamingllm", "expected_attention"])
+@pytest.mark.parametrize(
+    "spec",
+    ["snapkv:kv_budget=0.25", "streamingllm", "expected_attention", "keydiff", "chunkkv"],
+)
 def test_same_count_per_head_cache_policies_are_servable(spec):
     policy = servable_policy(spec)
     assert policy.propagation.kind == "all"
@@ -25,6 +28,7 @@ def test_same_count_per_head_cache_policies_are_servable(spec):
         ("pyramidkv:kv_budget=64", "different number of entries per layer"),
         ("tova", "evicts during decode"),
         ("h2o:evict_during_decode=true", "evicts during decode"),
+        ("kvzip", "ranks every layer together"),
     ],
 )
 def test_policies_vllm_cannot_hold_are_refused_saying_why(spec, why):

@@ -29,7 +29,7 @@ import os
 from typing import Any
 
 import torch
-from kvpolicy.interfaces import LayerView, PerHead, Policy
+from kvpolicy.interfaces import CachePolicy, LayerView, PerHead, Policy
 from kvpolicy.state import RequestState
 
 #: The key of ``SamplingParams.extra_args`` (and of the server's ``vllm_xargs``) that names a policy.
@@ -147,6 +147,12 @@ def why_not_servable(policy: Policy) -> str | None:
         return (
             f"its propagation policy {type(prop).__name__} ({prop.kind!r}) changes which tokens later layers "
             f"see, but vLLM runs every layer over the whole prompt; serve a cache policy alone"
+        )
+    if cache.selects_after_prefill or type(cache).scoring_suffix is not CachePolicy.scoring_suffix:
+        return (
+            f"{type(cache).__name__} ({cache.kind!r}) scores with a pass the engine appends to the prompt or "
+            f"ranks every layer together once prefill ends (KVzip); the vLLM integration compresses each layer "
+            f"from vLLM's own prefill of the prompt alone"
         )
     if cache.evicts_during_decode:
         return (
