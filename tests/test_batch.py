@@ -107,6 +107,7 @@ def test_real_model_batch_of_four_equals_alone(real_model, haystack, preset):
         "fastkv": {"kv_budget": 128, "tsp_layer": 20, "tsp_rate": 0.3},
         "pyramidinfer": {"kv_budget": 0.5},
         "duoattention": {"head_map_file": str(Path(__file__).parent / "data" / "duo_smollm2_head_map.json")},
+        "qfilters": {"kv_budget": 128, "packaged_filters": "SmolLM2-135M-Instruct"},  # its own, shipped
     }
     policy = kvpolicy.get_policy(preset, **_options(preset, real))
     prompts = [needle.build_sample(tokenizer, n, 0.5, haystack).input_ids for n in (700, 300, 1000, 500)]
