@@ -184,7 +184,8 @@ def unrotate_with_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     Args:
         x: ``(B, H, W, d)`` vectors after the rotation ``x·cos + rotate_half(x)·sin`` on the first
             ``d_rot`` dimensions (the rest passed through).
-        cos, sin: ``(B, W, d_rot)`` the tables each was rotated with (HF's half-rotation layout).
+        cos: ``(B, W, d_rot)`` the cosine table each was rotated with (HF's half-rotation layout).
+        sin: ``(B, W, d_rot)`` the sine table.
 
     Returns:
         ``(B, H, W, d)`` float32 vectors before it: ``(x·cos - rotate_half(x)·sin) / (cos² + sin²)``

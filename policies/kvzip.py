@@ -135,7 +135,8 @@ def reconstruction_scores(
         query: ``(H_q, T, d)`` the layer's queries (after RoPE), prompt and suffix.
         key: ``(H_kv, T, d)`` its keys.
         scaling: softmax scale.
-        start, end: the chunk's context tokens ``[start, end)``.
+        start: the chunk's first context token.
+        end: one past its last: the chunk is ``[start, end)``.
         rows: ``(lo, hi)``: the repetition's tokens in ``[0, T)`` (its queries and keys).
         sinks: the first ``min(sinks, start)`` keys join the softmax (attention sinks).
 

@@ -199,7 +199,11 @@ def rkv_scores(
         queries: ``(B, H_q, w, d)`` the observation queries (after RoPE).
         keys: ``(B, H_kv, S, d)`` by slot (at prefill, slot = token).
         positions: ``(B, H_kv, S)`` original positions, ``-1`` on empty slots.
-        scaling, window, mix_lambda, kernel, threshold: as :class:`RKV`.
+        scaling: softmax scale.
+        window: recent queries scored (as :class:`RKV`).
+        mix_lambda: importance weight (as :class:`RKV`).
+        kernel: pooling kernel (as :class:`RKV`).
+        threshold: similarity above which a newer key spares an older one (as :class:`RKV`).
         query_valid: optional ``(B, w)`` bool: which query rows hold a query.
 
     Returns:
