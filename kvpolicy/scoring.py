@@ -7,7 +7,7 @@ T × T matrix is formed (Design notes: "Scores without attention weights").
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -101,3 +101,25 @@ def keep_top_and_window(scores: torch.Tensor, keep: int, window: int) -> torch.T
     tail = torch.arange(prefix_len, prefix_len + window, device=scores.device)
     tail = tail.expand(*scores.shape[:-1], window)
     return torch.cat([top, tail], dim=-1).sort(dim=-1).values
+
+
+def top_scores(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """``(..., keep)`` indices of the ``keep`` highest of ``scores`` ``(..., T)``, in position order."""
+    return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+class SelectsTopScores:
+    """``select`` for a cache policy that keeps, per KV head, the ``resolved_budget`` entries of its
+    highest ``key_scores`` (:class:`~kvpolicy.interfaces.ScoresKeys`), or everything when the layer
+    holds no more. Entries a policy always keeps score ``+inf``; its budget must exceed their count
+    (each policy's budget floor sees to it), so they are always among the top.
+
+    Why: most query-agnostic scorers (KeyDiff, LagKV, Compactor, Q-Filters, ExpectedAttention, the
+    random baseline) differ only in their scores; the selection is written once. Put it before
+    :class:`~kvpolicy.interfaces.CachePolicy` in the bases."""
+
+    def select(self, view: Any, state: Any) -> torch.Tensor | None:
+        keep = self.resolved_budget(view.prompt_len)  # type: ignore[attr-defined]
+        if view.num_tokens <= keep:
+            return None
+        return top_scores(self.key_scores(view, state), keep)  # type: ignore[attr-defined]

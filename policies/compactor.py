@@ -84,6 +84,7 @@ from kvpolicy.policies.expected_attention import rope_inverse_frequencies, rotat
 from kvpolicy.policies.full import AllTokens
 from kvpolicy.policies.random import layer_generator
 from kvpolicy.presets import Preset
+from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
 #: Entries chosen by score that a fractional budget leaves besides the protected ones.
@@ -277,12 +278,8 @@ def _blending_for(blending: float | None, budget: int | float, prompt_len: int) 
     return max(0.0, 1.0 - budget / max(prompt_len, 1))
 
 
-def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
-
-
 # -- the two parts ----------------------------------------------------------------------------------
-class Leverage(CachePolicy):
+class Leverage(SelectsTopScores, CachePolicy):
     """Keep each layer's keys of highest approximate leverage (geometric outliers), per KV head.
 
     kvpress ``LeverageScorePress``: every entry scored, none protected.
@@ -313,12 +310,8 @@ class Leverage(CachePolicy):
         sketch = gaussian_sketch(self.seed, view.layer, h, d, self.sketch_dimension)
         return zscore(leverage_scores(key, sketch))
 
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = self.resolved_budget(view.prompt_len)
-        return None if view.num_tokens <= keep else _top(self.key_scores(view, state), keep)
 
-
-class NonCausalAttention(CachePolicy):
+class NonCausalAttention(SelectsTopScores, CachePolicy):
     """Keep each layer's entries most attended within their chunk, both directions, per KV head.
 
     kvpress ``NonCausalAttnPress``: every entry scored, none protected.
@@ -343,10 +336,6 @@ class NonCausalAttention(CachePolicy):
         :class:`~kvpolicy.interfaces.ScoresKeys`."""
         return zscore(noncausal_attention_scores(view.query, view.key, view.value, self.chunk_size))
 
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = self.resolved_budget(view.prompt_len)
-        return None if view.num_tokens <= keep else _top(self.key_scores(view, state), keep)
-
 
 # -- Compactor --------------------------------------------------------------------------------------
 class CompactorSettings(Settings):
@@ -361,7 +350,7 @@ class CompactorSettings(Settings):
     pre_rope_keys: bool = True
 
 
-class Compactor(CompactorSettings, CachePolicy):
+class Compactor(CompactorSettings, SelectsTopScores, CachePolicy):
     """Keep the protected ends plus each layer's entries of highest blended leverage and non-causal
     attention, per KV head.
 
@@ -430,13 +419,6 @@ class Compactor(CompactorSettings, CachePolicy):
                 )
             )
         return torch.cat(rows)
-
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = self.resolved_budget(view.prompt_len)
-        if view.num_tokens <= keep:
-            return None
-        # keep > the protected entries present, so every +inf entry is among the top ones.
-        return _top(self.key_scores(view, state), keep)
 
 
 class CompactorPreset(CompactorSettings, Preset):

@@ -90,6 +90,7 @@ from kvpolicy.config import Budget, Settings, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView, Policy
 from kvpolicy.policies.full import AllTokens
 from kvpolicy.presets import Preset
+from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
 #: Entries chosen by score that a fractional budget leaves besides the sinks (SnapKV's default window).
@@ -376,7 +377,7 @@ class ExpectedAttentionSettings(Settings):
     rope_theta: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["model"] | None = "model"
 
 
-class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
+class ExpectedAttention(ExpectedAttentionSettings, SelectsTopScores, CachePolicy):
     """Keep each layer's entries with the highest expected attention from future queries, per KV head.
 
     Attributes:
@@ -470,13 +471,6 @@ class ExpectedAttention(ExpectedAttentionSettings, CachePolicy):
             use_vnorm=self.use_vnorm,
             epsilon=self.epsilon,
         )
-
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = self.resolved_budget(view.prompt_len)
-        if view.num_tokens <= keep:
-            return None
-        # keep > n_sink >= the sinks present, so every +inf sink is among the top entries.
-        return self.key_scores(view, state).topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
 class ExpectedAttentionPreset(ExpectedAttentionSettings, Preset):

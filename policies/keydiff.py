@@ -28,6 +28,7 @@ from kvpolicy.config import Budget, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView, Policy
 from kvpolicy.policies.full import AllTokens
 from kvpolicy.presets import Preset
+from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
 #: The fewest entries a fractional budget resolves to (SnapKV's default window's worth).
@@ -48,7 +49,7 @@ def keydiff_scores(key: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(key, anchor, dim=-1)
 
 
-class KeyDiff(CachePolicy):
+class KeyDiff(SelectsTopScores, CachePolicy):
     """Keep each layer's most distinctive keys (least similar to the mean key), per KV head.
 
     Attributes:
@@ -69,12 +70,6 @@ class KeyDiff(CachePolicy):
         """``(B, H_kv, T)`` float32 :func:`keydiff_scores` (no entry is always kept: none is ``+inf``);
         the :class:`~kvpolicy.interfaces.ScoresKeys` contract."""
         return keydiff_scores(view.key)
-
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = self.resolved_budget(view.prompt_len)
-        if view.num_tokens <= keep:
-            return None
-        return self.key_scores(view, state).topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
 class KeyDiffPreset(Preset):

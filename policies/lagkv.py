@@ -47,6 +47,7 @@ from kvpolicy.config import Budget, Settings, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView, Policy
 from kvpolicy.policies.full import AllTokens
 from kvpolicy.presets import Preset
+from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
 #: Entries chosen by score that a fractional budget leaves besides the sinks (SnapKV's default window).
@@ -119,7 +120,7 @@ class LagKVSettings(Settings):
     cross_scoring: bool = False
 
 
-class LagKV(LagKVSettings, CachePolicy):
+class LagKV(LagKVSettings, SelectsTopScores, CachePolicy):
     """Keep each layer's entries that stand out most from the partition after them, per KV head.
 
     Attributes:
@@ -158,13 +159,6 @@ class LagKV(LagKVSettings, CachePolicy):
             key, value = view.key[b : b + 1], view.value[b : b + 1]
             rows.append(lagkv_scores(key, value, n, self.lag_size, self.cross_scoring))
         return torch.cat(rows)
-
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = self.resolved_budget(view.prompt_len)
-        if view.num_tokens <= keep:
-            return None
-        # keep > n_sink >= the sinks present, so every +inf sink is among the top entries.
-        return self.key_scores(view, state).topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
 class LagKVPreset(LagKVSettings, Preset):

@@ -62,6 +62,7 @@ from kvpolicy.config import Budget, Settings, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView, Policy
 from kvpolicy.policies.full import AllTokens
 from kvpolicy.presets import Preset
+from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
 #: Entries chosen by score that a fractional budget leaves besides the window (SnapKV's window).
@@ -279,7 +280,7 @@ class QFiltersSettings(Settings):
         return "filters"
 
 
-class QFilters(QFiltersSettings, CachePolicy):
+class QFilters(QFiltersSettings, SelectsTopScores, CachePolicy):
     """Keep each layer's keys with the largest projection on its KV head's query direction.
 
     Attributes:
@@ -347,13 +348,6 @@ class QFilters(QFiltersSettings, CachePolicy):
             recent = view.positions >= view.prompt_len - self.window  # (B, T)
             scores = scores.masked_fill(recent[:, None, :], math.inf)
         return scores
-
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = self.resolved_budget(view.prompt_len)
-        if view.num_tokens <= keep:
-            return None
-        # keep > window >= the window entries present, so every +inf entry is among the top ones.
-        return self.key_scores(view, state).topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
 class QFiltersPreset(QFiltersSettings, Preset):

@@ -30,6 +30,7 @@ from kvpolicy.config import Budget, resolve_budget
 from kvpolicy.interfaces import CachePolicy, LayerView, Policy
 from kvpolicy.policies.full import AllTokens
 from kvpolicy.presets import Preset
+from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
 #: The fewest entries a fractional budget resolves to (SnapKV's default window's worth).
@@ -61,7 +62,7 @@ def random_scores(batch: int, heads: int, tokens: int, generator: torch.Generato
     return draw.expand(batch, heads, tokens).clone()
 
 
-class Random(CachePolicy):
+class Random(SelectsTopScores, CachePolicy):
     """Keep ``budget`` entries per layer and KV head chosen uniformly at random (seeded).
 
     Attributes:
@@ -87,12 +88,6 @@ class Random(CachePolicy):
         b, h, t = view.key.shape[:3]
         scores = random_scores(b, h, t, layer_generator(self.seed, view.layer))
         return scores.to(view.key.device)
-
-    def select(self, view: LayerView, state: RequestState) -> torch.Tensor | None:
-        keep = self.resolved_budget(view.prompt_len)
-        if view.num_tokens <= keep:
-            return None
-        return self.key_scores(view, state).topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
 class RandomPreset(Preset):
