@@ -79,11 +79,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, Settings, resolve_budget
-from kvpolicy.interfaces import CachePolicy, LayerView, Policy
+from kvpolicy.interfaces import CachePolicy, LayerView
 from kvpolicy.policies.expected_attention import rope_inverse_frequencies, rotate_half, unrotate
-from kvpolicy.policies.full import AllTokens
+from kvpolicy.policies.presets import CachePreset
 from kvpolicy.policies.random import layer_generator
-from kvpolicy.presets import Preset
 from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
@@ -421,7 +420,7 @@ class Compactor(CompactorSettings, SelectsTopScores, CachePolicy):
         return torch.cat(rows)
 
 
-class CompactorPreset(CompactorSettings, Preset):
+class CompactorPreset(CompactorSettings, CachePreset):
     """Compactor: query-agnostic cache compression at every layer, full prefill.
 
     Fields mirror :class:`Compactor` (``kv_budget`` is its ``budget``).
@@ -430,14 +429,10 @@ class CompactorPreset(CompactorSettings, Preset):
     kind = "compactor"
     description = "Compactor: leverage scores + non-causal chunked attention (Chari & Van Durme 2025)"
 
+    policy_class = Compactor
+    settings_class = CompactorSettings
+
     kv_budget: Budget = 0.1
-
-    def cache(self) -> Compactor:
-        shared = self.model_dump(include=set(CompactorSettings.model_fields))
-        return Compactor(budget=self.kv_budget, **shared)
-
-    def build(self) -> Policy:
-        return Policy(AllTokens(), self.cache())
 
 
 __all__ = [

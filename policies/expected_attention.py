@@ -87,9 +87,8 @@ import torch
 from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, Settings, resolve_budget
-from kvpolicy.interfaces import CachePolicy, LayerView, Policy
-from kvpolicy.policies.full import AllTokens
-from kvpolicy.presets import Preset
+from kvpolicy.interfaces import CachePolicy, LayerView
+from kvpolicy.policies.presets import CachePreset
 from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
@@ -473,7 +472,7 @@ class ExpectedAttention(ExpectedAttentionSettings, SelectsTopScores, CachePolicy
         )
 
 
-class ExpectedAttentionPreset(ExpectedAttentionSettings, Preset):
+class ExpectedAttentionPreset(ExpectedAttentionSettings, CachePreset):
     """Expected Attention: query-agnostic cache compression at every layer, full prefill.
 
     Fields mirror :class:`ExpectedAttention` (``kv_budget`` is its ``budget``).
@@ -482,11 +481,7 @@ class ExpectedAttentionPreset(ExpectedAttentionSettings, Preset):
     kind = "expected_attention"
     description = "Expected Attention: keys future queries are expected to attend (Devoto et al. 2025)"
 
+    policy_class = ExpectedAttention
+    settings_class = ExpectedAttentionSettings
+
     kv_budget: Budget = 0.1
-
-    def cache(self) -> ExpectedAttention:
-        shared = self.model_dump(include=set(ExpectedAttentionSettings.model_fields))
-        return ExpectedAttention(budget=self.kv_budget, **shared)
-
-    def build(self) -> Policy:
-        return Policy(AllTokens(), self.cache())

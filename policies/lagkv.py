@@ -44,9 +44,8 @@ import torch
 from pydantic import Field, model_validator
 
 from kvpolicy.config import Budget, Settings, resolve_budget
-from kvpolicy.interfaces import CachePolicy, LayerView, Policy
-from kvpolicy.policies.full import AllTokens
-from kvpolicy.presets import Preset
+from kvpolicy.interfaces import CachePolicy, LayerView
+from kvpolicy.policies.presets import CachePreset
 from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
@@ -161,7 +160,7 @@ class LagKV(LagKVSettings, SelectsTopScores, CachePolicy):
         return torch.cat(rows)
 
 
-class LagKVPreset(LagKVSettings, Preset):
+class LagKVPreset(LagKVSettings, CachePreset):
     """LagKV: query-agnostic cache compression at every layer, full prefill.
 
     Fields mirror :class:`LagKV` (``kv_budget`` is its ``budget``).
@@ -170,14 +169,10 @@ class LagKVPreset(LagKVSettings, Preset):
     kind = "lagkv"
     description = "LagKV: entries scored against the next lag partition (Liang et al. 2025)"
 
+    policy_class = LagKV
+    settings_class = LagKVSettings
+
     kv_budget: Budget = 0.1
-
-    def cache(self) -> LagKV:
-        shared = self.model_dump(include=set(LagKVSettings.model_fields))
-        return LagKV(budget=self.kv_budget, **shared)
-
-    def build(self) -> Policy:
-        return Policy(AllTokens(), self.cache())
 
 
 __all__ = ["LagKV", "LagKVPreset", "lag_relative_scores", "lagkv_scores"]

@@ -7,16 +7,37 @@ cache-budget override every compressing preset takes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from kvpolicy.config import Budget
-from kvpolicy.interfaces import Policy
+from kvpolicy.config import Budget, Settings
+from kvpolicy.interfaces import CachePolicy, Policy
 from kvpolicy.policies.full import AllTokens, FullCache
 from kvpolicy.policies.snapkv import SnapKV
 from kvpolicy.policies.tsp import TSP, default_tsp_layer
 from kvpolicy.presets import Preset
+
+
+class CachePreset(Preset):
+    """A preset that runs one cache policy at every layer after a full prefill, its settings the
+    policy's own (a settings class both inherit: :attr:`settings_class`) plus ``kv_budget`` (the
+    policy's ``budget``). Subclasses declare ``kv_budget`` themselves, so it lists first.
+
+    Why: the query-agnostic scorers' presets (ExpectedAttention, LagKV, Compactor, Q-Filters) are this
+    and nothing more; the building is written once."""
+
+    #: The cache policy the preset builds.
+    policy_class: ClassVar[type[CachePolicy]]
+    #: The settings the policy and the preset share.
+    settings_class: ClassVar[type[Settings]]
+
+    def cache(self) -> CachePolicy:
+        shared = self.model_dump(include=set(self.settings_class.model_fields))
+        return self.policy_class(budget=self.kv_budget, **shared)  # type: ignore[attr-defined,call-arg]
+
+    def build(self) -> Policy:
+        return Policy(AllTokens(), self.cache())
 
 
 class FullKVPreset(Preset):

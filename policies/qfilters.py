@@ -59,9 +59,8 @@ import torch
 from pydantic import Field, PrivateAttr, model_validator
 
 from kvpolicy.config import Budget, Settings, resolve_budget
-from kvpolicy.interfaces import CachePolicy, LayerView, Policy
-from kvpolicy.policies.full import AllTokens
-from kvpolicy.presets import Preset
+from kvpolicy.interfaces import CachePolicy, LayerView
+from kvpolicy.policies.presets import CachePreset
 from kvpolicy.scoring import SelectsTopScores
 from kvpolicy.state import RequestState
 
@@ -350,7 +349,7 @@ class QFilters(QFiltersSettings, SelectsTopScores, CachePolicy):
         return scores
 
 
-class QFiltersPreset(QFiltersSettings, Preset):
+class QFiltersPreset(QFiltersSettings, CachePreset):
     """Q-Filters: keys scored by their projection on each head's query direction, full prefill.
 
     Fields mirror :class:`QFilters` (``kv_budget`` is its ``budget``). On the embedded
@@ -361,14 +360,10 @@ class QFiltersPreset(QFiltersSettings, Preset):
     kind = "qfilters"
     description = "Q-Filters: keys projected on each head's query direction (Godey et al. 2025)"
 
+    policy_class = QFilters
+    settings_class = QFiltersSettings
+
     kv_budget: Budget = 0.1
-
-    def cache(self) -> QFilters:
-        shared = self.model_dump(include=set(QFiltersSettings.model_fields))
-        return QFilters(budget=self.kv_budget, **shared)
-
-    def build(self) -> Policy:
-        return Policy(AllTokens(), self.cache())
 
 
 # -- calibration: the filters of a model ------------------------------------------------------------
