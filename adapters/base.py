@@ -36,6 +36,7 @@ from kvpolicy.devices import module_device
 from kvpolicy.interfaces import DecodeView, Evict, LayerView, PerHead, Policy, Propagate, Restart, Selection
 from kvpolicy.kernels import decode_attention_for
 from kvpolicy.state import Batch, RequestState
+from kvpolicy.storage import KVStorage
 
 # Attention backends that apply causality themselves when given no mask.
 _MASKLESS_CAUSAL = {"sdpa", "flash_attention_2", "flash_attention_3"}
@@ -106,9 +107,10 @@ class DecoderAdapter:
         """Indices of the layers that attend (all of them but on hybrid models)."""
         return [i for i, a in enumerate(self.attends) if a]
 
-    def _new_cache(self, block: int) -> KVPolicyCache:
-        """An empty cache for one prefill pass: a paged layer per attention layer."""
-        return KVPolicyCache(self.num_layers, block, self._attn_impl)
+    def _new_cache(self, block: int, storage: KVStorage | None = None) -> KVPolicyCache:
+        """An empty cache for one prefill pass: a paged layer per attention layer, storing entries as
+        ``storage`` says (the policy's :class:`~kvpolicy.quant.KVStorage`)."""
+        return KVPolicyCache(self.num_layers, block, self._attn_impl, storage=storage)
 
     def check_policy(self, policy: Policy) -> None:
         """Refuse, naming the policy, the layer and the layers that attend, a propagation policy that
@@ -390,7 +392,7 @@ class DecoderAdapter:
         block = block_size or self.block_size
         with self.routing():
             while True:
-                cache = self._new_cache(block)
+                cache = self._new_cache(block, policy.storage)
                 restart, h_last = self._run_layers(ids, counts, policy, states, cache, reserve, propagate)
                 if restart is None:
                     break

@@ -47,6 +47,7 @@ from kvpolicy.adapters.base import AdapterError, DecoderAdapter
 from kvpolicy.cache import KVPolicyCache, PagedLayer
 from kvpolicy.interfaces import LayerView
 from kvpolicy.state import RequestState
+from kvpolicy.storage import KVStorage
 
 #: The attention implementation kvpolicy registers (under this name) and routes through.
 ROUTED = "kvpolicy"
@@ -574,7 +575,7 @@ class GenericAdapter(DecoderAdapter):
             )
         )
 
-    def _new_cache(self, block: int) -> KVPolicyCache:
+    def _new_cache(self, block: int, storage: KVStorage | None = None) -> KVPolicyCache:
         """A paged layer per attention layer and, on a hybrid or latent-attention model, the cache
         object its layers are called with (:meth:`_layer_cache`)."""
         without = [i for i, kind in enumerate(self.kinds) if kind in (STATE, NONE)]
@@ -582,7 +583,13 @@ class GenericAdapter(DecoderAdapter):
         states = self._layer_cache() if stateful or self.latent else None
         shared = self.attention(self.layers[self.attends.index(True)]).kv_lora_rank if self.latent else None
         return KVPolicyCache(
-            self.num_layers, block, self._attn_impl, without_kv=without, states=states, shared_values=shared
+            self.num_layers,
+            block,
+            self._attn_impl,
+            without_kv=without,
+            states=states,
+            shared_values=shared,
+            storage=storage,
         )
 
     def _layer_cache(self) -> Cache:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         load_policy_config,
         policy_from_dict,
     )
+    from kvpolicy.storage import KVStorage
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ _EXPORTS: dict[str, str] = {
         "kvpolicy.interfaces",
     ),
     **dict.fromkeys(("ModelLoadError", "load_model"), "kvpolicy.models"),
+    "KVStorage": "kvpolicy.storage",
     **dict.fromkeys(
         (
             "PolicyConfigError",
@@ -88,12 +90,21 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-def compose(propagation: PropagationPolicy | None = None, cache: CachePolicy | None = None) -> Policy:
-    """A policy from one propagation and one cache policy; either defaults to keeping everything."""
+def compose(
+    propagation: PropagationPolicy | None = None,
+    cache: CachePolicy | None = None,
+    storage: KVStorage | int | str | None = None,
+) -> Policy:
+    """A policy from one propagation and one cache policy; either defaults to keeping everything.
+    ``storage`` is how kept entries are stored: ``None``/``16`` (the model's dtype), ``8``, ``"fp8"``,
+    ``4``, ``2`` or a :class:`~kvpolicy.storage.KVStorage`."""
     from kvpolicy.interfaces import Policy
     from kvpolicy.policies.full import AllTokens, FullCache
+    from kvpolicy.storage import KVStorage
 
-    return Policy(propagation=propagation or AllTokens(), cache=cache or FullCache())
+    return Policy(
+        propagation=propagation or AllTokens(), cache=cache or FullCache(), storage=KVStorage.parse(storage)
+    )
 
 
 __all__ = [
@@ -102,6 +113,7 @@ __all__ = [
     "DecodeView",
     "GenerationOutput",
     "GenerationStats",
+    "KVStorage",
     "LayerView",
     "ModelLoadError",
     "Policy",

@@ -28,9 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+if TYPE_CHECKING:
+    from kvpolicy.storage import KVStorage
 
 #: Slots per page on the torch path. flash-attention's paged kernel needs a multiple of 256.
 BLOCK_SIZE = 64
@@ -129,13 +133,12 @@ class PagedLayer(_Layer):
             offset += h * n
         flat = self._flat(torch.cat(rows), torch.cat(slots))
         pick = torch.cat(picks)
-        for pool, data in (
-            (self.k_pool, [p[0] for p in parts]),
-            *(() if self.shared_values else ((self.v_pool, [p[1] for p in parts]),)),
-            (self.pos_pool, [p[2] for p in parts]),
-        ):
-            src = torch.cat([d.reshape(-1, *d.shape[2:]) for d in data])
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, flat, src[pick].to(pool.dtype))
+        keys, values, positions = (
+            torch.cat([p[j].reshape(-1, *p[j].shape[2:]) for p in parts])[pick] for j in range(3)
+        )
+        self.dtype = k0.dtype
+        self._put(flat, keys, values)
+        self.pos_pool.view(-1).index_copy_(0, flat, positions.to(self.pos_pool.dtype))
         self.lengths = torch.tensor(counts, device=k0.device, dtype=torch.long).view(
             self.num_seqs, self.num_heads
         )
@@ -150,9 +153,7 @@ class PagedLayer(_Layer):
         pages = sum(self.pages_per_row)
         width = max(self.pages_per_row)
         device = k0.device
-        self.k_pool = k0.new_zeros((pages + 1, blk, k0.shape[-1]))
-        if not self.shared_values:
-            self.v_pool = v0.new_zeros((pages + 1, blk, v0.shape[-1]))
+        self._new_pools(pages, k0, v0)
         self.pos_pool = torch.full((pages + 1, blk), -1, dtype=torch.long, device=device)
         table = torch.full((len(counts), width), pages, dtype=torch.long)
         owner = torch.full((pages + 1,), len(counts), dtype=torch.long)
@@ -170,6 +171,21 @@ class PagedLayer(_Layer):
         )
         self._index_slots()
 
+    def _new_pools(self, pages: int, k0: torch.Tensor, v0: torch.Tensor) -> None:
+        """Allocate the key and value pools of ``pages`` pages plus the null page (zeros), like ``k0``/``v0``."""
+        blk = self.block_size
+        self.k_pool = k0.new_zeros((pages + 1, blk, k0.shape[-1]))
+        if not self.shared_values:
+            self.v_pool = v0.new_zeros((pages + 1, blk, v0.shape[-1]))
+
+    def _put(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write entries ``keys (N, d)``, ``values (N, d_v)`` at flat pool indices ``flat (N,)`` (where
+        a storage that quantizes does so: entries are scored before, stored here)."""
+        self.k_pool.view(-1, self.k_pool.shape[-1]).index_copy_(0, flat, keys.to(self.k_pool.dtype))
+        if not self.shared_values:
+            pool = self.v_pool
+            pool.view(-1, pool.shape[-1]).index_copy_(0, flat, values.to(pool.dtype))
+
     def _index_slots(self) -> None:
         """Flat pool index of every (row, slot), so addressing a slot is one gather (decode steps
         address one slot per row per layer; fewer ops is what a CPU or an uncompiled GPU step pays)."""
@@ -182,14 +198,14 @@ class PagedLayer(_Layer):
     def _grow(self, extra: int) -> None:
         """Give every row ``extra`` more pages (host-triggered: ``room`` is known without a sync)."""
         blk, rows = self.block_size, self.num_seqs * self.num_heads
-        old_pages = self.k_pool.shape[0] - 1
+        old_pages = self.pos_pool.shape[0] - 1
         new_pages = old_pages + extra * rows
         for name in self._pools():
             old = getattr(self, name)
             new = old.new_full((new_pages + 1, *old.shape[1:]), -1 if name == "pos_pool" else 0)
             new[:old_pages] = old[:old_pages]
             setattr(self, name, new)
-        device = self.k_pool.device
+        device = self.pos_pool.device
         width = self.block_table.shape[1]
         table = torch.full((rows, width + extra), new_pages, dtype=torch.long, device=device)
         table[:, :width] = torch.where(self.block_table == old_pages, new_pages, self.block_table)
@@ -253,11 +269,7 @@ class PagedLayer(_Layer):
         """Device-side part of an append (after :meth:`prepare_append`): one entry per row, written
         in its row's next slot. ``key``/``value`` ``(B, H, 1, d)``, ``positions`` ``(B,)``."""
         flat = self._flat_each(self.lengths.view(-1))
-        d = self.k_pool.shape[-1]
-        self.k_pool.view(-1, d).index_copy_(0, flat, key.reshape(-1, d).to(self.k_pool.dtype))
-        if not self.shared_values:
-            dv = self.v_pool.shape[-1]
-            self.v_pool.view(-1, dv).index_copy_(0, flat, value.reshape(-1, dv).to(self.v_pool.dtype))
+        self._put(flat, key.reshape(flat.shape[0], -1), value.reshape(flat.shape[0], -1))
         pos = positions.to(self.pos_pool.device)[:, None].expand(-1, self.num_heads).reshape(-1)
         self.pos_pool.view(-1).index_copy_(0, flat, pos)
         self.lengths += 1
@@ -610,6 +622,23 @@ def flash_paged_attention(query: torch.Tensor, layer: PagedLayer, scaling: float
     return out.reshape(b, 1, -1)
 
 
+def paged_layer(
+    block_size: int = BLOCK_SIZE, storage: KVStorage | None = None, shared_values: int | None = None
+) -> PagedLayer:
+    """An empty paged layer storing entries as ``storage`` says: the model's dtype (``None`` or 16
+    bits), else quantized (:class:`kvpolicy.quant.QuantizedLayer`)."""
+    if storage is None or not storage.quantized:
+        return PagedLayer(block_size, shared_values)
+    from kvpolicy.quant import QuantizedLayer  # it builds on this module
+
+    return QuantizedLayer(block_size, storage, shared_values)
+
+
+def layer_storage(layer: PagedLayer) -> KVStorage | None:
+    """How ``layer`` stores its entries (``None``: the model's dtype)."""
+    return getattr(layer, "storage", None)
+
+
 class KVPolicyCache(Cache):
     """A :class:`PagedLayer` per decoder layer, plus each sequence's next (logical) position.
 
@@ -625,11 +654,12 @@ class KVPolicyCache(Cache):
         without_kv: Sequence[int] = (),
         states: Cache | None = None,
         shared_values: int | None = None,
+        storage: KVStorage | None = None,
     ) -> None:
         skip = set(without_kv)
         super().__init__(
             layers=[
-                StateLayer() if i in skip else PagedLayer(block_size, shared_values)
+                StateLayer() if i in skip else paged_layer(block_size, storage, shared_values)
                 for i in range(num_layers)
             ]
         )

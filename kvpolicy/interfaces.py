@@ -24,6 +24,7 @@ import torch
 
 from kvpolicy.config import Settings
 from kvpolicy.scoring import window_attention
+from kvpolicy.storage import KVStorage
 
 if TYPE_CHECKING:
     from kvpolicy.state import Batch, RequestState
@@ -379,6 +380,9 @@ class Policy:
     propagation: PropagationPolicy
     cache: CachePolicy
     name: str | None = field(default=None, compare=False)
+    #: how each kept entry is stored (:class:`~kvpolicy.storage.KVStorage`): independent of which entries
+    #: the policies keep, so any composition takes any width; 16 bits (the default) is the model's dtype.
+    storage: KVStorage = field(default_factory=KVStorage)
 
     def __post_init__(self) -> None:
         if not isinstance(self.propagation, PropagationPolicy):
@@ -399,15 +403,19 @@ class Policy:
     def with_tokenizer(self, tokenizer: Any) -> Policy:
         """This composition with its cache policy bound to ``tokenizer`` (:meth:`CachePolicy.with_tokenizer`)."""
         cache = self.cache.with_tokenizer(tokenizer)
-        return self if cache is self.cache else Policy(self.propagation, cache, self.name)
+        return self if cache is self.cache else Policy(self.propagation, cache, self.name, self.storage)
+
+    def with_storage(self, storage: Any) -> Policy:
+        """This composition storing entries as ``storage`` says (a :class:`~kvpolicy.storage.KVStorage`,
+        or what :meth:`KVStorage.parse <kvpolicy.storage.KVStorage.parse>` reads: ``4``, ``"fp8"``...)."""
+        return Policy(self.propagation, self.cache, self.name, KVStorage.parse(storage))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; :func:`kvpolicy.registry.policy_from_dict` reverses it."""
-        return {
-            "name": self.name,
-            "propagation": self.propagation.to_dict(),
-            "cache": self.cache.to_dict(),
-        }
+        out = {"name": self.name, "propagation": self.propagation.to_dict(), "cache": self.cache.to_dict()}
+        if self.storage.quantized:  # 16-bit policies keep the form (and result keys) they always had
+            out["storage"] = self.storage.to_dict()
+        return out
 
     def describe(self) -> str:
         def one(s: Settings) -> str:
@@ -415,4 +423,5 @@ class Policy:
             return f"{type(s).__name__}({args})"
 
         head = f"{self.name}: " if self.name else ""
-        return f"{head}{one(self.propagation)} + {one(self.cache)}"
+        tail = f" @ {self.storage.label} KV" if self.storage.quantized else ""
+        return f"{head}{one(self.propagation)} + {one(self.cache)}{tail}"

@@ -29,6 +29,7 @@ from kvpolicy import hookspecs
 from kvpolicy.config import Settings
 from kvpolicy.hookspecs import PluginWarning
 from kvpolicy.interfaces import CachePolicy, Policy, PropagationPolicy
+from kvpolicy.storage import KVStorage
 
 BUILTIN = "kvpolicy (built-in)"
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -276,13 +277,26 @@ def preset_class(name: str) -> type:
 
 
 def get_policy(name: str, **overrides: Any) -> Policy:
-    """The named preset with validated ``overrides``, e.g. ``get_policy("fastkv", kv_budget=256)``."""
+    """The named preset with validated ``overrides``, e.g. ``get_policy("fastkv", kv_budget=256)``.
+
+    ``kv_bits`` (any preset) sets how kept entries are stored, not which are kept: ``16`` (the model's
+    dtype), ``8``, ``"fp8"``, ``4``, ``2`` (:class:`~kvpolicy.storage.KVStorage`)."""
+    overrides = dict(overrides)
+    storage = _storage(name, overrides.pop("kv_bits", None))
     preset = validate_settings(preset_class(name), overrides, label=name)
     try:
         policy = preset.build()  # the components' own validators (e.g. window vs budget) run here
     except ValidationError as exc:
         raise PolicyConfigError(_explain(name, exc)) from None
-    return Policy(propagation=policy.propagation, cache=policy.cache, name=name)
+    return Policy(propagation=policy.propagation, cache=policy.cache, name=name, storage=storage)
+
+
+def _storage(name: str, value: Any) -> KVStorage:
+    """``kv_bits`` as a :class:`KVStorage`, its error a :class:`PolicyConfigError` naming the preset."""
+    try:
+        return KVStorage.parse(value)
+    except (ValueError, ValidationError) as exc:
+        raise PolicyConfigError(f"{name}: {exc}") from None
 
 
 def component_from_dict(data: dict[str, Any]) -> Settings:
@@ -308,7 +322,8 @@ def policy_from_dict(data: dict[str, Any]) -> Policy:
             raise PolicyConfigError(f"policy config needs a {key!r} entry (or a 'policy' preset name)")
     prop = component_from_dict(data["propagation"])
     cache = component_from_dict(data["cache"])
-    return Policy(propagation=prop, cache=cache, name=data.get("name"))  # type: ignore[arg-type]
+    storage = _storage(str(data.get("name") or "policy"), data.get("storage"))
+    return Policy(propagation=prop, cache=cache, name=data.get("name"), storage=storage)  # type: ignore[arg-type]
 
 
 def load_policy_config(path: str | Path) -> Policy:
