@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from kvpolicy.cache import PagedLayer, paged_attention
+from kvpolicy.cache import PagedLayer, layer_storage, paged_attention
 
 #: Stands for ``triton.language`` in the kernels' source. Triton is optional, so the functions below stay
 #: plain (never called) here; :func:`_kernels` runs copies of them with ``tl`` bound to Triton's.
@@ -81,6 +81,68 @@ def _max(a, b):
 # set before that import. This module's functions are wrapped per mode by ``_kernels``.
 
 
+def _load_entries(
+    ptr,
+    s_ptr,
+    z_ptr,
+    page,
+    within,
+    ok,
+    width,
+    stride_p,
+    stride_s,
+    stride_c,
+    sstride_p,
+    sstride_s,
+    TILE_P: tl.constexpr,
+    W_P: tl.constexpr,
+    QBITS: tl.constexpr,
+    FP8: tl.constexpr,
+    GROUP: tl.constexpr,
+    OP: tl.constexpr,
+):
+    """A tile's keys or values ``(TILE_P, W_P)`` in the operand dtype ``OP``: loaded as stored
+    (``QBITS == 0``), or dequantized in registers from ``QBITS``-bit codes (``8 / QBITS`` to a byte, code
+    ``j`` of byte ``m`` being column ``m * 8 / QBITS + j``) or fp8 e4m3 bytes (``FP8``), times the float16
+    scale of each ``GROUP`` columns (plus its zero point for integers): only the codes and scales cross
+    the memory bus (:mod:`kvpolicy.storage`)."""
+    if QBITS == 0:
+        offs = tl.arange(0, W_P)
+        return tl.load(
+            ptr + page * stride_p + within[:, None] * stride_s + offs[None, :] * stride_c,
+            mask=ok[:, None] & (offs[None, :] < width),
+            other=0.0,
+        ).to(OP)
+    PER: tl.constexpr = 1 if FP8 else 8 // QBITS
+    offs_b = tl.arange(0, W_P // PER)
+    raw = tl.load(
+        ptr + page * stride_p + within[:, None] * stride_s + offs_b[None, :] * stride_c,
+        mask=ok[:, None] & (offs_b[None, :] < width // PER),
+        other=0,
+    )
+    if FP8:
+        # e4m3's sign, exponent and mantissa moved into a float16's (exact, subnormals too), times 2^(15 - 7)
+        r = raw.to(tl.uint16)
+        half = (((r & 0x80) << 8) | ((r & 0x7F) << 7)).to(tl.float16, bitcast=True)
+        vals = half.to(tl.float32) * 256.0
+    elif PER == 1:
+        vals = raw.to(tl.float32)
+    elif PER == 2:
+        vals = tl.reshape(tl.join(raw & 0xF, raw >> 4), (TILE_P, W_P)).to(tl.float32)
+    else:
+        c0, c1, c2, c3 = raw & 3, (raw >> 2) & 3, (raw >> 4) & 3, raw >> 6
+        vals = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (TILE_P, W_P)).to(tl.float32)
+    G_P: tl.constexpr = W_P // GROUP
+    offs_g = tl.arange(0, G_P)
+    at = page * sstride_p + within[:, None] * sstride_s + offs_g[None, :]
+    g_ok = ok[:, None] & (offs_g[None, :] < width // GROUP)
+    scale = tl.load(s_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
+    vals = tl.reshape(vals, (TILE_P, G_P, GROUP)) * scale[:, :, None]
+    if not FP8:
+        vals += tl.load(z_ptr + at, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+    return tl.reshape(vals, (TILE_P, W_P)).to(OP)
+
+
 def _attend_tile(
     q,
     t,
@@ -91,6 +153,10 @@ def _attend_tile(
     acc,
     k_ptr,
     v_ptr,
+    ks_ptr,
+    kz_ptr,
+    vs_ptr,
+    vz_ptr,
     table_ptr,
     score_ptr,
     scale,
@@ -101,6 +167,10 @@ def _attend_tile(
     stride_vp,
     stride_vs,
     stride_vd,
+    sstride_kp,
+    sstride_ks,
+    sstride_vp,
+    sstride_vs,
     stride_tr,
     stride_tc,
     n_rep,
@@ -117,26 +187,27 @@ def _attend_tile(
     WANT_SCORES: tl.constexpr,
     OP: tl.constexpr,
     PREC: tl.constexpr,
+    QBITS: tl.constexpr,
+    FP8: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    GROUP_V: tl.constexpr,
 ):
     """Fold tile ``t`` (slots ``t * TILE ...``, all in one page: ``TILE`` divides ``BLK``) of row ``row64``
     into the online softmax ``(m_i, l_i) (NREP_P,)``, ``acc (NREP_P, DV_P)`` of the queries
     ``q (NREP_P, D_P)`` (already in the operand dtype ``OP``)."""
     offs_r = tl.arange(0, NREP_P)
-    offs_d = tl.arange(0, D_P)
-    offs_v = tl.arange(0, DV_P)
     offs_n = tl.arange(0, TILE_P)
     first = t * TILE
     page = tl.load(table_ptr + row64 * stride_tr + (first // BLK) * stride_tc).to(tl.int64)
     within = first % BLK + offs_n
     slot = first + offs_n
     ok = (offs_n < TILE) & (slot < length)
-    k = tl.load(
-        k_ptr + page * stride_kp + within[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-        mask=ok[:, None] & (offs_d[None, :] < d),
-        other=0.0,
-    )
+    k = _load_entries(
+        k_ptr, ks_ptr, kz_ptr, page, within, ok, d, stride_kp, stride_ks, stride_kd, sstride_kp, sstride_ks,
+        TILE_P, D_P, QBITS, FP8, GROUP_K, OP,
+    )  # fmt: skip
     # (NREP_P, TILE_P) on tensor cores, fp32 accumulation
-    s = tl.dot(q, tl.trans(k.to(OP)), input_precision=PREC) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     if SOFTCAP:
         # cap * tanh(s / cap); Triton's interpreter has no tanh. exp form for |x| >= 1/8, odd Taylor series
         # below it (the exp form loses relative accuracy near 0; the series is exact there to ~1e-9).
@@ -159,12 +230,11 @@ def _attend_tile(
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.reduce(p, 1, _add)
-    v = tl.load(
-        v_ptr + page * stride_vp + within[:, None] * stride_vs + offs_v[None, :] * stride_vd,
-        mask=ok[:, None] & (offs_v[None, :] < dv),
-        other=0.0,
-    )
-    acc = tl.dot(p.to(OP), v.to(OP), acc * alpha[:, None], input_precision=PREC)
+    v = _load_entries(
+        v_ptr, vs_ptr, vz_ptr, page, within, ok, dv, stride_vp, stride_vs, stride_vd, sstride_vp, sstride_vs,
+        TILE_P, DV_P, QBITS, FP8, GROUP_V, OP,
+    )  # fmt: skip
+    acc = tl.dot(p.to(OP), v, acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
 
 
@@ -172,6 +242,10 @@ def _split_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    ks_ptr,
+    kz_ptr,
+    vs_ptr,
+    vz_ptr,
     table_ptr,
     len_ptr,
     part_ptr,
@@ -188,6 +262,10 @@ def _split_kernel(
     stride_vp,
     stride_vs,
     stride_vd,
+    sstride_kp,
+    sstride_ks,
+    sstride_vp,
+    sstride_vs,
     stride_tr,
     stride_tc,
     n_rep,
@@ -207,6 +285,10 @@ def _split_kernel(
     PREC: tl.constexpr,
     STAGES: tl.constexpr,
     INTERPRET: tl.constexpr,
+    QBITS: tl.constexpr,
+    FP8: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    GROUP_V: tl.constexpr,
 ):
     """One (row, split): partial output ``part[row, split] (n_rep, dv)`` normalised by its own
     softmax sum, and its log-sum-exp ``lse[row, split] (n_rep,)`` (``-inf`` when it holds no entry)."""
@@ -235,17 +317,21 @@ def _split_kernel(
         t = lo
         while t < hi:
             m_i, l_i, acc = _attend_tile(
-                q, t, row64, length, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, score_ptr, scale, cap,
-                stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_tr, stride_tc,
-                n_rep, d, dv, slots, BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC,
+                q, t, row64, length, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr,
+                score_ptr, scale, cap, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+                sstride_kp, sstride_ks, sstride_vp, sstride_vs, stride_tr, stride_tc, n_rep, d, dv, slots,
+                BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC, QBITS, FP8, GROUP_K,
+                GROUP_V,
             )  # fmt: skip
             t += 1
     else:
         for t in tl.range(lo, hi, num_stages=STAGES):
             m_i, l_i, acc = _attend_tile(
-                q, t, row64, length, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, score_ptr, scale, cap,
-                stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_tr, stride_tc,
-                n_rep, d, dv, slots, BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC,
+                q, t, row64, length, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr,
+                score_ptr, scale, cap, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+                sstride_kp, sstride_ks, sstride_vp, sstride_vs, stride_tr, stride_tc, n_rep, d, dv, slots,
+                BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC, QBITS, FP8, GROUP_K,
+                GROUP_V,
             )  # fmt: skip
     held = l_i > 0.0
     safe = tl.where(held, l_i, 1.0)
@@ -354,7 +440,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
                 namespace[fn.__name__] = triton.JITFunction(clone, **options)
             return namespace[fn.__name__]
 
-        for helper in (_add, _max, _attend_tile):
+        for helper in (_add, _max, _load_entries, _attend_tile):
             bind(helper)
         _KERNELS[interpret] = (
             bind(_split_kernel, do_not_specialize=["tiles_per_split"]),
@@ -392,8 +478,11 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def unserved(n_rep: int, d: int, dv: int) -> str | None:
-    """Why the kernel does not serve this head layout (it then takes the torch path), or ``None``."""
+def unserved(n_rep: int, d: int, dv: int, groups: tuple[int, int] = (1, 1)) -> str | None:
+    """Why the kernel does not serve this head layout (it then takes the torch path), or ``None``;
+    ``groups``: channels per scale of quantized keys and values (:mod:`kvpolicy.storage`)."""
+    if any(g & (g - 1) for g in groups):
+        return f"quantization groups of {groups} channels are not powers of two (the kernel's tiles)"
     if max(_next_power_of_2(d), _next_power_of_2(dv)) > MAX_HEAD_DIM:
         return f"head width {max(d, dv)} pads past {MAX_HEAD_DIM} (its tiles would spill registers)"
     if n_rep > MAX_GROUP:
@@ -564,12 +653,22 @@ def paged_decode_attention(
     h_kv = layer.num_heads
     if query.shape[1] % h_kv:
         raise ValueError(f"{query.shape[1]} query heads do not split into groups over {h_kv} KV heads")
-    if unserved(query.shape[1] // h_kv, query.shape[-1], layer.v_pool.shape[-1]):
+    storage = layer_storage(layer)
+    if storage is not None and storage.quantized:  # codes and scales: dequantized in registers
+        dv = layer.head_dims[1]
+        groups = (storage.group(query.shape[-1]), storage.group(dv))
+        zeros = (None, None) if storage.format == "fp8" else (layer.k_zero, layer.v_zero)
+        pools = (layer.k_codes, layer.v_codes, layer.k_scale, zeros[0], layer.v_scale, zeros[1])
+        quant = (storage.bits, storage.format == "fp8", *groups)
+    else:
+        dv, groups = layer.v_pool.shape[-1], (1, 1)
+        pools = (layer.k_pool, layer.v_pool, None, None, None, None)
+        quant = (0, False, 1, 1)
+    if unserved(query.shape[1] // h_kv, query.shape[-1], dv, groups):
         return paged_attention(query, layer, scaling, want_probs, softcap, sinks)
     out, probs = torch.ops.kvpolicy.paged_decode_attention(
         query,
-        layer.k_pool,
-        layer.v_pool,
+        *pools,
         layer.block_table,
         layer.lengths,
         h_kv,
@@ -579,13 +678,23 @@ def paged_decode_attention(
         None if softcap is None else float(softcap),
         sinks,
         splits,
+        dv,
+        *quant,
     )
     return out, (probs if want_probs else None)
 
 
-def split_constexprs(p: Plan, blk: int, softcap: bool, want_scores: bool, interpret: bool) -> dict[str, Any]:
+def split_constexprs(
+    p: Plan,
+    blk: int,
+    softcap: bool,
+    want_scores: bool,
+    interpret: bool,
+    quant: tuple[int, bool, int, int] = (0, False, 1, 1),
+) -> dict[str, Any]:
     """The split kernel's compile-time arguments for plan ``p`` (shared with ``kvpolicy bench kernel``,
-    which compiles exactly what a decode step launches)."""
+    which compiles exactly what a decode step launches); ``quant``: bits (0: stored as is), fp8, and the
+    key and value scale groups of a quantized cache."""
     import triton.language
 
     return {
@@ -601,6 +710,10 @@ def split_constexprs(p: Plan, blk: int, softcap: bool, want_scores: bool, interp
         "PREC": p.precision,
         "STAGES": p.num_stages,
         "INTERPRET": interpret,
+        "QBITS": quant[0],
+        "FP8": quant[1],
+        "GROUP_K": quant[2],
+        "GROUP_V": quant[3],
     }
 
 
@@ -615,6 +728,10 @@ def _paged_decode_op(
     query: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    v_zero: torch.Tensor | None,
     table: torch.Tensor,
     lengths: torch.Tensor,
     h_kv: int,
@@ -624,16 +741,28 @@ def _paged_decode_op(
     softcap: float | None,
     sinks: torch.Tensor | None,
     splits: int | None,
+    dv: int,
+    qbits: int,
+    fp8: bool,
+    group_k: int,
+    group_v: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two launches as one opaque torch operator: ``torch.compile`` (``fullgraph``) and the traced
     CPU stand-in for CUDA graphs (:mod:`kvpolicy.graphs`) see one node instead of Triton's launcher.
-    Returns ``probs`` empty when not wanted (an operator returns tensors only)."""
+    Returns ``probs`` empty when not wanted (an operator returns tensors only). With ``qbits`` (8, 4, 2)
+    the pools are codes and ``*_scale``/``*_zero`` their float16 scales (:mod:`kvpolicy.storage`)."""
     interpret = query.device.type != "cuda"
     split_kernel, merge_kernel = _kernels(interpret)
     b, h_q, _, d = query.shape
     rows, n_rep = lengths.numel(), h_q // h_kv
-    width, dv = table.shape[1], v_pool.shape[-1]
-    p = plan(n_rep, d, dv, blk, k_pool.dtype, interpret)
+    width = table.shape[1]
+    p = plan(n_rep, d, dv, blk, query.dtype if qbits else k_pool.dtype, interpret)
+    quant = (qbits, fp8, group_k, group_v)
+    # integers carry a zero point; fp8 and unquantized pools pass stand-in pointers the kernel never reads
+    ks, vs = (k_scale, v_scale) if qbits else (k_pool, v_pool)
+    kz = k_zero if k_zero is not None else ks
+    vz = v_zero if v_zero is not None else vs
+    scale_strides = (*ks.stride()[:2], *vs.stride()[:2]) if qbits else (0, 0, 0, 0)
     per_page = blk // p.tile
 
     q = query.reshape(rows, n_rep, d)
@@ -645,7 +774,7 @@ def _paged_decode_op(
     scores = (
         torch.empty((rows, n_rep, slots), dtype=torch.float32, device=query.device) if want_probs else row_lse
     )
-    constexprs = split_constexprs(p, blk, softcap is not None, want_probs, interpret)
+    constexprs = split_constexprs(p, blk, softcap is not None, want_probs, interpret, quant)
     options = (
         {}
         if interpret
@@ -654,9 +783,9 @@ def _paged_decode_op(
 
     def split_args(part: torch.Tensor, lse: torch.Tensor, tiles_per_split: int) -> tuple[Any, ...]:
         return (
-            q, k_pool, v_pool, table, lengths, part, lse, scores, float(scaling),
+            q, k_pool, v_pool, ks, kz, vs, vz, table, lengths, part, lse, scores, float(scaling),
             float(softcap) if softcap is not None else 1.0, *q.stride(), *k_pool.stride(),
-            *v_pool.stride(), *table.stride(), n_rep, d, dv, tiles_per_split, slots,
+            *v_pool.stride(), *scale_strides, *table.stride(), n_rep, d, dv, tiles_per_split, slots,
         )  # fmt: skip
 
     if splits is not None:
@@ -664,7 +793,7 @@ def _paged_decode_op(
     elif interpret:
         n_split = num_splits(rows, width, query.device)
     else:
-        key = (query.device, p, k_pool.dtype, softcap is not None, want_probs)
+        key = (query.device, p, k_pool.dtype, softcap is not None, want_probs, quant)
         probe = split_args(row_lse, row_lse, 1)
         n_split = num_splits(
             rows, width, query.device, _programs_per_sm(key, split_kernel, probe, {**constexprs, **options})
@@ -698,13 +827,15 @@ def _paged_decode_op(
 
 @_paged_decode_op.register_fake
 def _(
-    query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, *args: Any
+    query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *args: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shapes only (``torch.compile`` tracing): the operator's other arguments are ``lengths, h_kv, blk,
-    scaling, want_probs, ...``."""
-    _lengths, h_kv, blk, _scaling, want_probs = args[:5]
+    """Shapes only (``torch.compile`` tracing): the operator's other arguments are ``k_scale, k_zero,
+    v_scale, v_zero, table, lengths, h_kv, blk, scaling, want_probs, softcap, sinks, splits, dv, ...``."""
+    table = args[4]
+    _lengths, h_kv, blk, _scaling, want_probs = args[5:10]
+    dv = args[13]
     b, h_q = query.shape[0], query.shape[1]
-    out = query.new_empty((b, 1, h_q * v_pool.shape[-1]))
+    out = query.new_empty((b, 1, h_q * dv))
     slots = table.shape[1] * blk
     shape = (b, h_kv, h_q // h_kv, slots) if want_probs else (0,)
     return out, query.new_empty(shape, dtype=torch.float32)
