@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpolicy.interfaces import Policy
+from kvpolicy.listing import STORAGE_OPTION
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -98,10 +99,13 @@ def resolve_preset(name: str, options: dict[str, Any] | None = None, model: Any 
         measured = {k: v for k, v in data.items() if k not in ("policy", "name") and k not in taken}
     merged = {**measured, **options}
     policy = get_policy(name, **merged)
-    preset = preset_class(name).model_validate(merged)
+    own = {k: v for k, v in merged.items() if k != STORAGE_OPTION}  # every preset's, not the preset's own
+    preset = preset_class(name).model_validate(own)
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     resolved = getattr(preset, "resolved_settings", None)
     settings = resolved(layers) if callable(resolved) else preset.model_dump()
+    if policy.storage.quantized:
+        settings = {**settings, STORAGE_OPTION: policy.storage.label}
     return ResolvedPreset(
         name, policy, settings, measured, source, packaged_model_name(model) if source else None, options
     )

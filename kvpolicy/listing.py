@@ -38,6 +38,11 @@ _GROUP = "kvpolicy"
 _ENV = ("KVPOLICY_STRICT_PLUGINS", "KVPOLICY_DISABLE_PLUGINS")
 
 
+#: The option every preset takes beside its own settings: how kept entries are stored (``kv_bits``,
+#: :class:`kvpolicy.storage.KVStorage`; named here too so the listing stays free of torch).
+STORAGE_OPTION = "kv_bits"
+
+
 def _tree_stamp(root: Path, out: list[str]) -> None:
     if root.is_file():
         out.append(f"{root}:{root.stat().st_mtime_ns}")
@@ -287,6 +292,8 @@ def check_policy(name: str, options: dict[str, Any], data: dict[str, Any] | None
     """Refuse preset ``name`` with ``options`` where the kept listing can tell it is wrong, with the
     error the registry would give (:class:`SettingsError`); pass everything else on to it."""
     data = listing() if data is None else data
+    # how entries are stored is every preset's option (kvpolicy.storage.KVStorage checks its value)
+    options = {key: value for key, value in options.items() if key != STORAGE_OPTION}
     preset = data["presets"].get(name)
     if preset is None:
         raise unknown("policy", name, data["presets"])

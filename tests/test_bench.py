@@ -483,23 +483,27 @@ def test_join_decodes_like_one_batch(preset):
 
 
 @pytest.mark.parametrize("preset", ["snapkv", "ada-snapkv"])
-def test_tile_equals_store(preset):
+@pytest.mark.parametrize("kv_bits", [16, 4, "fp8"])
+def test_tile_equals_store(preset, kv_bits):
     """Copies of a prefilled layer made by ``tile`` (whole-tensor operations) are field for field the
-    layer ``PagedLayer.store`` builds from the repeated sequences (ragged heads too)."""
+    layer ``PagedLayer.store`` builds from the repeated sequences (ragged heads too; a quantized layer's
+    codes and scales as stored: storing its dequantized entries again gives the same ones)."""
     import torch
 
-    from kvpolicy.bench.throughput import TILE_FIELDS, _layer_parts, _moved, tile
-    from kvpolicy.cache import PagedLayer
+    from kvpolicy.bench.throughput import QUANT_FIELDS, TILE_FIELDS, _layer_parts, _moved, tile
+    from kvpolicy.cache import layer_storage, paged_layer
     from kvpolicy.generation import _prefill
     from kvpolicy.registry import get_adapter
 
     adapter = get_adapter(tiny_llama())
     prompt = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(4))
-    pre = _prefill(adapter, [prompt], kvpolicy.get_policy(preset, kv_budget=40), reserve=30)
+    policy = kvpolicy.get_policy(preset, kv_budget=40, kv_bits=kv_bits)
+    pre = _prefill(adapter, [prompt], policy, reserve=30)
     for layer in pre.cache.layers:
-        assert set(vars(layer)) == TILE_FIELDS  # the cache's fields are the ones tile repeats
+        pools = {"k_pool", "_v_pool", "pos_pool"} if kv_bits == 16 else {*layer._pools(), *QUANT_FIELDS}
+        assert set(vars(layer)) - pools == TILE_FIELDS - {"k_pool", "_v_pool", "pos_pool"}
         tiled = tile(_moved(layer, "cpu"), 3, "cpu")
-        stored = PagedLayer(layer.block_size)
+        stored = paged_layer(layer.block_size, layer_storage(layer))
         stored.store(_layer_parts(layer) * 3, reserve=30)
         stored.next_position = layer.next_position
         assert tiled is not None and set(vars(tiled)) == set(vars(stored))

@@ -10,6 +10,7 @@ counted term by term in :func:`prefill_peak_bytes`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,17 +71,33 @@ def decode_bytes_per_token(
     bytes_per_elem: int,
     generated: int = 0,
     batch: int = 1,
+    kv_bytes_per_elem: float | None = None,
 ) -> float:
     """Bytes one decode step reads: all layer weights and the LM head, plus each layer's KV cache
     (``generated / 2`` tokens appended on average over a run of ``generated`` steps).
 
     For a batch of ``batch`` sequences the weights are read once per step and the KV of every
     sequence once; ``kv_tokens_per_layer`` is one sequence's (the bench repeats one prompt, so every
-    sequence keeps the same counts)."""
+    sequence keeps the same counts). ``kv_bytes_per_elem``: bytes a stored KV element takes when the
+    cache is quantized (codes plus scales, :func:`kv_element_bytes`), else the model's ``bytes_per_elem``."""
     weights = (shape.layers * shape.layer_params + shape.hidden * shape.vocab) * bytes_per_elem
-    per_entry = 2 * shape.kv_heads * shape.head_dim * bytes_per_elem
+    per_entry = 2 * shape.kv_heads * shape.head_dim * (kv_bytes_per_elem or bytes_per_elem)
     kv = sum(c + generated / 2 for c in kv_tokens_per_layer) * per_entry
     return float(weights + batch * kv)
+
+
+def kv_element_bytes(storage: Any, shape: ModelShape, bytes_per_elem: int) -> float:
+    """Bytes one stored key or value element takes under ``storage`` (a
+    :class:`~kvpolicy.storage.KVStorage`, its dict, a policy's ``to_dict()`` or ``None``): its code and its
+    share of the group's scales when quantized, else the model's ``bytes_per_elem``."""
+    if isinstance(storage, dict) and "cache" in storage:  # a policy's to_dict(): its storage, if any
+        storage = storage.get("storage")
+    if storage is None:
+        return float(bytes_per_elem)
+    from kvpolicy.storage import KVStorage
+
+    parsed = KVStorage.parse(storage)
+    return parsed.bytes_per_element(shape.head_dim) if parsed.quantized else float(bytes_per_elem)
 
 
 def weight_bytes(shape: ModelShape, bytes_per_elem: int) -> int:
@@ -147,13 +164,18 @@ def speedup_bound(
     bytes_per_elem: int,
     generated: int = 0,
     batch: int = 1,
+    policy_kv_bytes_per_elem: float | None = None,
 ) -> Bound:
     """The speed-ups over full KV this cost model allows for the policy's schedule (for ``batch``
-    sequences: prefill FLOPs scale with the batch and cancel; decode reads the weights once)."""
+    sequences: prefill FLOPs scale with the batch and cancel; decode reads the weights once), full KV
+    stored in the model's dtype and the policy's as ``policy_kv_bytes_per_elem`` says (quantized)."""
+    policy_bytes = decode_bytes_per_token(
+        shape, policy_kv, bytes_per_elem, generated, batch, policy_kv_bytes_per_elem
+    )
     return Bound(
         prefill_speedup=prefill_flops(shape, full_tokens) / prefill_flops(shape, policy_tokens),
         decode_speedup=decode_bytes_per_token(shape, full_kv, bytes_per_elem, generated, batch)
-        / decode_bytes_per_token(shape, policy_kv, bytes_per_elem, generated, batch),
+        / policy_bytes,
     )
 
 
@@ -170,9 +192,13 @@ PREFILL_SLACK = 1.5
 MARGIN = 0.05
 
 
-def slot_bytes(shape: ModelShape, bytes_per_elem: int, positions: bool = True) -> int:
-    """Bytes of one cache slot of one KV head: its key and value, and (``positions``) its stored position."""
-    return 2 * shape.head_dim * bytes_per_elem + (POSITION_BYTES if positions else 0)
+def slot_bytes(
+    shape: ModelShape, bytes_per_elem: int, positions: bool = True, kv_bytes_per_elem: float | None = None
+) -> int:
+    """Bytes of one cache slot of one KV head: its key and value (``kv_bytes_per_elem`` each element
+    when quantized, :func:`kv_element_bytes`), and (``positions``) its stored position."""
+    kv = math.ceil(2 * shape.head_dim * (kv_bytes_per_elem or bytes_per_elem))
+    return kv + (POSITION_BYTES if positions else 0)
 
 
 def paged_kv_bytes(
@@ -246,6 +272,7 @@ def fit_batch(
     length: int,
     budget: int,
     prefill_batch: int | None = None,
+    kv_bytes_per_elem: float | None = None,
 ) -> BatchFit:
     """The largest decode batch of sequences keeping ``head_lengths`` (one sequence's kept entries per
     layer and KV head, e.g. from a prefill of one prompt) that fits in ``budget`` bytes, weights included.
@@ -254,10 +281,13 @@ def fit_batch(
     activations come and go before the batch exists; else every sequence is prefilled ``prefill_batch``
     at a time while the sequences already prefilled hold their KV. Decode needs every sequence's KV and
     a per-sequence workspace; joining sub-batches' caches needs the same KV and a moment's copy of one
-    layer. Returns the terms and the largest batch (see :class:`BatchFit`)."""
+    layer. Returns the terms and the largest batch (see :class:`BatchFit`). ``kv_bytes_per_elem``: a
+    quantized cache's bytes per stored element (:func:`kv_element_bytes`); its pages shrink accordingly,
+    and a decode step's workspace holds one layer's pages dequantized (the torch path)."""
     if budget <= 0:
         raise ValueError(f"memory budget must be > 0 bytes, got {budget}")
-    kv = paged_kv_bytes(head_lengths, reserve, block_size, slot_bytes(shape, bytes_per_elem))
+    stored = slot_bytes(shape, bytes_per_elem, kv_bytes_per_elem=kv_bytes_per_elem)
+    kv = paged_kv_bytes(head_lengths, reserve, block_size, stored)
     widest = max(len(layer) * max(layer, default=0) for layer in head_lengths) if head_lengths else 0
     join = 0 if prefill_batch is None else 2 * widest * slot_bytes(shape, bytes_per_elem)
     room = max(reserve, 0)
@@ -265,14 +295,15 @@ def fit_batch(
         (sum(max(1, -(-(n + room) // block_size)) * block_size for n in layer) for layer in head_lengths),
         default=0,
     )
-    workspace = max(join, decode_workspace_bytes(shape, slots, bytes_per_elem))
+    dequantized = slots * slot_bytes(shape, bytes_per_elem, positions=False) if kv_bytes_per_elem else 0
+    workspace = max(join, decode_workspace_bytes(shape, slots, bytes_per_elem) + dequantized)
     sub = 1 if prefill_batch is None else max(1, prefill_batch)
     activations = prefill_peak_bytes(
         shape, length, sub, bytes_per_elem, [0] * shape.layers, include_weights=False
     )
     prefill = int(activations * PREFILL_SLACK)
     weights = weight_bytes(shape, bytes_per_elem)
-    fixed = int(budget * MARGIN) + shape.layers * block_size * slot_bytes(shape, bytes_per_elem)
+    fixed = int(budget * MARGIN) + shape.layers * block_size * stored
     free = budget - weights - fixed
     alongside = prefill_batch is not None
     if free < kv + prefill or free < kv + workspace:

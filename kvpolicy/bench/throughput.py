@@ -43,7 +43,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvpolicy.bench.costmodel import BatchFit, ModelShape, decode_bytes_per_token, fit_batch
+from kvpolicy.bench.costmodel import (
+    BatchFit,
+    ModelShape,
+    decode_bytes_per_token,
+    fit_batch,
+    kv_element_bytes,
+)
 from kvpolicy.bench.machine import Machine
 from kvpolicy.bench.runner import (
     FULL,
@@ -54,11 +60,12 @@ from kvpolicy.bench.runner import (
     timed_decode,
     warm_steps,
 )
-from kvpolicy.cache import KVPolicyCache, PagedLayer
+from kvpolicy.cache import KVPolicyCache, PagedLayer, layer_storage, paged_layer
 from kvpolicy.generation import Prefill, _prefill
 from kvpolicy.interfaces import Policy
 from kvpolicy.registry import get_adapter, get_policy
 from kvpolicy.state import Batch
+from kvpolicy.storage import KVStorage
 
 MAX = "max"
 #: One sequence's entries in one layer, as ``PagedLayer.store`` takes them: keys ``(H, n, d)``,
@@ -180,6 +187,8 @@ class Source:
     #: what :func:`tile` repeats without rebuilding the layout sequence by sequence
     layers: list[PagedLayer] | None = None
     reserve: int | None = None
+    #: how the prefilled layers store entries (the joined batch stores them the same way)
+    storage: KVStorage | None = None
 
 
 def _layer_parts(layer: PagedLayer) -> list[Part]:
@@ -218,7 +227,7 @@ def from_prefill(pre: Prefill, consume: bool = False) -> Source:
     def parts(i: int) -> list[Part]:
         got = _layer_parts(cache.layers[i])
         if consume:
-            cache.layers[i] = PagedLayer(cache.layers[i].block_size)
+            cache.layers[i] = paged_layer(cache.layers[i].block_size, layer_storage(cache.layers[i]))
         return got
 
     return Source(
@@ -230,6 +239,7 @@ def from_prefill(pre: Prefill, consume: bool = False) -> Source:
         attn_implementation=getattr(cache, "attn_implementation", "sdpa"),
         parts=parts,
         batch_scratch=bool(pre.batch._scratch),
+        storage=cache_storage(cache),
     )
 
 
@@ -250,6 +260,7 @@ def snapshot(pre: Prefill, to: str | torch.device = "cpu") -> Source:
         batch_scratch=bool(pre.batch._scratch),
         layers=layers,
         reserve=pre.states[0].max_new_tokens,  # what the prefill reserved per row (its ``reserve``)
+        storage=cache_storage(cache),
     )
 
 
@@ -275,15 +286,26 @@ TILE_FIELDS = frozenset(
 )  # fmt: skip
 
 
+#: What a quantized layer holds beyond the fields above (its pools are repeated as ``_pools()`` lists).
+QUANT_FIELDS = frozenset({"storage", "head_dims"})
+
+
+def cache_storage(cache: KVPolicyCache) -> KVStorage | None:
+    """How the paged layers of ``cache`` store their entries (``None``: the model's dtype)."""
+    return next((layer_storage(layer) for layer in cache.layers if isinstance(layer, PagedLayer)), None)
+
+
 def tile(layer: PagedLayer, copies: int, device: str | torch.device) -> PagedLayer | None:
     """``copies`` repetitions of ``layer``'s sequences as one layer on ``device``: the layout
     ``PagedLayer.store`` builds for the repeated sequences (``test_tile_equals_store`` checks every
     field), made with a few whole-tensor operations instead of store's per-sequence and per-row host
     loop, which for a batch of a thousand sequences takes seconds per layer. ``None`` where the layer
     has fields this does not know (then :func:`join` uses ``store``)."""
-    if set(vars(layer)) != TILE_FIELDS:
+    pools = set(layer._pools())
+    held = set(vars(layer)) - pools - {"_v_pool"} - QUANT_FIELDS  # (v_pool's own storage is _v_pool)
+    if layer.shared_values or held != TILE_FIELDS - {"k_pool", "_v_pool", "pos_pool"}:
         return None
-    pages = layer.k_pool.shape[0] - 1  # the last page is the all-empty null page
+    pages = layer.pos_pool.shape[0] - 1  # the last page is the all-empty null page
     rows = layer.block_table.shape[0]
     at = torch.arange(copies, device=device)
 
@@ -291,8 +313,11 @@ def tile(layer: PagedLayer, copies: int, device: str | torch.device) -> PagedLay
         pool = pool.to(device)
         return torch.cat([pool[:pages]] * copies + [pool[pages:]])
 
-    new = PagedLayer(layer.block_size)
-    new.k_pool, new.v_pool, new.pos_pool = repeat(layer.k_pool), repeat(layer.v_pool), repeat(layer.pos_pool)
+    new = paged_layer(layer.block_size, layer_storage(layer))
+    for name in layer._pools():  # keys and values as stored (quantized: codes and scales), positions
+        setattr(new, name, repeat(getattr(layer, name)))
+    if hasattr(layer, "head_dims"):
+        new.head_dims = layer.head_dims
     table = layer.block_table.to(device)[None]
     shifted = torch.where(table == pages, pages * copies, table + at[:, None, None] * pages)
     new.block_table = shifted.reshape(copies * rows, -1)
@@ -306,7 +331,7 @@ def tile(layer: PagedLayer, copies: int, device: str | torch.device) -> PagedLay
     new.num_seqs, new.num_heads = layer.num_seqs * copies, layer.num_heads
     new.room, new.uniform, new.next_position = layer.room, layer.uniform, layer.next_position
     new.pages_per_row = list(layer.pages_per_row) * copies
-    new.dtype, new.device = layer.dtype, new.k_pool.device
+    new.dtype, new.device = layer.dtype, new.pos_pool.device
     new.is_initialized = True
     new._index_slots()
     return new
@@ -344,7 +369,7 @@ def join(sources: Sequence[Source], copies: int = 1, reserve: int = 0, device: A
     first = sources[0]
     device = device if device is not None else first.logits.device
     n_layers = len(first.next_position)
-    cache = KVPolicyCache(n_layers, first.block_size, first.attn_implementation)
+    cache = KVPolicyCache(n_layers, first.block_size, first.attn_implementation, storage=first.storage)
     repeat = len(sources) == 1 and first.layers is not None and first.reserve == reserve
     for i in range(n_layers):
         tiled = tile(first.layers[i], copies, device) if repeat else None  # type: ignore[index]
@@ -524,7 +549,8 @@ def throughput(
         note(f"{length}: memory budget {budget.total / 2**30:.2f} GiB ({budget.source}); batches {how}")
         fits: dict[str, BatchFit] = {}
         for name, (heads, _, block, _) in sized.items():
-            fit = fit_batch(shape, elem, heads, gen, block, length, budget.total, prefill_batch)
+            kv_elem = kv_element_bytes(variants[name].storage, shape, elem)
+            fit = fit_batch(shape, elem, heads, gen, block, length, budget.total, prefill_batch, kv_elem)
             fits[name] = fit
             note(
                 f"{length} {name}: {fit.kv_per_sequence / 2**20:.1f} MiB KV per sequence (kept + reserve "
@@ -597,7 +623,13 @@ def throughput(
                             note(f"{length} {name}: batch {b} ran out of memory")
                     if progress is not None:
                         progress()
-        these = [_summarise(state[key], samples[key], shape, elem, gen, machine) for key in state]
+        these = [
+            _summarise(
+                state[key], samples[key], shape, elem, gen, machine,
+                kv_element_bytes(variants[key[0]].storage, shape, elem),
+            )
+            for key in state
+        ]  # fmt: skip
         _compare(these)
         cells += these
         if on_length is not None:
@@ -612,7 +644,13 @@ def _weights(model: nn.Module) -> int:
 
 
 def _summarise(
-    cell: Cell, runs: list[Run], shape: ModelShape, elem: int, gen: int, machine: Machine | None
+    cell: Cell,
+    runs: list[Run],
+    shape: ModelShape,
+    elem: int,
+    gen: int,
+    machine: Machine | None,
+    kv_elem: float | None = None,
 ) -> Cell:
     if not runs:  # did not fit, or ran out of memory at every size tried
         cell.batch = None
@@ -630,7 +668,7 @@ def _summarise(
     if cell.fit is not None:
         cell.planned_bytes = BatchFit(**cell.fit).bytes_for(batch)
     if machine is not None:
-        nbytes = decode_bytes_per_token(shape, cell.kv_tokens_per_layer, elem, gen, batch)
+        nbytes = decode_bytes_per_token(shape, cell.kv_tokens_per_layer, elem, gen, batch, kv_elem)
         cell.bound_tokens_per_s = batch * machine.read_bytes_per_s / nbytes
         cell.bound_share = cell.tokens_per_s["median"] / cell.bound_tokens_per_s
     return cell
