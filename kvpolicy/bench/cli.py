@@ -297,6 +297,13 @@ def run(args: argparse.Namespace) -> int:
     args.lengths = args.lengths or [4096]
     threads.set_threads(args.threads)  # before any model is built (random weights skip load_from_args)
     common = parse_overrides(getattr(args, "policy_options", []))
+    if getattr(args, "kv_bits", None):  # prefill and e2e: every policy's storage (kernel mode: the variants)
+        if len(args.kv_bits) > 1:
+            raise ValueError(
+                f"--kv-bits is given {len(args.kv_bits)} times; outside kernel mode it sets every policy's "
+                f"storage once: compare widths as --policy snapkv:kv_bits=4 --policy snapkv:kv_bits=16"
+            )
+        common["kv_bits"] = parse_overrides(["--kv-bits", args.kv_bits[0]])["kv_bits"]
     specs = args.policy or ["fastkv"]
     policies = dict(parse_policy_spec(spec, common) for spec in specs)
     _check_args(args)

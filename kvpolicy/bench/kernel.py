@@ -30,11 +30,14 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvpolicy.kernels import paged_decode as pd
+
+if TYPE_CHECKING:
+    from kvpolicy.storage import KVStorage
 
 # -- cards and shapes -----------------------------------------------------------------------------------
 
@@ -88,7 +91,7 @@ SHAPES: dict[str, DecodeShape] = {
 VARIANTS = {"plain": False, "scores": True}
 #: Dependent memory round trips of the merge (lse, then the partials it weighs), ~1 us each from HBM.
 _MERGE_ROUND_TRIP_US = 1.0
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
 
 # -- compiling without a device -------------------------------------------------------------------------
 
@@ -223,6 +226,7 @@ class KernelRow:
     batch: int
     context: int
     kernel: str
+    kv: str = "16-bit"
     registers: int | None = None
     spills: int | None = None
     shared_bytes: int | None = None
@@ -240,18 +244,46 @@ class KernelRow:
     note: str = ""
 
 
-def split_values(shape: DecodeShape, dtype: torch.dtype, width: int, blk: int) -> dict[str, Any]:
+def split_values(
+    shape: DecodeShape, dtype: torch.dtype, width: int, blk: int, storage: KVStorage | None = None
+) -> dict[str, Any]:
     """The split kernel's runtime arguments for a shape: their types and the values Triton specialises on
-    (the strides of contiguous pools, a query laid out as the model's head transpose leaves it)."""
+    (the strides of contiguous pools, a query laid out as the model's head transpose leaves it); with a
+    quantized ``storage``, pools of byte codes and float16 scales as :class:`~kvpolicy.quant.QuantizedLayer`
+    holds them."""
     n_rep = shape.heads // shape.kv_heads
     d, dv = shape.head_dim, shape.value_dim
+    if storage is not None and storage.quantized:
+        per = 1 if storage.format == "fp8" else 8 // storage.bits
+        kc, vc, kg, vg = d // per, dv // per, d // storage.group(d), dv // storage.group(dv)
+        pools = {
+            "k_ptr": torch.uint8,
+            "v_ptr": torch.uint8,
+            "ks_ptr": torch.float16,
+            "kz_ptr": torch.float16,
+            "vs_ptr": torch.float16,
+            "vz_ptr": torch.float16,
+        }
+        scales = {"sstride_kp": blk * kg, "sstride_ks": kg, "sstride_vp": blk * vg, "sstride_vs": vg}
+    else:
+        kc, vc = d, dv
+        pools = {
+            "k_ptr": dtype,
+            "v_ptr": dtype,
+            "ks_ptr": dtype,
+            "kz_ptr": dtype,
+            "vs_ptr": dtype,
+            "vz_ptr": dtype,
+        }
+        scales = {"sstride_kp": 0, "sstride_ks": 0, "sstride_vp": 0, "sstride_vs": 0}
     return {
-        "q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "table_ptr": torch.int64, "len_ptr": torch.int64,
+        "q_ptr": dtype, **pools, "table_ptr": torch.int64, "len_ptr": torch.int64,
         "part_ptr": torch.float32, "lse_ptr": torch.float32, "score_ptr": torch.float32,
         "scale": d**-0.5, "cap": 1.0,
         "stride_qr": n_rep * d, "stride_qn": d, "stride_qd": 1,
-        "stride_kp": blk * d, "stride_ks": d, "stride_kd": 1,
-        "stride_vp": blk * dv, "stride_vs": dv, "stride_vd": 1,
+        "stride_kp": blk * kc, "stride_ks": kc, "stride_kd": 1,
+        "stride_vp": blk * vc, "stride_vs": vc, "stride_vd": 1,
+        **scales,
         "stride_tr": width, "stride_tc": 1,
         "n_rep": n_rep, "d": d, "dv": dv, "tiles_per_split": 2, "slots": width * blk,
     }  # fmt: skip
@@ -273,22 +305,43 @@ def report(
     contexts: list[int],
     dtype: torch.dtype = torch.bfloat16,
     block_size: int = 64,
+    storages: list[KVStorage] | None = None,
 ) -> list[KernelRow]:
-    """Every kernel a decode step launches, for each shape, card, batch and context (tokens per row)."""
+    """Every kernel a decode step launches, for each shape, KV storage (default: the model's dtype),
+    card, batch and context (tokens per row)."""
+    from kvpolicy.storage import KVStorage
+
     split_fn, merge_fn = pd._kernels(False)
     rows_out: list[KernelRow] = []
-    for name in shapes:
+    for name, storage in ((n, st) for n in shapes for st in storages or [KVStorage()]):
         shape = SHAPES[name]
         n_rep = shape.heads // shape.kv_heads
         p = pd.plan(n_rep, shape.head_dim, shape.value_dim, block_size, dtype, interpret=False)
-        why = pd.unserved(n_rep, shape.head_dim, shape.value_dim)
         elem = torch.finfo(dtype).bits // 8
-        tile_bytes = p.tile * (shape.head_dim + shape.value_dim) * elem  # what a full tile reads from HBM
+        quant: tuple[int, bool, int, int] = (0, False, 1, 1)
+        if storage.quantized:
+            groups = (storage.group(shape.head_dim), storage.group(shape.value_dim))
+            why = pd.unserved(n_rep, shape.head_dim, shape.value_dim, groups)
+            quant = (storage.bits, storage.format == "fp8", *groups)
+            # what a full tile reads from HBM: codes and their float16 scales
+            tile_bytes = p.tile * (
+                shape.head_dim * storage.bytes_per_element(shape.head_dim)
+                + shape.value_dim * storage.bytes_per_element(shape.value_dim)
+            )
+        else:
+            why = pd.unserved(n_rep, shape.head_dim, shape.value_dim)
+            tile_bytes = p.tile * (shape.head_dim + shape.value_dim) * elem
         for gpu_name in gpus:
             gpu = GPUS[gpu_name]
             for batch in batches:
                 for context in contexts:
-                    base = {"shape": name, "gpu": gpu_name, "batch": batch, "context": context}
+                    base = {
+                        "shape": name,
+                        "kv": storage.label,
+                        "gpu": gpu_name,
+                        "batch": batch,
+                        "context": context,
+                    }
                     if why is not None:
                         rows_out.append(
                             KernelRow(
@@ -298,13 +351,13 @@ def report(
                         continue
                     width = math.ceil(context / block_size) + 1
                     rows = batch * shape.kv_heads
-                    values = split_values(shape, dtype, width, block_size)
+                    values = split_values(shape, dtype, width, block_size, storage)
                     splits = 1
                     for variant, scores in VARIANTS.items():
                         c = compile_variant(
                             split_fn,
                             values,
-                            pd.split_constexprs(p, block_size, False, scores, False),
+                            pd.split_constexprs(p, block_size, False, scores, False, quant, dtype),
                             gpu.arch,
                             p.num_warps,
                             p.num_stages,
@@ -371,10 +424,10 @@ def _whole(waves: float | None) -> bool:
 
 def format_table(rows: list[KernelRow]) -> str:
     head = (
-        "| shape | gpu | batch | context | kernel | regs | spills | shared KB | prog/SM | splits | waves "
+        "| shape | KV | gpu | batch | context | kernel | regs | spills | shared KB | prog/SM | splits | waves "
         "| instr/byte | issue ceiling TB/s | HBM TB/s | merge us (ms/token) | targets | note |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
 
         def f(v: Any, fmt: str = "{}") -> str:
@@ -382,7 +435,7 @@ def format_table(rows: list[KernelRow]) -> str:
 
         merge = "-" if r.merge_us is None else f"{r.merge_us} ({r.merge_ms_per_token})"
         lines.append(
-            f"| {r.shape} | {r.gpu} | {r.batch} | {r.context} | {r.kernel} | {f(r.registers)} | {f(r.spills)} "
+            f"| {r.shape} | {r.kv} | {r.gpu} | {r.batch} | {r.context} | {r.kernel} | {f(r.registers)} | {f(r.spills)} "
             f"| {f(r.shared_bytes and r.shared_bytes / 1024, '{:.1f}')} | {f(r.programs_per_sm)} | {f(r.splits)} "
             f"| {f(r.waves)} | {f(r.instructions_per_byte)} | {f(r.issue_ceiling_tbps)} | {r.hbm_tbps} "
             f"| {merge} | {f(r.meets_targets and 'met' if r.meets_targets is not None else None)} | {r.note} |"
@@ -404,6 +457,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=sorted(GPUS),
         help="kernel mode: card to compile for (repeatable; default h100 and h200)",
     )
+    p.add_argument(
+        "--kv-bits",
+        action="append",
+        help="KV storage: 16, 8, fp8, 4, 2 (prefill and e2e: every policy's; kernel mode: the variants to compile, repeatable; default 16)",
+    )
     p.add_argument("--json", action="store_true", help="kernel mode: print the rows as a JSON list")
 
 
@@ -419,7 +477,10 @@ def run(args: argparse.Namespace) -> int:
     if any(b < 1 for b in batches):
         raise ValueError(f"--batch-sizes must be positive integers in kernel mode, got {args.batch_sizes!r}")
     contexts = args.lengths or [8192, 131072]
-    rows = report(shapes, gpus, batches, contexts)
+    from kvpolicy.storage import KVStorage
+
+    storages = [KVStorage.parse(b) for b in args.kv_bits or ["16"]]
+    rows = report(shapes, gpus, batches, contexts, storages=storages)
     data = [asdict(r) for r in rows]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -100,47 +100,51 @@ def _load_entries(
     FP8: tl.constexpr,
     GROUP: tl.constexpr,
     OP: tl.constexpr,
+    DT: tl.constexpr,
 ):
     """A tile's keys or values ``(TILE_P, W_P)`` in the operand dtype ``OP``: loaded as stored
     (``QBITS == 0``), or dequantized in registers from ``QBITS``-bit codes (``8 / QBITS`` to a byte, code
     ``j`` of byte ``m`` being column ``m * 8 / QBITS + j``) or fp8 e4m3 bytes (``FP8``), times the float16
     scale of each ``GROUP`` columns (plus its zero point for integers): only the codes and scales cross
-    the memory bus (:mod:`kvpolicy.storage`)."""
+    the memory bus (:mod:`kvpolicy.storage`). Dequantized entries are rounded to the model's dtype ``DT``
+    first (a no-op where the operands are in it), so every path reads the same cache."""
     if QBITS == 0:
         offs = tl.arange(0, W_P)
-        return tl.load(
+        out = tl.load(
             ptr + page * stride_p + within[:, None] * stride_s + offs[None, :] * stride_c,
             mask=ok[:, None] & (offs[None, :] < width),
             other=0.0,
         ).to(OP)
-    PER: tl.constexpr = 1 if FP8 else 8 // QBITS
-    offs_b = tl.arange(0, W_P // PER)
-    raw = tl.load(
-        ptr + page * stride_p + within[:, None] * stride_s + offs_b[None, :] * stride_c,
-        mask=ok[:, None] & (offs_b[None, :] < width // PER),
-        other=0,
-    )
-    if FP8:
-        # e4m3's sign, exponent and mantissa moved into a float16's (exact, subnormals too), times 2^(15 - 7)
-        r = raw.to(tl.uint16)
-        half = (((r & 0x80) << 8) | ((r & 0x7F) << 7)).to(tl.float16, bitcast=True)
-        vals = half.to(tl.float32) * 256.0
-    elif PER == 1:
-        vals = raw.to(tl.float32)
-    elif PER == 2:
-        vals = tl.reshape(tl.join(raw & 0xF, raw >> 4), (TILE_P, W_P)).to(tl.float32)
-    else:
-        c0, c1, c2, c3 = raw & 3, (raw >> 2) & 3, (raw >> 4) & 3, raw >> 6
-        vals = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (TILE_P, W_P)).to(tl.float32)
-    G_P: tl.constexpr = W_P // GROUP
-    offs_g = tl.arange(0, G_P)
-    at = page * sstride_p + within[:, None] * sstride_s + offs_g[None, :]
-    g_ok = ok[:, None] & (offs_g[None, :] < width // GROUP)
-    scale = tl.load(s_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
-    vals = tl.reshape(vals, (TILE_P, G_P, GROUP)) * scale[:, :, None]
-    if not FP8:
-        vals += tl.load(z_ptr + at, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-    return tl.reshape(vals, (TILE_P, W_P)).to(OP)
+    else:  # (a static branch: only the taken one is compiled, so no early return)
+        PER: tl.constexpr = 1 if FP8 else 8 // QBITS
+        offs_b = tl.arange(0, W_P // PER)
+        raw = tl.load(
+            ptr + page * stride_p + within[:, None] * stride_s + offs_b[None, :] * stride_c,
+            mask=ok[:, None] & (offs_b[None, :] < width // PER),
+            other=0,
+        )
+        if FP8:
+            # e4m3's sign, exponent and mantissa moved into a float16's (exact, subnormals too), times 2^(15 - 7)
+            r = raw.to(tl.uint16)
+            half = (((r & 0x80) << 8) | ((r & 0x7F) << 7)).to(tl.float16, bitcast=True)
+            vals = half.to(tl.float32) * 256.0
+        elif PER == 1:
+            vals = raw.to(tl.float32)
+        elif PER == 2:
+            vals = tl.reshape(tl.join(raw & 0xF, raw >> 4), (TILE_P, W_P)).to(tl.float32)
+        else:
+            c0, c1, c2, c3 = raw & 3, (raw >> 2) & 3, (raw >> 4) & 3, raw >> 6
+            vals = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (TILE_P, W_P)).to(tl.float32)
+        G_P: tl.constexpr = W_P // GROUP
+        offs_g = tl.arange(0, G_P)
+        at = page * sstride_p + within[:, None] * sstride_s + offs_g[None, :]
+        g_ok = ok[:, None] & (offs_g[None, :] < width // GROUP)
+        scale = tl.load(s_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
+        vals = tl.reshape(vals, (TILE_P, G_P, GROUP)) * scale[:, :, None]
+        if not FP8:
+            vals += tl.load(z_ptr + at, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+        out = tl.reshape(vals, (TILE_P, W_P)).to(DT).to(OP)
+    return out
 
 
 def _attend_tile(
@@ -191,6 +195,7 @@ def _attend_tile(
     FP8: tl.constexpr,
     GROUP_K: tl.constexpr,
     GROUP_V: tl.constexpr,
+    DT: tl.constexpr,
 ):
     """Fold tile ``t`` (slots ``t * TILE ...``, all in one page: ``TILE`` divides ``BLK``) of row ``row64``
     into the online softmax ``(m_i, l_i) (NREP_P,)``, ``acc (NREP_P, DV_P)`` of the queries
@@ -204,7 +209,7 @@ def _attend_tile(
     ok = (offs_n < TILE) & (slot < length)
     k = _load_entries(
         k_ptr, ks_ptr, kz_ptr, page, within, ok, d, stride_kp, stride_ks, stride_kd, sstride_kp, sstride_ks,
-        TILE_P, D_P, QBITS, FP8, GROUP_K, OP,
+        TILE_P, D_P, QBITS, FP8, GROUP_K, OP, DT,
     )  # fmt: skip
     # (NREP_P, TILE_P) on tensor cores, fp32 accumulation
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
@@ -232,7 +237,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.reduce(p, 1, _add)
     v = _load_entries(
         v_ptr, vs_ptr, vz_ptr, page, within, ok, dv, stride_vp, stride_vs, stride_vd, sstride_vp, sstride_vs,
-        TILE_P, DV_P, QBITS, FP8, GROUP_V, OP,
+        TILE_P, DV_P, QBITS, FP8, GROUP_V, OP, DT,
     )  # fmt: skip
     acc = tl.dot(p.to(OP), v, acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
@@ -289,6 +294,7 @@ def _split_kernel(
     FP8: tl.constexpr,
     GROUP_K: tl.constexpr,
     GROUP_V: tl.constexpr,
+    DT: tl.constexpr,
 ):
     """One (row, split): partial output ``part[row, split] (n_rep, dv)`` normalised by its own
     softmax sum, and its log-sum-exp ``lse[row, split] (n_rep,)`` (``-inf`` when it holds no entry)."""
@@ -321,7 +327,7 @@ def _split_kernel(
                 score_ptr, scale, cap, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
                 sstride_kp, sstride_ks, sstride_vp, sstride_vs, stride_tr, stride_tc, n_rep, d, dv, slots,
                 BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC, QBITS, FP8, GROUP_K,
-                GROUP_V,
+                GROUP_V, DT,
             )  # fmt: skip
             t += 1
     else:
@@ -331,7 +337,7 @@ def _split_kernel(
                 score_ptr, scale, cap, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
                 sstride_kp, sstride_ks, sstride_vp, sstride_vs, stride_tr, stride_tc, n_rep, d, dv, slots,
                 BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC, QBITS, FP8, GROUP_K,
-                GROUP_V,
+                GROUP_V, DT,
             )  # fmt: skip
     held = l_i > 0.0
     safe = tl.where(held, l_i, 1.0)
@@ -691,10 +697,11 @@ def split_constexprs(
     want_scores: bool,
     interpret: bool,
     quant: tuple[int, bool, int, int] = (0, False, 1, 1),
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """The split kernel's compile-time arguments for plan ``p`` (shared with ``kvpolicy bench kernel``,
     which compiles exactly what a decode step launches); ``quant``: bits (0: stored as is), fp8, and the
-    key and value scale groups of a quantized cache."""
+    key and value scale groups of a quantized cache, and ``dtype`` the model's (default: the operands')."""
     import triton.language
 
     return {
@@ -714,6 +721,9 @@ def split_constexprs(
         "FP8": quant[1],
         "GROUP_K": quant[2],
         "GROUP_V": quant[3],
+        "DT": getattr(triton.language, str(dtype).removeprefix("torch."))
+        if dtype
+        else getattr(triton.language, p.operand),
     }
 
 
@@ -774,7 +784,7 @@ def _paged_decode_op(
     scores = (
         torch.empty((rows, n_rep, slots), dtype=torch.float32, device=query.device) if want_probs else row_lse
     )
-    constexprs = split_constexprs(p, blk, softcap is not None, want_probs, interpret, quant)
+    constexprs = split_constexprs(p, blk, softcap is not None, want_probs, interpret, quant, query.dtype)
     options = (
         {}
         if interpret
