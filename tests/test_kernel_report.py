@@ -153,3 +153,26 @@ def test_json_rows_carry_every_promised_field(capsys, tmp_path):
     assert {r["kernel"] for r in kernels} == {"split (plain)", "split (scores)"}
     for r in kernels:
         assert all(r[f] is not None for f in FIELDS), r
+
+
+@needs_tools
+def test_quantized_variants_compile_without_spills_and_count_their_bytes():
+    """The quantized decode kernels (codes and float16 scales, dequantized in registers) compile for the
+    H100 without spills; their bytes per tile are the stored ones (codes plus scales), so the report's
+    instructions per byte and issue ceiling are those of the quantized traffic."""
+    from kvpolicy.bench.kernel import report
+    from kvpolicy.storage import KVStorage
+
+    rows = report(
+        ["llama-3.1-8b"],
+        ["h100"],
+        [64],
+        [8192],
+        storages=[KVStorage(), KVStorage(bits=4), KVStorage.parse("fp8")],
+    )
+    split = {r.kv: r for r in rows if r.kernel == "split (plain)"}
+    assert set(split) == {"16-bit", "int4", "fp8"}
+    for row in split.values():
+        assert row.spills == 0 and row.registers and row.instructions_per_byte
+    # same tile of 64 slots: int4 reads (0.5 + 4/32) / 2 of the 16-bit bytes, so per byte it issues more
+    assert split["int4"].instructions_per_byte > split["16-bit"].instructions_per_byte
