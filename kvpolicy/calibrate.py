@@ -36,6 +36,7 @@ from kvpolicy.bench.costmodel import ModelShape, decode_bytes_per_token, prefill
 from kvpolicy.interfaces import CachePolicy, LayerView, Policy
 from kvpolicy.scoring import snapkv_scores
 from kvpolicy.state import RequestState
+from kvpolicy.storage import KVStorage
 
 
 class ScoreProbe(CachePolicy):
@@ -333,12 +334,18 @@ def prompt_samples(
 
 # -- running it ----------------------------------------------------------------------------------
 def evaluator(
-    model: Any, tokenizer: Any, samples: Sequence[CalibrationSample], batch_size: int | None = 8
-) -> Callable[[int | None, float, float], float]:
-    """Mean accuracy (0-100) of a FastKV setting ``(tsp_layer, tsp_rate, kv_budget)`` on ``samples``.
+    model: Any,
+    tokenizer: Any,
+    samples: Sequence[CalibrationSample],
+    batch_size: int | None = 8,
+    storage: Any = None,
+) -> Callable[..., float]:
+    """Mean accuracy (0-100) of a FastKV setting ``(tsp_layer, tsp_rate, kv_budget)`` on ``samples``,
+    with entries stored as ``storage`` says (``None``: the model's dtype; a call may pass its own as a
+    fourth argument, :class:`~kvpolicy.storage.KVStorage` or what its ``parse`` reads).
 
-    Unlabelled samples are scored against full KV's greedy answer, generated once on first use.
-    Samples are generated ``batch_size`` at a time (the same answers as one by one).
+    Unlabelled samples are scored against full KV's greedy answer (the model's own dtype), generated
+    once on first use. Samples are generated ``batch_size`` at a time (the same answers as one by one).
     """
     from kvpolicy import compose
     from kvpolicy.eval.metrics import qa_f1_score
@@ -363,12 +370,14 @@ def evaluator(
             texts.update((i, o.text) for i, o in zip(group, outs, strict=True))
         return [texts[i] for i in range(len(samples))]
 
-    def evaluate(layer: int | None, rate: float, budget: float) -> float:
+    def evaluate(layer: int | None, rate: float, budget: float, width: Any = storage) -> float:
         prop = TSP(layer=layer, rate=rate) if layer is not None and rate < 1.0 else None
         cache = SnapKV(budget=budget) if budget < 1.0 else FullCache()
-        texts = answers(compose(prop, cache))
+        policy = compose(prop, cache, width)
+        texts = answers(policy)
         if any(s.score is None for s in samples) and not references:
-            full = texts if prop is None and budget >= 1.0 else answers(compose())
+            plain = prop is None and budget >= 1.0 and not policy.storage.quantized
+            full = texts if plain else answers(compose())
             references.update(enumerate(full))
         total = 0.0
         for i, (sample, text) in enumerate(zip(samples, texts, strict=True)):
@@ -378,6 +387,60 @@ def evaluator(
         return total / len(samples)
 
     return evaluate
+
+
+#: Storage widths ``--kv-bytes`` weighs (16: the model's dtype).
+KV_BYTES_WIDTHS = ("16", "int8", "int4", "int2")
+
+
+def kv_bytes_per_token(shape: ModelShape, storage: Any, bytes_per_elem: int) -> float:
+    """KV bytes one prompt token takes over every layer and KV head when all are kept, stored as
+    ``storage`` says: the unit of ``--kv-bytes``."""
+    from kvpolicy.bench.costmodel import kv_element_bytes
+
+    return (
+        shape.layers * shape.kv_heads * 2 * shape.head_dim * kv_element_bytes(storage, shape, bytes_per_elem)
+    )
+
+
+def choose_storage(
+    evaluate: Callable[..., float],
+    shape: ModelShape,
+    bytes_per_elem: int,
+    kv_bytes: float,
+    widths: Sequence[str] = KV_BYTES_WIDTHS,
+) -> dict[str, Any]:
+    """Budget and width together for ``kv_bytes`` bytes of KV per prompt token: each width gets the
+    SnapKV budget those bytes buy (``kv_bytes / bytes per token at that width``, at most the whole prompt;
+    a width that cannot keep 1 % of the prompt is skipped), each candidate is measured with ``evaluate``
+    (:func:`evaluator`), and the most accurate wins (ties: the wider storage, which risks less on prompts
+    the calibration did not see). Returns the candidates and the choice."""
+    if not kv_bytes > 0:
+        raise ValueError(f"--kv-bytes must be > 0 bytes per token, got {kv_bytes}")
+    points = []
+    for width in widths:
+        per_token = kv_bytes_per_token(shape, width, bytes_per_elem)
+        budget = min(1.0, kv_bytes / per_token)
+        if budget < 0.01:
+            continue
+        budget = math.floor(budget * 1000) / 1000  # never above the bytes given
+        accuracy = evaluate(None, 1.0, budget, width)
+        points.append(
+            {
+                "kv_bits": width,
+                "kv_budget": budget,
+                "bytes_per_token": round(budget * per_token, 1),
+                "accuracy": accuracy,
+            }
+        )
+    if not points:
+        least = kv_bytes_per_token(shape, widths[-1], bytes_per_elem) * 0.01
+        raise ValueError(
+            f"--kv-bytes {kv_bytes:g} cannot keep 1 % of the prompt at any width (int2 needs {least:.0f} bytes per token)"
+        )
+    rank = {w: i for i, w in enumerate(widths)}
+    best = max(points, key=lambda p: (round(p["accuracy"], 6), -rank[p["kv_bits"]]))
+    return {"kv_bytes": kv_bytes, "candidates": points, "recommended": best}
 
 
 def needle_evaluator(
@@ -421,8 +484,10 @@ def run_calibration(
     prompts: Path | None = None,
     seed: int = 42,
     quiet: bool = False,
+    storage: Any = None,
 ) -> dict[str, Any]:
-    """Stability curve, recommendation, plots and config into ``out``; returns the summary.
+    """Stability curve, recommendation, plots and config into ``out``; returns the summary. ``storage``:
+    every setting searched stores its entries so (``kv_bits``; the config records it).
 
     Progress goes to stderr (a bar in a terminal, plain lines elsewhere) unless ``quiet``: first the
     per-layer importance of each sample, then the search, whose length is known only as a bound
@@ -453,7 +518,7 @@ def run_calibration(
     )
     mean_length = round(sum(len(s.input_ids) for s in prepared) / len(prepared))
     shape = ModelShape.from_config(model.config)
-    evaluate = evaluator(model, tokenizer, prepared)
+    evaluate = evaluator(model, tokenizer, prepared, storage=storage)
     with track("calibrate: search", search_steps(shape, rates, budgets), quiet=quiet) as progress:
 
         def tracked(layer: int | None, rate: float, budget: float) -> float:
@@ -479,11 +544,53 @@ def run_calibration(
         "points": [asdict(p) for p in rec.points],
         "command": command,
     }
+    quantized = storage is not None and KVStorage.parse(storage).quantized
+    if quantized:
+        summary["kv_bits"] = KVStorage.parse(storage).label
     (out / "calibration.json").write_text(json.dumps(summary, indent=2))
     if rec.choice:
-        (out / "policy.json").write_text(json.dumps(choice_config(rec.choice), indent=2))
+        config = choice_config(rec.choice)
+        if quantized:
+            config["kv_bits"] = summary["kv_bits"]
+        (out / "policy.json").write_text(json.dumps(config, indent=2))
     plot_calibration(out)
     return summary
+
+
+def _storage_arg(value: str | None) -> Any:
+    """``--kv-bits`` as a storage (its error names the value and the widths)."""
+    return None if value is None else KVStorage.parse(value)
+
+
+def _run_kv_bytes(args: argparse.Namespace, model: Any, tokenizer: Any, command: str) -> int:
+    """``calibrate --kv-bytes N``: :func:`choose_storage` on the run's prompts; the choice as a policy config."""
+    prepared = calibration_samples(
+        tokenizer, args.task, args.length, args.samples, args.ruler_tasks, args.prompts, args.seed
+    )
+    shape = ModelShape.from_config(model.config)
+    elem = next(model.parameters()).element_size()
+    found = choose_storage(evaluator(model, tokenizer, prepared), shape, elem, args.kv_bytes)
+    best = found["recommended"]
+    found.update(
+        model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        full_bytes_per_token=kv_bytes_per_token(shape, None, elem),
+        samples=len(prepared),
+        length=round(sum(len(s.input_ids) for s in prepared) / len(prepared)),
+        command=command,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kv_bytes.json").write_text(json.dumps(found, indent=2))
+    config = {"policy": "snapkv", "kv_budget": best["kv_budget"], "kv_bits": best["kv_bits"]}
+    (args.out / "kv_bytes_policy.json").write_text(json.dumps(config, indent=2))
+    for p in found["candidates"]:
+        print(
+            f"{p['kv_bits']:>6}: kv_budget {p['kv_budget']:<6} {p['bytes_per_token']:>8.0f} B/token  accuracy {p['accuracy']:.0f}"
+        )
+    print(
+        f"recommended for {args.kv_bytes:g} bytes per token: SnapKV kv_budget {best['kv_budget']} at "
+        f"{best['kv_bits']} (accuracy {best['accuracy']:.0f}). Config: {args.out / 'kv_bytes_policy.json'}"
+    )
+    return 0
 
 
 def plot_calibration(out: Path) -> None:
@@ -578,6 +685,17 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
         help="--qfilters: calibration tokens whose queries enter the SVD, drawn with --seed (default 3000, "
         "the official make_filters.py's)",
     )
+    p.add_argument(
+        "--kv-bits",
+        help="run the FastKV search with entries stored at this width (16, 8, fp8, 4, 2; default 16)",
+    )
+    p.add_argument(
+        "--kv-bytes",
+        type=float,
+        help="instead of the FastKV search, choose SnapKV's budget and the storage width together for this "
+        "many bytes of KV per prompt token (all layers and KV heads), measured on the same prompts; "
+        "writes OUT/kv_bytes.json and OUT/kv_bytes_policy.json",
+    )
     model_args(p)
     p.set_defaults(func=_run)
 
@@ -592,8 +710,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rates and --budgets are fractions in (0, 1]; got {bad}")
     model, tokenizer = load_from_args(args)
     command = "kvpolicy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if args.duo_heads and args.qfilters:
-        raise ValueError("--duo-heads and --qfilters are separate runs; give one")
+    if sum(bool(x) for x in (args.duo_heads, args.qfilters, args.kv_bytes is not None)) > 1:
+        raise ValueError("--duo-heads, --qfilters and --kv-bytes are separate runs; give one")
+    storage = _storage_arg(args.kv_bits)
+    if args.kv_bytes is not None:
+        return _run_kv_bytes(args, model, tokenizer, command)
     if args.qfilters:
         from kvpolicy.policies.qfilters import calibrate_filters
 
@@ -641,6 +762,7 @@ def _run(args: argparse.Namespace) -> int:
         tasks=args.ruler_tasks,
         prompts=args.prompts,
         seed=args.seed,
+        storage=storage,
     )
     choice = summary["recommended"]
     if choice is None:

@@ -266,3 +266,52 @@ def test_calibrate_cli_rejects_unknown_task(capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--task", "longbench", "--out", "x"])
     assert "invalid choice: 'longbench'" in capsys.readouterr().err
+
+
+def test_kv_bytes_picks_budget_and_width_together():
+    """``--kv-bytes``: each width gets the budget the bytes buy (never more), the most accurate wins, a
+    tie goes to the wider storage, and a byte budget no width can use is named."""
+    from kvpolicy.bench.costmodel import ModelShape
+    from kvpolicy.calibrate import choose_storage, kv_bytes_per_token
+
+    shape = ModelShape(
+        hidden=576, intermediate=1536, layers=30, q_heads=9, kv_heads=3, head_dim=64, vocab=49152
+    )
+    full = kv_bytes_per_token(shape, None, 2)
+    assert full == 30 * 3 * 2 * 64 * 2
+    assert kv_bytes_per_token(shape, 4, 2) == 30 * 3 * 2 * 64 * (0.5 + 4 / 32)
+    seen = []
+
+    def evaluate(layer, rate, budget, width):
+        seen.append((layer, rate, budget, width))
+        return {"16": 40.0, "int8": 80.0, "int4": 80.0, "int2": 20.0}[width]
+
+    found = choose_storage(evaluate, shape, 2, full / 8)
+    assert [p["kv_bits"] for p in found["candidates"]] == ["16", "int8", "int4", "int2"]
+    for p in found["candidates"]:
+        assert p["bytes_per_token"] <= full / 8 and 0 < p["kv_budget"] <= 1.0
+    assert found["candidates"][0]["kv_budget"] == 0.125
+    assert found["recommended"]["kv_bits"] == "int8"  # ties int4 on accuracy: the wider storage
+    assert all(layer is None and rate == 1.0 for layer, rate, _, _ in seen)
+    assert choose_storage(evaluate, shape, 2, full * 4)["candidates"][0]["kv_budget"] == 1.0
+    with pytest.raises(ValueError, match="cannot keep 1 % of the prompt at any width"):
+        choose_storage(evaluate, shape, 2, 1.0)
+
+
+def test_the_search_runs_under_a_storage_width(embedded_tokenizer, haystack, tmp_path):
+    """``calibrate --kv-bits 4``: every setting of the search stores its entries at int4 (unlabelled
+    prompts are still scored against full KV in the model's dtype)."""
+    from conftest import tiny_llama_for
+
+    from kvpolicy.calibrate import evaluator, prompt_samples
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "p.txt").write_text(haystack[:1500] + "\nSummarise the text.")
+    samples = prompt_samples(embedded_tokenizer, folder, samples=1, max_new_tokens=6)
+    model = tiny_llama_for(embedded_tokenizer)
+    plain = evaluator(model, embedded_tokenizer, samples)
+    assert plain(None, 1.0, 1.0) == 100.0
+    quantized = evaluator(model, embedded_tokenizer, samples, storage=4)
+    assert 0.0 <= quantized(None, 1.0, 1.0) <= 100.0
+    assert 0.0 <= quantized(None, 1.0, 0.5, "int2") <= 100.0

@@ -178,3 +178,28 @@ def test_prefill_work_counts_a_discarded_filter_pass(tiny, tokenizer, tmp_path):
     # Filter pass: 2 of 4 layers over the whole prompt; rerun: 4 layers over 32 tokens.
     expected = (2 * record["prompt_tokens"] + 4 * 32) / (4 * record["prompt_tokens"])
     assert record["prefill_token_share"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_records_carry_the_kv_bytes_kept_and_compare_plots_score_against_them(tiny, tokenizer, tmp_path):
+    """Each record holds the KV bytes kept per prompt token as stored (int4: codes and scales), a
+    different storage width is another run, and ``eval compare`` plots score against those bytes."""
+    from kvpolicy.eval.report import compare
+
+    runs = {}
+    for bits in (16, 4):
+        options = {"kv_budget": 0.5, "kv_bits": bits}
+        result = run_eval(
+            "needle",
+            tiny,
+            tokenizer,
+            out=tmp_path,
+            policy="snapkv",
+            policy_options=options,
+            **{**NEEDLE, "depths": 1},
+        )
+        (runs[bits],) = result.records
+    full, quant = runs[16]["kv_bytes_per_token"], runs[4]["kv_bytes_per_token"]
+    assert full > 0 and quant == pytest.approx(full * (0.5 + 4 / 8) / 4, rel=0.01)  # fp32 vs 8-wide groups
+    assert len(list(tmp_path.glob("needle/*/run.json"))) == 2
+    written = compare([tmp_path], out=tmp_path / "compare")
+    assert any(p.name == "needle-by-kv-bytes.png" for p in written["needle"]["plots"])

@@ -91,12 +91,58 @@ def _bars(series: dict[str, dict[str, float]], path: Path, ylabel: str, title: s
     return path
 
 
+def score_by_kv_bytes(runs: Sequence[Any], path: Path, ylabel: str, title: str) -> Path | None:
+    """Score against KV bytes kept per prompt token (log scale), one line per method and storage width
+    (a method's budgets at one width joined), so settings of equal memory compare straight across:
+    fewer entries at 16 bits beside more at 4. ``None`` unless two runs report their bytes."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        per_token, score = run.summary.get("kv_bytes_per_token"), run.summary.get("score")
+        if not isinstance(per_token, (int, float)) or not isinstance(score, (int, float)):
+            continue
+        policy = run.meta.get("policy") or {}
+        storage = policy.get("storage") or {}
+        width = (
+            "16-bit"
+            if not storage
+            else ("fp8" if storage.get("format") == "fp8" else f"int{storage['bits']}")
+        )
+        name = policy.get("name") or (policy.get("cache") or {}).get("kind") or run.label
+        lines.setdefault(f"{name} {width}", []).append((float(per_token), float(score)))
+    if sum(len(v) for v in lines.values()) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("KV bytes kept per prompt token (all layers and KV heads, as stored)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def compare_plots(benchmark: str, runs: Sequence[Any], labels: Sequence[str], out: Path) -> list[Path]:
     """The comparison plots for one benchmark's runs (``report.RunInfo``), written under ``out``."""
     written: list[Path] = []
     runs_labels = [(r, lab) for r, lab in zip(runs, labels, strict=True) if r.summary.get("n")]
     if not runs_labels:
         return written
+    ylabel = "recall" if benchmark == "needle" else "score"
+    by_bytes = score_by_kv_bytes(
+        [r for r, _ in runs_labels],
+        out / f"{benchmark}-by-kv-bytes.png",
+        ylabel,
+        f"{benchmark}: score and KV memory",
+    )
+    if by_bytes is not None:
+        written.append(by_bytes)
     if benchmark == "needle":
         for run, label in runs_labels:
             written.append(needle_heatmap(run.summary["grid"], out / plot_name("needle", label), label))

@@ -42,6 +42,10 @@ def summarize(benchmark: str, records: Sequence[dict[str, Any]]) -> dict[str, An
         r["prefill_token_share"] for r in records if isinstance(r.get("prefill_token_share"), (int, float))
     ]
     out["kv_tokens_mean"] = _mean(kv) if kv else None
+    kv_bytes = [
+        r["kv_bytes_per_token"] for r in records if isinstance(r.get("kv_bytes_per_token"), (int, float))
+    ]
+    out["kv_bytes_per_token"] = _mean(kv_bytes) if kv_bytes else None
     out["prefill_token_share"] = _mean(share) if share else None
     if benchmark == "needle":
         cells: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -292,13 +296,20 @@ def compare_table(benchmark: str, runs: Sequence[RunInfo]) -> tuple[list[str], l
     return header, rows
 
 
-#: Cost columns: mean KV entries kept per layer and KV head; token-layers processed in prefill vs. full.
-COST_HEADER = ("KV/layer", "prefill work")
+#: Cost columns: mean KV entries kept per layer and KV head; KV bytes kept per prompt token (all layers
+#: and KV heads, as stored: quantized entries count codes and scales); token-layers processed in
+#: prefill vs. full.
+COST_HEADER = ("KV/layer", "KV B/token", "prefill work")
 
 
 def _cost(run: RunInfo) -> list[str]:
     kv, share = run.summary.get("kv_tokens_mean"), run.summary.get("prefill_token_share")
-    return ["-" if kv is None else f"{kv:.0f}", "-" if share is None else f"{share:.0%}"]
+    per_token = run.summary.get("kv_bytes_per_token")
+    return [
+        "-" if kv is None else f"{kv:.0f}",
+        "-" if per_token is None else f"{per_token:,.0f}",
+        "-" if share is None else f"{share:.0%}",
+    ]
 
 
 def _progress(run: RunInfo) -> str:

@@ -136,6 +136,10 @@ def _record(item: Item, built: Any, out: Any, scores: dict[str, Any], n_layers: 
         "kv_tokens_mean": round(statistics.fmean(s.kv_tokens_per_layer), 1)
         if s.kv_tokens_per_layer
         else None,
+        # bytes kept after prefill (every layer and KV head; quantized: codes and scales) per prompt token
+        "kv_bytes_per_token": round(s.kv_bytes / max(s.prompt_tokens, 1), 1)
+        if s.kv_bytes_per_layer
+        else None,
         # Token-layers of every prefill pass, a restart's discarded filter pass (GemFilter) included.
         "prefill_token_share": round(
             (sum(s.tokens_per_layer) + sum(s.discarded_tokens_per_layer))

@@ -29,6 +29,11 @@ def test_same_count_per_head_cache_policies_are_servable(spec):
         ("tova", "evicts during decode"),
         ("h2o:evict_during_decode=true", "evicts during decode"),
         ("kvzip", "ranks every layer together"),
+        (
+            "snapkv:kv_bits=4",
+            "kv_bits=int4 sets how kvpolicy's own cache stores entries.*kv_cache_dtype='fp8'",
+        ),
+        ("snapkv:kv_bits=fp8", "kv_bits=fp8 .*kv_cache_dtype='fp8'"),
     ],
 )
 def test_policies_vllm_cannot_hold_are_refused_saying_why(spec, why):

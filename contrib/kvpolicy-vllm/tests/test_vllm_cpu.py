@@ -42,12 +42,11 @@ def needle_prompts():
     return path, prompts
 
 
-@pytest.fixture(scope="module")
-def llm(needle_prompts):
+def _engine(path: Path, **options: object) -> object:
+    """vLLM's engine on the embedded model, in this process, with ``options`` (``kv_cache_dtype``)."""
     check_vllm()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for a 135M model's prompts
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-    path, _ = needle_prompts
     # no prefix caching (what kvpolicy's compression needs); prompts prefilled in chunks of at most 512
     # tokens, so a 2,000-token prompt takes four steps and the policy selects from all of them
     return vllm.LLM(
@@ -59,7 +58,14 @@ def llm(needle_prompts):
         enable_prefix_caching=False,
         enforce_eager=True,
         seed=0,
+        **options,
     )
+
+
+@pytest.fixture(scope="module")
+def llm(needle_prompts):
+    path, _ = needle_prompts
+    return _engine(path)
 
 
 def test_vllm_greedy_equals_kvpolicy_full_kv(llm, needle_prompts):
@@ -522,3 +528,27 @@ def test_an_engine_with_prefix_caching_refuses_compressed_requests_at_admission(
             vllm.SamplingParams(max_tokens=1, extra_args={"kvpolicy": "snapkv"}),
         )
     assert check_request(vllm.SamplingParams(max_tokens=1), config) is None
+
+
+def test_an_fp8_kv_cache_composes_with_a_policy(needle_prompts):
+    """vLLM's fp8 KV cache (``kv_cache_dtype='fp8'``, e4m3: how kvpolicy's ``kv_bits`` is served) under a
+    policy: a keep-all policy is the fp8 engine's own output token for token (the compaction and writes
+    go through vLLM's fp8 writer with the layer's scales), and SnapKV at half the prompt still finds
+    the needle where the fp8 engine with full KV does."""
+    path, prompts = needle_prompts
+    llm = _engine(path, kv_cache_dtype="fp8")
+    batch = [vllm.TokensPrompt(prompt_token_ids=p) for p in prompts[:3]]
+
+    def served(spec):
+        extra = {"extra_args": {"kvpolicy": spec}} if spec else {}
+        params = vllm.SamplingParams(max_tokens=30, temperature=0.0, **extra)  # the whole needle
+        return [list(o.outputs[0].token_ids) for o in llm.generate(batch, params)]
+
+    plain = served(None)
+    assert served("snapkv:kv_budget=100000") == plain
+    from kvpolicy.eval.needle import needle_found
+
+    tokenizer = llm.get_tokenizer()
+    found = [needle_found(tokenizer.decode(t)) for t in plain]
+    half = [needle_found(tokenizer.decode(t)) for t in served("snapkv:kv_budget=0.5")]
+    assert any(found) and half == found

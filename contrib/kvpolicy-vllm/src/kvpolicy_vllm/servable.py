@@ -143,6 +143,12 @@ def why_not_servable(policy: Policy) -> str | None:
     from kvpolicy.policies.full import AllTokens
 
     prop, cache = policy.propagation, policy.cache
+    if policy.storage.quantized:
+        return (
+            f"kv_bits={policy.storage.label} sets how kvpolicy's own cache stores entries, but under vLLM the KV "
+            f"cache and its dtype are vLLM's: start vLLM with kv_cache_dtype='fp8' for 8-bit entries (every "
+            f"servable policy composes with it) and leave kv_bits out of the request"
+        )
     if not isinstance(prop, AllTokens):
         return (
             f"its propagation policy {type(prop).__name__} ({prop.kind!r}) changes which tokens later layers "
