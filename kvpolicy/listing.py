@@ -41,6 +41,19 @@ _ENV = ("KVPOLICY_STRICT_PLUGINS", "KVPOLICY_DISABLE_PLUGINS")
 #: The option every preset takes beside its own settings: how kept entries are stored (``kv_bits``,
 #: :class:`kvpolicy.storage.KVStorage`; named here too so the listing stays free of torch).
 STORAGE_OPTION = "kv_bits"
+#: What ``kv_bits`` reads (lower-cased text): the model's dtype, int8, fp8 e4m3, int4, int2.
+STORAGE_WIDTHS = {"16": 16, "8": 8, "int8": 8, "fp8": 8, "4": 4, "int4": 4, "2": 2, "int2": 2}
+
+
+def storage_problem(value: object) -> str | None:
+    """Why ``kv_bits=value`` is not a storage width (``None``: it is), in the words
+    :meth:`kvpolicy.storage.KVStorage.parse` raises too."""
+    if value is None or (not isinstance(value, bool) and str(value).strip().lower() in STORAGE_WIDTHS):
+        return None
+    return (
+        f"kv_bits={value!r} is not a storage width; use one of 16 (the model's dtype), 8 or 'int8', "
+        f"'fp8' (e4m3), 4 or 'int4', 2 or 'int2'"
+    )
 
 
 def _tree_stamp(root: Path, out: list[str]) -> None:
@@ -292,7 +305,10 @@ def check_policy(name: str, options: dict[str, Any], data: dict[str, Any] | None
     """Refuse preset ``name`` with ``options`` where the kept listing can tell it is wrong, with the
     error the registry would give (:class:`SettingsError`); pass everything else on to it."""
     data = listing() if data is None else data
-    # how entries are stored is every preset's option (kvpolicy.storage.KVStorage checks its value)
+    # how entries are stored is every preset's option, not one of the preset's own settings
+    problem = storage_problem(options.get(STORAGE_OPTION))
+    if problem is not None:
+        raise SettingsError(f"invalid settings for {name}: {problem}")
     options = {key: value for key, value in options.items() if key != STORAGE_OPTION}
     preset = data["presets"].get(name)
     if preset is None:

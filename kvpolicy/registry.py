@@ -296,7 +296,7 @@ def _storage(name: str, value: Any) -> KVStorage:
     try:
         return KVStorage.parse(value)
     except (ValueError, ValidationError) as exc:
-        raise PolicyConfigError(f"{name}: {exc}") from None
+        raise PolicyConfigError(f"invalid settings for {name}: {exc}") from None
 
 
 def component_from_dict(data: dict[str, Any]) -> Settings:

@@ -34,6 +34,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvpolicy.listing import STORAGE_WIDTHS, storage_problem
+
 #: The widths :class:`KVStorage` serves, and what each one stores.
 WIDTHS = {16: "the model's dtype", 8: "int8 or fp8 e4m3", 4: "int4", 2: "int2"}
 #: Largest magnitude float8 e4m3 (``torch.float8_e4m3fn``) holds.
@@ -63,6 +65,11 @@ class KVStorage(BaseModel):
     def _fp8_is_eight_bits(self) -> KVStorage:
         if self.format == "fp8" and self.bits != 8:
             raise ValueError(f"format='fp8' stores 8 bits per element, got bits={self.bits}; use bits=8")
+        if self.format == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+            raise ValueError(
+                f"fp8 storage needs torch's float8_e4m3fn (torch >= 2.1), which torch {torch.__version__} lacks; "
+                f"use kv_bits=8 (int8) or upgrade torch"
+            )
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two (the kernel's tiles), got {self.group_size}")
         return self
@@ -75,16 +82,11 @@ class KVStorage(BaseModel):
             return value or cls()
         if isinstance(value, dict):
             return cls(**value)
+        problem = storage_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         text = str(value).strip().lower()
-        if text == "fp8":
-            return cls(bits=8, format="fp8")
-        digits = text.removeprefix("int")
-        if isinstance(value, bool) or not digits.isdigit() or int(digits) not in WIDTHS:
-            raise ValueError(
-                f"kv_bits={value!r} is not a storage width; use one of 16 (the model's dtype), 8 or 'int8', "
-                f"'fp8' (e4m3), 4 or 'int4', 2 or 'int2'"
-            )
-        return cls(bits=int(digits))
+        return cls(bits=8, format="fp8") if text == "fp8" else cls(bits=STORAGE_WIDTHS[text])
 
     @property
     def quantized(self) -> bool:

@@ -732,3 +732,22 @@ def test_gpu_script_parses():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     assert "FAST=${FAST:---graphs}" in text and "FAST=--compile is the fallback" in text
+
+
+def test_quantized_storage_fits_a_larger_decode_batch():
+    """The throughput bench sizes its largest batch from the pages a sequence keeps: at 4 bits they hold
+    codes and scales (0.625 bytes an element against bf16's 2), so more sequences fit the same memory."""
+    from kvpolicy.bench.costmodel import ModelShape, fit_batch, kv_element_bytes, slot_bytes
+    from kvpolicy.storage import KVStorage
+
+    shape = ModelShape(
+        hidden=4096, intermediate=14336, layers=32, q_heads=32, kv_heads=8, head_dim=128, vocab=128256
+    )
+    heads = [[4096] * 8] * 32
+    int4 = kv_element_bytes(KVStorage(bits=4), shape, 2)
+    assert int4 == 0.625 and kv_element_bytes({"bits": 16}, shape, 2) == 2.0
+    assert slot_bytes(shape, 2, positions=False, kv_bytes_per_elem=int4) == 2 * 128 * 0.625
+    plain = fit_batch(shape, 2, heads, 64, 64, 4096, 80 * 2**30)
+    quant = fit_batch(shape, 2, heads, 64, 64, 4096, 80 * 2**30, kv_bytes_per_elem=int4)
+    assert quant.kv_per_sequence < plain.kv_per_sequence / 2
+    assert quant.max_batch > 1.5 * plain.max_batch

@@ -77,8 +77,12 @@ def cache(tmp_path_factory) -> Path:
             "kv_budget=256.0: a fractional budget must lie in (0, 1], got 256.0 (for 256 tokens write the int 256)",
         ),
         (["list", "fastkvv"], "unknown policy 'fastkvv' (did you mean 'fastkv'?)"),
+        (
+            ["generate", "--policy", "snapkv", "--kv-bits", "3", "--prompt", "hi"],
+            "invalid settings for snapkv: kv_bits=3 is not a storage width; use one of 16",
+        ),
     ],
-    ids=["policy", "setting", "value", "bench-spec", "eval-budget", "list"],
+    ids=["policy", "setting", "value", "bench-spec", "eval-budget", "list", "kv-bits"],
 )
 def test_typos_are_answered_without_torch(cache, argv, message):
     """A misspelt policy or setting, or a value out of range, is one line from the kept listing: no
@@ -113,6 +117,9 @@ def test_listing_messages_are_the_registrys():
         ("fastkv", {"tsp_rate": 1.5, "window": 0, "kv_budgt": 1}),
         ("fastkvv", {}),
         ("nothing-like-it", {}),
+        ("snapkv", {"kv_bits": 3}),
+        ("fastkv", {"kv_bits": "int3", "kv_budget": 0.5}),
+        ("snapkv", {"kv_bits": "fp8"}),
     ]
     for name, options in cases:
         try:

@@ -33,7 +33,7 @@ def test_parse_reads_what_users_write_and_names_a_bad_width():
         KVStorage(bits=4, group_size=24)
     with pytest.raises(ValueError, match="does not fit a 48-wide head"):
         KVStorage(bits=4).group(48)
-    with pytest.raises(PolicyConfigError, match="snapkv: kv_bits=5"):
+    with pytest.raises(PolicyConfigError, match="invalid settings for snapkv: kv_bits=5"):
         kvpolicy.get_policy("snapkv", kv_bits=5)
 
 
