@@ -260,3 +260,41 @@ def test_every_preset_composes_with_quantized_storage(model, preset, kv_bits):
     )
     assert alone[0].stats.kv_tokens_per_layer == full.stats.kv_tokens_per_layer  # selections: full precision
     assert sum(alone[0].stats.kv_bytes_per_layer) < sum(full.stats.kv_bytes_per_layer)
+
+
+@pytest.mark.parametrize(
+    "model_type", ["gemma3_text", "phi3", "gpt2", "qwen3_next", "deepseek_v3"], ids=lambda t: t
+)
+def test_quantized_storage_on_other_architectures(model_type):
+    """Sliding-window layers (Gemma 3), partial RoPE (Phi-3), learned positions (GPT-2) and a hybrid with
+    recurrent layers (Qwen3-Next) store quantized as Llama does: a batch equals each prompt alone and
+    graph-replayed decode equals eager. Latent attention (DeepSeek V3) is refused naming the setting."""
+    from test_generic_adapter import FAMILIES, SLIDING, tiny_model
+
+    from kvpolicy.coverage import _build
+
+    if model_type == "qwen3_next":
+        model = _build(model_type)
+    else:
+        model = tiny_model(model_type, {**FAMILIES.get(model_type, {}), **SLIDING.get(model_type, {})})
+    policy = kvpolicy.get_policy("snapkv", kv_budget=24, kv_bits=4)
+    prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (40, 23)]
+    if model_type == "deepseek_v3":
+        with pytest.raises(ValueError, match="not built for latent attention"):
+            kvpolicy.generate(model, None, input_ids=prompts[0], policy=policy, max_new_tokens=2)
+        return
+    alone = [kvpolicy.generate(model, None, input_ids=p, policy=policy, max_new_tokens=6) for p in prompts]
+    batch = kvpolicy.generate(model, None, input_ids=prompts, policy=policy, max_new_tokens=6)
+    assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
+    replayed = kvpolicy.generate(
+        model, None, input_ids=prompts[0], policy=policy, max_new_tokens=6, graphs=True
+    )
+    assert replayed.token_ids == alone[0].token_ids
+    full = kvpolicy.generate(
+        model,
+        None,
+        input_ids=prompts[0],
+        policy=kvpolicy.get_policy("snapkv", kv_budget=12),
+        max_new_tokens=6,
+    )
+    assert alone[0].stats.kv_bytes < full.stats.kv_bytes
