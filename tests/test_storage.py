@@ -294,7 +294,7 @@ def test_quantized_storage_on_other_architectures(model_type):
         model,
         None,
         input_ids=prompts[0],
-        policy=kvpolicy.get_policy("snapkv", kv_budget=12),
+        policy=kvpolicy.get_policy("snapkv", kv_budget=24),
         max_new_tokens=6,
     )
     assert alone[0].stats.kv_bytes < full.stats.kv_bytes
