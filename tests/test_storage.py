@@ -234,32 +234,32 @@ def test_kernel_reads_the_codes_as_fp64_reads_the_dequantized_cache(kernel, name
     check(kernel, layer, 3, splits=2, softcap=5.0)
 
 
-@pytest.mark.parametrize("kv_bits", [8, 4])
-@pytest.mark.parametrize("preset", _presets())
-def test_every_preset_composes_with_quantized_storage(model, preset, kv_bits):
-    """Every registered preset at 8 and 4 bits: a batch decodes as each prompt alone (tokens, kept
-    entries and bytes), and graph-replayed decode equals eager."""
-    policy = kvpolicy.get_policy(preset, **_options(preset, TINY_OPTIONS), kv_bits=kv_bits)
-    prompts = _prompts((90, 40, 7))
-    alone = [kvpolicy.generate(model, None, input_ids=p, policy=policy, max_new_tokens=8) for p in prompts]
-    batch = kvpolicy.generate(model, None, input_ids=prompts, policy=policy, max_new_tokens=8)
+def _composes(model, policy, plain, prompts, new_tokens: int = 8) -> None:
+    """``policy`` (quantized) on ``model``: a batch of ``prompts`` decodes as each prompt alone (tokens,
+    kept entries and bytes), graph-replayed decode equals eager, and against ``plain`` (the same policy
+    at 16 bits) it keeps the same entries in fewer bytes."""
+    alone = [
+        kvpolicy.generate(model, None, input_ids=p, policy=policy, max_new_tokens=new_tokens) for p in prompts
+    ]
+    batch = kvpolicy.generate(model, None, input_ids=prompts, policy=policy, max_new_tokens=new_tokens)
     for a, b in zip(alone, batch, strict=True):
         assert b.token_ids == a.token_ids
         assert b.stats.kv_tokens_per_layer == a.stats.kv_tokens_per_layer
         assert b.stats.kv_bytes_per_layer == a.stats.kv_bytes_per_layer
-    replayed = kvpolicy.generate(
-        model, None, input_ids=prompts[0], policy=policy, max_new_tokens=8, graphs=True
-    )
-    assert replayed.token_ids == alone[0].token_ids
-    full = kvpolicy.generate(
-        model,
-        None,
-        input_ids=prompts[0],
-        policy=kvpolicy.get_policy(preset, **_options(preset, TINY_OPTIONS)),
-        max_new_tokens=8,
-    )
+    first = {"input_ids": prompts[0], "max_new_tokens": new_tokens}
+    assert kvpolicy.generate(model, None, policy=policy, graphs=True, **first).token_ids == alone[0].token_ids
+    full = kvpolicy.generate(model, None, policy=plain, **first)
     assert alone[0].stats.kv_tokens_per_layer == full.stats.kv_tokens_per_layer  # selections: full precision
-    assert sum(alone[0].stats.kv_bytes_per_layer) < sum(full.stats.kv_bytes_per_layer)
+    assert alone[0].stats.kv_bytes < full.stats.kv_bytes
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+@pytest.mark.parametrize("preset", _presets())
+def test_every_preset_composes_with_quantized_storage(model, preset, kv_bits):
+    """Every registered preset at 8 and 4 bits, batched and graph-replayed (:func:`_composes`)."""
+    options = _options(preset, TINY_OPTIONS)
+    plain = kvpolicy.get_policy(preset, **options)
+    _composes(model, plain.with_storage(kv_bits), plain, _prompts((90, 40, 7)))
 
 
 @pytest.mark.parametrize(
@@ -267,8 +267,8 @@ def test_every_preset_composes_with_quantized_storage(model, preset, kv_bits):
 )
 def test_quantized_storage_on_other_architectures(model_type):
     """Sliding-window layers (Gemma 3), partial RoPE (Phi-3), learned positions (GPT-2) and a hybrid with
-    recurrent layers (Qwen3-Next) store quantized as Llama does: a batch equals each prompt alone and
-    graph-replayed decode equals eager. Latent attention (DeepSeek V3) is refused naming the setting."""
+    recurrent layers (Qwen3-Next) store quantized as Llama does (:func:`_composes`). Latent attention
+    (DeepSeek V3) is refused naming the setting."""
     from test_generic_adapter import FAMILIES, SLIDING, tiny_model
 
     from kvpolicy.coverage import _build
@@ -277,24 +277,12 @@ def test_quantized_storage_on_other_architectures(model_type):
         model = _build(model_type)
     else:
         model = tiny_model(model_type, {**FAMILIES.get(model_type, {}), **SLIDING.get(model_type, {})})
-    policy = kvpolicy.get_policy("snapkv", kv_budget=24, kv_bits=4)
+    plain = kvpolicy.get_policy("snapkv", kv_budget=24)
     prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (40, 23)]
     if model_type == "deepseek_v3":
         with pytest.raises(ValueError, match="not built for latent attention"):
-            kvpolicy.generate(model, None, input_ids=prompts[0], policy=policy, max_new_tokens=2)
+            kvpolicy.generate(
+                model, None, input_ids=prompts[0], policy=plain.with_storage(4), max_new_tokens=2
+            )
         return
-    alone = [kvpolicy.generate(model, None, input_ids=p, policy=policy, max_new_tokens=6) for p in prompts]
-    batch = kvpolicy.generate(model, None, input_ids=prompts, policy=policy, max_new_tokens=6)
-    assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
-    replayed = kvpolicy.generate(
-        model, None, input_ids=prompts[0], policy=policy, max_new_tokens=6, graphs=True
-    )
-    assert replayed.token_ids == alone[0].token_ids
-    full = kvpolicy.generate(
-        model,
-        None,
-        input_ids=prompts[0],
-        policy=kvpolicy.get_policy("snapkv", kv_budget=24),
-        max_new_tokens=6,
-    )
-    assert alone[0].stats.kv_bytes < full.stats.kv_bytes
+    _composes(model, plain.with_storage(4), plain, prompts, new_tokens=6)

@@ -66,26 +66,32 @@ def run(model, ids: list[int], ratio: float, spec, max_new: int, eos: set[int]) 
         n = max(1, int(keys.shape[2] * (1 - ratio)))  # kvpress.utils.compute_n_kept
         idx = s.topk(n, dim=-1).indices[0]  # as ScorerPress.compress
         kept[module.layer_idx] = idx
-        given[module.layer_idx] = [x[0].gather(1, idx[..., None].expand(-1, -1, x.shape[-1])) for x in (keys, values)]
+        given[module.layer_idx] = [
+            x[0].gather(1, idx[..., None].expand(-1, -1, x.shape[-1])) for x in (keys, values)
+        ]
         return s
 
     press.score = recording_score
     t0 = time.perf_counter()
     with torch.no_grad():
         with press(model):
-            out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
         after_prefill = cache_bytes(cache)
         requant = 0.0
         if spec is not None:  # kvpress re-quantizes the kept (already dequantized) entries
             for i, layer in enumerate(cache.layers):
-                for q, x in zip((layer._quantized_keys, layer._quantized_values), given[i]):
+                for q, x in zip((layer._quantized_keys, layer._quantized_values), given[i], strict=True):
                     requant = max(requant, (q.dequantize()[0] - x).abs().max().item())
         tokens = [int(out.logits[0, -1].argmax())]
         for i in range(max_new - 1):
             if tokens[-1] in eos:
                 break
             out = model(
-                input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, position_ids=torch.tensor([[T + i]])
+                input_ids=torch.tensor([[tokens[-1]]]),
+                past_key_values=cache,
+                position_ids=torch.tensor([[T + i]]),
             )
             tokens.append(int(out.logits[0, -1].argmax()))
     mask = np.zeros((len(kept), kept[0].shape[0], T), dtype=bool)
@@ -111,7 +117,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = json.loads((args.out / "prompts.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(data["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        data["model_dir"], dtype=torch.float32, attn_implementation="sdpa"
+    )
     model.eval()
     from transformers import AutoTokenizer
 
@@ -137,7 +145,15 @@ def main() -> None:
                     ref = np.unpackbits(ref, axis=-1, count=mask.shape[-1]).astype(bool)
                     r["jaccard16"] = float(((mask & ref).sum(-1) / (mask | ref).sum(-1)).mean())
                 r["text"] = tok.decode(r["tokens"], skip_special_tokens=True)
-                row = {"key": key, "side": "kvpress", "cache": name, "ratio": ratio, "prompt": p, **prompt, **r}
+                row = {
+                    "key": key,
+                    "side": "kvpress",
+                    "cache": name,
+                    "ratio": ratio,
+                    "prompt": p,
+                    **prompt,
+                    **r,
+                }
                 del row["ids"]
                 row["T"] = len(prompt["ids"])
                 with path.open("a") as f:
