@@ -286,3 +286,18 @@ def test_quantized_storage_on_other_architectures(model_type):
             )
         return
     _composes(model, plain.with_storage(4), plain, prompts, new_tokens=6)
+
+
+def test_compiled_decode_reads_the_quantized_cache(model, monkeypatch):
+    """``compile=True`` traces the decode step whole (``fullgraph``) over a quantized cache (its
+    dequantized pools are computed inside the step) and gives eager's tokens."""
+    import kvpolicy.generation as generation
+
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    ids = torch.tensor([_prompts((60,))[0]])
+    policy = kvpolicy.get_policy("h2o", kv_budget=20, evict_during_decode=True, kv_bits=4)
+    eager = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=12)
+    compiled = kvpolicy.generate(model, None, input_ids=ids, policy=policy, max_new_tokens=12, compile=True)
+    torch._dynamo.reset()
+    assert compiled.token_ids == eager.token_ids
