@@ -153,10 +153,17 @@ def test_restart_reruns_on_selected_tokens_with_fresh_positions():
 
 @pytest.mark.parametrize(
     "policy",
-    ["fullkv", kvpolicy.get_policy("snapkv", kv_budget=20), kvpolicy.get_policy("fastkv", tsp_layer=1)],
-    ids=["fullkv", "snapkv", "fastkv"],
+    [
+        "fullkv",
+        kvpolicy.get_policy("snapkv", kv_budget=20),
+        kvpolicy.get_policy("fastkv", tsp_layer=1),
+        kvpolicy.get_policy("snapkv", kv_budget=20, kv_bits=4),
+    ],
+    ids=["fullkv", "snapkv", "fastkv", "snapkv-int4"],
 )
 def test_model_generate_continues_from_prefill_cache(tiny_model, prompt_ids, policy):
+    """``model.generate`` continues from the prefilled cache (a quantized one shows transformers its
+    dequantized entries, and stores what it appends quantized) with ``kvpolicy.generate``'s tokens."""
     ours = run(tiny_model, prompt_ids, policy, n=16).token_ids
     pre = kvpolicy.prefill(tiny_model, prompt_ids, policy, reserve=16)
     ids = torch.cat([prompt_ids, pre.next_token], dim=-1)
