@@ -5,7 +5,8 @@ Reads ``OUT/press.jsonl`` and ``OUT/policy.jsonl``; per side x cache x ratio: ne
 prompt token after prefill split into codes / scales (+ zero points) / full-precision residual, the
 residual per prompt token at the end of decoding (kvpress only: new tokens stay full precision until
 128), the Jaccard index of kvpress's kept positions vs its 16-bit run, and the answers equal to the same
-side's 16-bit answer. Writes the table to ``OUT/results.md`` too.
+side's 16-bit answer; below it, the answers token-identical across the sides at each width. Writes
+the table to ``OUT/results.md`` too.
 """
 
 from __future__ import annotations
@@ -67,13 +68,17 @@ def main() -> None:
             f"{parts['codes']:.0f} | {parts['scales']:.0f} | {parts['residual']:.0f} | {end} | {jaccard} | "
             f"{same}/{len(rs)} |"
         )
-    cross = [
-        (r["tokens"] == ref.get(("kvpolicy", r["ratio"], r["prompt"])))
-        for r in rows
-        if r["side"] == "kvpress" and r["cache"] == "16" and ("kvpolicy", r["ratio"], r["prompt"]) in ref
-    ]
     lines.append("")
-    lines.append(f"16-bit answers token-identical across the two sides: {sum(cross)}/{len(cross)}")
+    answers = {(r["side"], r["cache"], r["ratio"], r["prompt"]): r["tokens"] for r in rows}
+    for press, policy in (("16", "16"), ("q4-g32", "4"), ("q4-g64", "4"), ("q2-g32", "2"), ("q2-g64", "2")):
+        pairs = [
+            v == answers[("kvpolicy", policy, *k[2:])]
+            for k, v in answers.items()
+            if k[:2] == ("kvpress", press) and ("kvpolicy", policy, *k[2:]) in answers
+        ]
+        lines.append(
+            f"- kvpress {press} vs kvpolicy {policy}: answers token-identical {sum(pairs)}/{len(pairs)}"
+        )
     text = "\n".join(lines)
     (args.out / "results.md").write_text(text + "\n")
     print(text)
