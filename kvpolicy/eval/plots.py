@@ -91,11 +91,15 @@ def _bars(series: dict[str, dict[str, float]], path: Path, ylabel: str, title: s
     return path
 
 
+#: Marker of each storage width in :func:`score_by_kv_bytes`.
+_WIDTH_MARKERS = {"16-bit": "o", "int8": "s", "fp8": "D", "int4": "^", "int2": "v"}
+
+
 def score_by_kv_bytes(runs: Sequence[Any], path: Path, ylabel: str, title: str) -> Path | None:
     """Score against KV bytes kept per prompt token (log scale), one line per method and storage width
     (a method's budgets at one width joined), so settings of equal memory compare straight across:
     fewer entries at 16 bits beside more at 4. ``None`` unless two runs report their bytes."""
-    lines: dict[str, list[tuple[float, float]]] = {}
+    lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for run in runs:
         per_token, score = run.summary.get("kv_bytes_per_token"), run.summary.get("score")
         if not isinstance(per_token, (int, float)) or not isinstance(score, (int, float)):
@@ -108,15 +112,29 @@ def score_by_kv_bytes(runs: Sequence[Any], path: Path, ylabel: str, title: str) 
             else ("fp8" if storage.get("format") == "fp8" else f"int{storage['bits']}")
         )
         name = policy.get("name") or (policy.get("cache") or {}).get("kind") or run.label
-        lines.setdefault(f"{name} {width}", []).append((float(per_token), float(score)))
+        lines.setdefault((str(name), width), []).append((float(per_token), float(score)))
     if sum(len(v) for v in lines.values()) < 2:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
-    for label, points in sorted(lines.items()):
+    # a colour per method, a marker per width: the lines stay apart however many there are
+    methods = list(dict.fromkeys(name for name, _ in sorted(lines)))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for (name, width), points in sorted(lines.items()):
         points.sort()
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+        ax.plot(
+            [x for x, _ in points],
+            [y for _, y in points],
+            marker=_WIDTH_MARKERS.get(width, "o"),
+            color=colours[name],
+            label=f"{name} {width}",
+        )
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}K" if x >= 1000 else f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("KV bytes kept per prompt token (all layers and KV heads, as stored)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
