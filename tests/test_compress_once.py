@@ -37,10 +37,14 @@ def test_fullkv_equals_one_prompt(model, ids):
         assert out.stats.new_tokens == N
 
 
-@pytest.mark.parametrize("policy", ["fullkv", "h2o", "streamingllm"])
+@pytest.mark.parametrize("policy", ["fullkv", "h2o", "streamingllm", "h2o-int4", "snapkv-fp8"])
 def test_answers_do_not_depend_on_order(model, ids, policy):
+    """Each question is answered from the restored compressed cache (a quantized one's codes and scales
+    restored too): answers are the same in any order and alone."""
     context, questions = ids
-    pol = kvpolicy.get_policy(policy) if policy == "fullkv" else kvpolicy.get_policy(policy, kv_budget=24)
+    name, _, bits = policy.partition("-")
+    pol = kvpolicy.get_policy(name) if name == "fullkv" else kvpolicy.get_policy(name, kv_budget=24)
+    pol = pol.with_storage(bits or None)
     forward = answer(model, context, questions, pol)
     backward = answer(model, context, questions[::-1], pol)
     assert [o.token_ids for o in forward] == [o.token_ids for o in backward[::-1]]

@@ -17,23 +17,32 @@ NEEDLE="needle --lengths 1024 2048 --depths 5 --out $OUT/smollm2 --quiet"
 RULER="ruler --lengths 1024 --tasks niah_single_1 niah_multikey_1 --samples 5 --out $OUT/smollm2 --quiet"
 GEMMA="needle --model gemma3-270m --completion --lengths 2000 4000 --depths 5 --out $OUT/gemma3 --quiet"
 
+# one run: BENCH LABEL POLICY BUDGET BITS (budget "-": the preset's full KV); labels are the tables' rows
+one() {
+  local bench=$1 label=$2 policy=$3 budget=$4 bits=$5
+  local args=(--policy "$policy" --label "$label" --kv-bits "$bits")
+  [[ $budget != - ]] && args+=(--kv-budget "$budget")
+  $KV eval $bench "${args[@]}"
+}
+
 run() {
-  for bits in 16 8 fp8 4 2; do $KV eval $NEEDLE --policy fullkv --kv-bits $bits; done
-  for spec in "0.125 16" "0.25 16" "0.5 16" "0.25 8" "0.5 8" "0.25 4" "0.5 4" "0.5 2"; do
+  for bits in 16 8 fp8 4 2; do one "$NEEDLE" "full-$bits" fullkv - "$bits"; done
+  for spec in "0.125 16" "0.25 16" "0.25 8" "0.5 8" "0.25 4" "0.5 4" "0.5 2"; do
     read -r budget bits <<<"$spec"
-    $KV eval $NEEDLE --policy snapkv --kv-budget "$budget" --kv-bits "$bits"
+    one "$NEEDLE" "snapkv-$budget-$bits" snapkv "$budget" "$bits"
   done
-  for policy in ada-snapkv fastkv; do
-    $KV eval $NEEDLE --policy $policy --kv-budget 0.125
-    $KV eval $NEEDLE --policy $policy --kv-budget 0.5 --kv-bits 4
+  one "$NEEDLE" ada-0.125-16 ada-snapkv 0.125 16
+  one "$NEEDLE" ada-0.5-4 ada-snapkv 0.5 4
+  one "$NEEDLE" fastkv-0.125-16 fastkv 0.125 16
+  one "$NEEDLE" fastkv-0.5-4 fastkv 0.5 4
+  for bits in 16 8 fp8 4 2; do one "$RULER" "full-$bits" fullkv - "$bits"; done
+  for spec in "0.125 16" "0.25 16" "0.25 8" "0.25 4" "0.5 4"; do
+    read -r budget bits <<<"$spec"
+    one "$RULER" "snapkv-$budget-$bits" snapkv "$budget" "$bits"
   done
-  for bits in 16 8 4 2; do $KV eval $RULER --policy fullkv --kv-bits $bits; done
-  $KV eval $RULER --policy snapkv --kv-budget 0.125
-  $KV eval $RULER --policy snapkv --kv-budget 0.25 --kv-bits 8
-  $KV eval $RULER --policy snapkv --kv-budget 0.5 --kv-bits 4
-  for bits in 16 8 4 2; do $KV eval $GEMMA --policy fullkv --kv-bits $bits; done
-  $KV eval $GEMMA --policy snapkv --kv-budget 0.125
-  $KV eval $GEMMA --policy snapkv --kv-budget 0.5 --kv-bits 4
+  for bits in 16 8 4 2; do one "$GEMMA" "full-$bits" fullkv - "$bits"; done
+  one "$GEMMA" snapkv-0.125-16 snapkv 0.125 16
+  one "$GEMMA" snapkv-0.5-4 snapkv 0.5 4
 }
 
 compare() {
