@@ -40,8 +40,9 @@ run() {
     read -r budget bits <<<"$spec"
     one "$RULER" "snapkv-$budget-$bits" snapkv "$budget" "$bits"
   done
-  for bits in 16 8 4 2; do one "$GEMMA" "full-$bits" fullkv - "$bits"; done
+  for bits in 16 8 fp8 4 2; do one "$GEMMA" "full-$bits" fullkv - "$bits"; done
   one "$GEMMA" snapkv-0.125-16 snapkv 0.125 16
+  one "$GEMMA" snapkv-0.5-8 snapkv 0.5 8
   one "$GEMMA" snapkv-0.5-4 snapkv 0.5 4
 }
 
