@@ -47,7 +47,7 @@ SCALE_DTYPE = torch.float16
 class KVStorage(BaseModel):
     """How each kept KV entry is stored: ``bits`` per element (16: the model's own dtype, unchanged).
 
-    Args:
+    Attributes:
         bits: 16 (no quantization), 8, 4 or 2 bits per key and value element.
         format: ``"int"`` (asymmetric integers with a float16 scale and zero point per group) or
             ``"fp8"`` (float8 e4m3 with a float16 scale per group; ``bits=8`` only).
