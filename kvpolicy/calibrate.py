@@ -544,22 +544,17 @@ def run_calibration(
         "points": [asdict(p) for p in rec.points],
         "command": command,
     }
-    quantized = storage is not None and KVStorage.parse(storage).quantized
-    if quantized:
-        summary["kv_bits"] = KVStorage.parse(storage).label
+    width = KVStorage.parse(storage)
+    if width.quantized:
+        summary["kv_bits"] = width.label
     (out / "calibration.json").write_text(json.dumps(summary, indent=2))
     if rec.choice:
         config = choice_config(rec.choice)
-        if quantized:
-            config["kv_bits"] = summary["kv_bits"]
+        if width.quantized:
+            config["kv_bits"] = width.label
         (out / "policy.json").write_text(json.dumps(config, indent=2))
     plot_calibration(out)
     return summary
-
-
-def _storage_arg(value: str | None) -> Any:
-    """``--kv-bits`` as a storage (its error names the value and the widths)."""
-    return None if value is None else KVStorage.parse(value)
 
 
 def _run_kv_bytes(args: argparse.Namespace, model: Any, tokenizer: Any, command: str) -> int:
@@ -712,7 +707,7 @@ def _run(args: argparse.Namespace) -> int:
     command = "kvpolicy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if sum(bool(x) for x in (args.duo_heads, args.qfilters, args.kv_bytes is not None)) > 1:
         raise ValueError("--duo-heads, --qfilters and --kv-bytes are separate runs; give one")
-    storage = _storage_arg(args.kv_bits)
+    storage = KVStorage.parse(args.kv_bits)  # None: the model's dtype; a bad width is named
     if args.kv_bytes is not None:
         return _run_kv_bytes(args, model, tokenizer, command)
     if args.qfilters:

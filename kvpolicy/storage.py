@@ -36,8 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvpolicy.listing import STORAGE_WIDTHS, storage_problem
 
-#: The widths :class:`KVStorage` serves, and what each one stores.
-WIDTHS = {16: "the model's dtype", 8: "int8 or fp8 e4m3", 4: "int4", 2: "int2"}
 #: Largest magnitude float8 e4m3 (``torch.float8_e4m3fn``) holds.
 FP8_MAX = 448.0
 #: Dtype of the stored scales and zero points (KIVI's).
