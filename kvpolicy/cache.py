@@ -131,17 +131,18 @@ class PagedLayer(_Layer):
             slots.append(jj)
             picks.append(hh * n + jj + offset)
             offset += h * n
-        flat = self._flat(torch.cat(rows), torch.cat(slots))
+        row_of, slot_of = torch.cat(rows), torch.cat(slots)
+        flat = self._flat(row_of, slot_of)
         pick = torch.cat(picks)
         keys, values, positions = (
             torch.cat([p[j].reshape(-1, *p[j].shape[2:]) for p in parts])[pick] for j in range(3)
         )
         self.dtype = k0.dtype
-        self._put(flat, keys, values)
-        self.pos_pool.view(-1).index_copy_(0, flat, positions.to(self.pos_pool.dtype))
         self.lengths = torch.tensor(counts, device=k0.device, dtype=torch.long).view(
             self.num_seqs, self.num_heads
         )
+        self._put(flat, keys, values, row_of, slot_of)
+        self.pos_pool.view(-1).index_copy_(0, flat, positions.to(self.pos_pool.dtype))
         self.room = min(p * self.block_size - c for p, c in zip(self.pages_per_row, counts, strict=True))
         self.uniform = counts[0] if len(set(counts)) == 1 else None
         self.dtype, self.device = k0.dtype, k0.device
@@ -178,9 +179,18 @@ class PagedLayer(_Layer):
         if not self.shared_values:
             self.v_pool = v0.new_zeros((pages + 1, blk, v0.shape[-1]))
 
-    def _put(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _put(
+        self,
+        flat: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> None:
         """Write entries ``keys (N, d)``, ``values (N, d_v)`` at flat pool indices ``flat (N,)`` (where
-        a storage that quantizes does so: entries are scored before, stored here)."""
+        a storage that quantizes does so: entries are scored before, stored here); ``rows`` and
+        ``slots`` ``(N,)`` say where they are in their rows (at prefill; ``None`` for a decode append,
+        one entry per row in its next slot)."""
         self.k_pool.view(-1, self.k_pool.shape[-1]).index_copy_(0, flat, keys.to(self.k_pool.dtype))
         if not self.shared_values:
             pool = self.v_pool
@@ -306,6 +316,7 @@ class PagedLayer(_Layer):
             last = (lengths - 1).clamp_min(0)
             src = self._flat_each(last)
             dst = self._flat_each(torch.where(do, slot, last))
+            self._moving(src, dst, do, slot)
             for pool in (getattr(self, name) for name in self._pools()):
                 flat = pool.view(-1, *pool.shape[2:])
                 flat.index_copy_(0, dst, flat.index_select(0, src))
@@ -315,6 +326,11 @@ class PagedLayer(_Layer):
         return (bad if bad is not None else torch.zeros_like(lengths, dtype=torch.bool)).view(
             self.num_seqs, self.num_heads
         )
+
+    def _moving(self, src: torch.Tensor, dst: torch.Tensor, do: torch.Tensor, slot: torch.Tensor) -> None:
+        """Called by :meth:`evict` before each move of a row's last entry (flat index ``src`` ``(R,)``)
+        into the freed slot (flat ``dst``; ``slot`` in the row) where ``do``: a layer keeping state
+        about its entries beyond the slot-indexed pools updates it here (nothing to do for a plain one)."""
 
     def clear(self, seqs: torch.Tensor) -> None:
         """Empty every head's row of the sequences where ``seqs`` ``(B,)`` is true, in place; no host
@@ -629,9 +645,10 @@ def paged_layer(
     bits), else quantized (:class:`kvpolicy.quant.QuantizedLayer`)."""
     if storage is None or not storage.quantized:
         return PagedLayer(block_size, shared_values)
-    from kvpolicy.quant import QuantizedLayer  # it builds on this module
+    from kvpolicy.quant import KiviLayer, QuantizedLayer  # they build on this module
 
-    return QuantizedLayer(block_size, storage, shared_values)
+    kind = KiviLayer if storage.layout == "kivi" else QuantizedLayer
+    return kind(block_size, storage, shared_values)
 
 
 def layer_storage(layer: PagedLayer) -> KVStorage | None:

@@ -13,9 +13,15 @@ Why this layout (per token, groups of channels, scales stored beside the codes, 
   what decode attention sees.
 * **Exact moves.** The paged cache evicts in place by moving a row's last entry into the freed slot
   (:meth:`kvpolicy.cache.PagedLayer.evict`). With every scale stored per slot, a move copies codes and
-  scales and changes nothing: a decode-time eviction never re-rounds an entry. (KIVI's per-channel key
-  groups share one scale across tokens, which a move into another group would have to re-round; that
-  layout and its full-precision residual window are not built yet.)
+  scales and changes nothing: a decode-time eviction never re-rounds an entry.
+* **KIVI's layout** (``layout="kivi"``, ``kv_bits="kivi4"``/``"kivi2"``; arXiv 2402.02750, official
+  ``models/llama_kivi.py``): keys quantized *per channel* over groups of ``group_size`` entries (key
+  outliers sit in fixed channels, so a channel's range across tokens is narrow where a token's range
+  across channels is not), values per token as above, and the most recent entries of each row kept in
+  full precision in a *residual* of ``residual`` entries that is quantized as a whole when it fills.
+  Per-channel groups share one scale across tokens, which a move into another group would have to
+  re-round; so each slot stores the index of its key group's scale record instead
+  (:class:`kvpolicy.quant.KiviLayer`), and a move copies codes and index: still exact.
 * **Asymmetric integers** (``bits`` 8, 4, 2; KIVI's quantizer, arXiv 2402.02750, ``quant/new_pack.py``):
   per group of ``group_size`` channels of one entry, ``scale = (max - min) / (2^bits - 1)`` and
   ``zero = min``, codes ``round((x - zero) / scale)`` packed ``8 / bits`` to a byte (code ``j`` of a byte
@@ -40,6 +46,8 @@ from kvpolicy.listing import STORAGE_WIDTHS, storage_problem
 FP8_MAX = 448.0
 #: Dtype of the stored scales and zero points (KIVI's).
 SCALE_DTYPE = torch.float16
+#: Bytes of the per-slot key-record index of KIVI's layout (``int32``).
+KIVI_INDEX_BYTES = 4
 
 
 class KVStorage(BaseModel):
@@ -50,7 +58,13 @@ class KVStorage(BaseModel):
         format: ``"int"`` (asymmetric integers with a float16 scale and zero point per group) or
             ``"fp8"`` (float8 e4m3 with a float16 scale per group; ``bits=8`` only).
         group_size: channels of one entry sharing a scale (KIVI's 32); a head narrower than it is one
-            group, a wider one must be a multiple of it.
+            group, a wider one must be a multiple of it. With ``layout="kivi"``, also the entries a key
+            scale record covers.
+        layout: ``"token"`` (every entry's scales its own) or ``"kivi"`` (keys per channel in groups of
+            ``group_size`` entries, values per token, a full-precision residual; ``format="int"``).
+        residual: with ``layout="kivi"``, recent entries per row kept in full precision before they are
+            quantized together (KIVI's ``residual_length``: 32 in its ``example.py``, 128 in its
+            long-context runs; a multiple of ``group_size``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -58,6 +72,8 @@ class KVStorage(BaseModel):
     bits: Literal[16, 8, 4, 2] = 16
     format: Literal["int", "fp8"] = "int"
     group_size: int = Field(32, ge=1)
+    layout: Literal["token", "kivi"] = "token"
+    residual: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _fp8_is_eight_bits(self) -> KVStorage:
@@ -70,6 +86,16 @@ class KVStorage(BaseModel):
             )
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two (the kernel's tiles), got {self.group_size}")
+        if self.layout == "kivi" and (self.format != "int" or not self.quantized):
+            raise ValueError(
+                f"layout='kivi' quantizes integers (bits 8, 4 or 2, format='int'), got {self.label}; "
+                f"use kv_bits='kivi4' or 'kivi2'"
+            )
+        if self.layout == "kivi" and self.residual % self.group_size:
+            raise ValueError(
+                f"residual={self.residual} must be a multiple of group_size={self.group_size} (a full "
+                f"residual is quantized as whole groups of keys)"
+            )
         return self
 
     @classmethod
@@ -84,7 +110,9 @@ class KVStorage(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         text = str(value).strip().lower()
-        return cls(bits=8, format="fp8") if text == "fp8" else cls(bits=STORAGE_WIDTHS[text])
+        if text == "fp8":
+            return cls(bits=8, format="fp8")
+        return cls(bits=STORAGE_WIDTHS[text], layout="kivi" if text.startswith("kivi") else "token")
 
     @property
     def quantized(self) -> bool:
@@ -95,6 +123,8 @@ class KVStorage(BaseModel):
         """``"fp16"``-free short name: ``"16-bit"``, ``"int8"``, ``"fp8"``, ``"int4"``, ``"int2"``."""
         if not self.quantized:
             return "16-bit"
+        if self.layout == "kivi":
+            return f"kivi{self.bits}"
         return "fp8" if self.format == "fp8" else f"int{self.bits}"
 
     def group(self, width: int) -> int:
@@ -114,10 +144,21 @@ class KVStorage(BaseModel):
         if not self.quantized:
             raise ValueError("16-bit storage is the model's dtype: its bytes are the dtype's")
         scales = 1 if self.format == "fp8" else 2
-        return self.bits / 8 + scales * SCALE_DTYPE.itemsize / self.group(width)
+        per = self.bits / 8 + scales * SCALE_DTYPE.itemsize / self.group(width)
+        if self.layout == "kivi":  # plus each entry's int32 key-record index, shared by key and value
+            per += KIVI_INDEX_BYTES / (2 * width)
+        return per
+
+    def residual_bytes(self, d: int, dv: int, element_size: int) -> int:
+        """Bytes of one row's full-precision residual (``layout="kivi"``; else 0): ``residual`` keys
+        and values at the model's ``element_size``, held whether or not the residual is full."""
+        return self.residual * (d + dv) * element_size if self.layout == "kivi" else 0
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        if self.layout == "token":  # the per-token layout keeps the form (and result keys) it had
+            del out["layout"], out["residual"]
+        return out
 
 
 def _unpacked(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -737,7 +737,14 @@ def test_gpu_script_parses():
 def test_quantized_storage_fits_a_larger_decode_batch():
     """The throughput bench sizes its largest batch from the pages a sequence keeps: at 4 bits they hold
     codes and scales (0.625 bytes an element against bf16's 2), so more sequences fit the same memory."""
-    from kvpolicy.bench.costmodel import ModelShape, fit_batch, kv_element_bytes, slot_bytes
+    from kvpolicy.bench.costmodel import (
+        ModelShape,
+        decode_bytes_per_token,
+        fit_batch,
+        kv_element_bytes,
+        kv_residual_bytes,
+        slot_bytes,
+    )
     from kvpolicy.storage import KVStorage
 
     shape = ModelShape(
@@ -751,3 +758,16 @@ def test_quantized_storage_fits_a_larger_decode_batch():
     quant = fit_batch(shape, 2, heads, 64, 64, 4096, 80 * 2**30, kv_bytes_per_elem=int4)
     assert quant.kv_per_sequence < plain.kv_per_sequence / 2
     assert quant.max_batch > 1.5 * plain.max_batch
+    # KIVI's layout: the record index per entry, and per sequence its full-precision residual
+    kivi = KVStorage(bits=4, layout="kivi")
+    assert kv_element_bytes(kivi, shape, 2) == 0.625 + 4 / 256
+    assert (
+        kv_residual_bytes(kivi, shape, 2) == 32 * 8 * 32 * 256 * 2
+        and kv_residual_bytes(KVStorage(bits=4), shape, 2) == 0
+    )
+    args = (kv_element_bytes(kivi, shape, 2), kv_residual_bytes(kivi, shape, 2))
+    fit = fit_batch(shape, 2, heads, 64, 64, 4096, 80 * 2**30, None, *args)
+    assert fit.kv_per_sequence - quant.kv_per_sequence >= args[1]
+    assert decode_bytes_per_token(shape, [4096] * 32, 2, 0, 1, *args) - decode_bytes_per_token(
+        shape, [4096] * 32, 2, 0, 1, int4
+    ) == pytest.approx(args[1] + 32 * 4096 * 2 * 8 * 128 * 4 / 256)

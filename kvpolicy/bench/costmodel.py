@@ -72,9 +72,12 @@ def decode_bytes_per_token(
     generated: int = 0,
     batch: int = 1,
     kv_bytes_per_elem: float | None = None,
+    kv_fixed_bytes: float = 0,
 ) -> float:
     """Bytes one decode step reads: all layer weights and the LM head, plus each layer's KV cache
-    (``generated / 2`` tokens appended on average over a run of ``generated`` steps).
+    (``generated / 2`` tokens appended on average over a run of ``generated`` steps), plus
+    ``kv_fixed_bytes`` per sequence whatever its length (KIVI's full-precision residual,
+    :func:`kv_residual_bytes`).
 
     For a batch of ``batch`` sequences the weights are read once per step and the KV of every
     sequence once; ``kv_tokens_per_layer`` is one sequence's (the bench repeats one prompt, so every
@@ -82,7 +85,7 @@ def decode_bytes_per_token(
     cache is quantized (codes plus scales, :func:`kv_element_bytes`), else the model's ``bytes_per_elem``."""
     weights = (shape.layers * shape.layer_params + shape.hidden * shape.vocab) * bytes_per_elem
     per_entry = 2 * shape.kv_heads * shape.head_dim * (kv_bytes_per_elem or bytes_per_elem)
-    kv = sum(c + generated / 2 for c in kv_tokens_per_layer) * per_entry
+    kv = sum(c + generated / 2 for c in kv_tokens_per_layer) * per_entry + kv_fixed_bytes
     return float(weights + batch * kv)
 
 
@@ -98,6 +101,20 @@ def kv_element_bytes(storage: Any, shape: ModelShape, bytes_per_elem: int) -> fl
 
     parsed = KVStorage.parse(storage)
     return parsed.bytes_per_element(shape.head_dim) if parsed.quantized else float(bytes_per_elem)
+
+
+def kv_residual_bytes(storage: Any, shape: ModelShape, bytes_per_elem: int) -> int:
+    """Bytes of one sequence's full-precision residual under ``storage`` (as :func:`kv_element_bytes`
+    reads it): KIVI's layout keeps ``residual`` recent keys and values per layer and KV head at the
+    model's ``bytes_per_elem``; other layouts none."""
+    if isinstance(storage, dict) and "cache" in storage:
+        storage = storage.get("storage")
+    if storage is None:
+        return 0
+    from kvpolicy.storage import KVStorage
+
+    per_row = KVStorage.parse(storage).residual_bytes(shape.head_dim, shape.head_dim, bytes_per_elem)
+    return shape.layers * shape.kv_heads * per_row
 
 
 def weight_bytes(shape: ModelShape, bytes_per_elem: int) -> int:
@@ -165,12 +182,13 @@ def speedup_bound(
     generated: int = 0,
     batch: int = 1,
     policy_kv_bytes_per_elem: float | None = None,
+    policy_kv_fixed_bytes: float = 0,
 ) -> Bound:
     """The speed-ups over full KV this cost model allows for the policy's schedule (for ``batch``
     sequences: prefill FLOPs scale with the batch and cancel; decode reads the weights once), full KV
     stored in the model's dtype and the policy's as ``policy_kv_bytes_per_elem`` says (quantized)."""
     policy_bytes = decode_bytes_per_token(
-        shape, policy_kv, bytes_per_elem, generated, batch, policy_kv_bytes_per_elem
+        shape, policy_kv, bytes_per_elem, generated, batch, policy_kv_bytes_per_elem, policy_kv_fixed_bytes
     )
     return Bound(
         prefill_speedup=prefill_flops(shape, full_tokens) / prefill_flops(shape, policy_tokens),
@@ -273,6 +291,7 @@ def fit_batch(
     budget: int,
     prefill_batch: int | None = None,
     kv_bytes_per_elem: float | None = None,
+    kv_fixed_bytes: int = 0,
 ) -> BatchFit:
     """The largest decode batch of sequences keeping ``head_lengths`` (one sequence's kept entries per
     layer and KV head, e.g. from a prefill of one prompt) that fits in ``budget`` bytes, weights included.
@@ -283,11 +302,12 @@ def fit_batch(
     a per-sequence workspace; joining sub-batches' caches needs the same KV and a moment's copy of one
     layer. Returns the terms and the largest batch (see :class:`BatchFit`). ``kv_bytes_per_elem``: a
     quantized cache's bytes per stored element (:func:`kv_element_bytes`); its pages shrink accordingly,
-    and a decode step's workspace holds one layer's pages dequantized (the torch path)."""
+    and a decode step's workspace holds one layer's pages dequantized (the torch path);
+    ``kv_fixed_bytes`` per sequence beside its pages (KIVI's residual, :func:`kv_residual_bytes`)."""
     if budget <= 0:
         raise ValueError(f"memory budget must be > 0 bytes, got {budget}")
     stored = slot_bytes(shape, bytes_per_elem, kv_bytes_per_elem=kv_bytes_per_elem)
-    kv = paged_kv_bytes(head_lengths, reserve, block_size, stored)
+    kv = paged_kv_bytes(head_lengths, reserve, block_size, stored) + kv_fixed_bytes
     widest = max(len(layer) * max(layer, default=0) for layer in head_lengths) if head_lengths else 0
     join = 0 if prefill_batch is None else 2 * widest * slot_bytes(shape, bytes_per_elem)
     room = max(reserve, 0)

@@ -33,6 +33,7 @@ from kvpolicy.bench.costmodel import (
     ModelShape,
     decode_bytes_per_token,
     kv_element_bytes,
+    kv_residual_bytes,
     prefill_flops,
     prefill_peak_bytes,
     speedup_bound,
@@ -573,6 +574,7 @@ def _compare(row: Row, full: Row, shape: ModelShape, elem: int, gen: int) -> Non
         gen,
         row.batch,
         kv_element_bytes(row.config, shape, elem),
+        kv_residual_bytes(row.config, shape, elem),
     )
     row.bound = {"prefill": bound.prefill_speedup, "decode": bound.decode_speedup}
 
@@ -585,11 +587,13 @@ def decode_bound_ms(
     batch: int,
     bytes_per_s: float,
     kv_bytes_per_elem: float | None = None,
+    kv_fixed_bytes: float = 0,
 ) -> float:
     """Milliseconds one decode step of the batch takes at the least: the cost model's bytes (weights
-    once, every sequence's KV, ``kv_bytes_per_elem`` per element when quantized) at ``bytes_per_s``."""
+    once, every sequence's KV, ``kv_bytes_per_elem`` per element when quantized, ``kv_fixed_bytes`` per
+    sequence) at ``bytes_per_s``."""
     nbytes = decode_bytes_per_token(
-        shape, kv_tokens_per_layer, bytes_per_elem, generated, batch, kv_bytes_per_elem
+        shape, kv_tokens_per_layer, bytes_per_elem, generated, batch, kv_bytes_per_elem, kv_fixed_bytes
     )
     return 1000.0 * nbytes / bytes_per_s
 
@@ -601,9 +605,9 @@ def _absolute(row: Row, shape: ModelShape, elem: int, gen: int, machine: Machine
     kept + generated, since the cache reserves room for the decode tokens from the prefill on)."""
     if gen and row.decode_ms_per_token:
         args = (shape, row.kv_tokens_per_layer, elem, gen, row.batch)
-        kv_elem = kv_element_bytes(row.config, shape, elem)
-        row.decode_bound_ms = decode_bound_ms(*args, machine.read_bytes_per_s, kv_elem)
-        row.decode_gemv_bound_ms = decode_bound_ms(*args, machine.gemv_bytes_per_s, kv_elem)
+        kv = (kv_element_bytes(row.config, shape, elem), kv_residual_bytes(row.config, shape, elem))
+        row.decode_bound_ms = decode_bound_ms(*args, machine.read_bytes_per_s, *kv)
+        row.decode_gemv_bound_ms = decode_bound_ms(*args, machine.gemv_bytes_per_s, *kv)
         row.decode_bound_share = row.decode_bound_ms / row.decode_ms_per_token["median"]
     flops_per_s = prefill_flops(shape, row.tokens_per_layer) * row.batch / row.prefill_s["median"]
     row.prefill_tflops = flops_per_s / 1e12

@@ -49,6 +49,7 @@ from kvpolicy.bench.costmodel import (
     decode_bytes_per_token,
     fit_batch,
     kv_element_bytes,
+    kv_residual_bytes,
 )
 from kvpolicy.bench.machine import Machine
 from kvpolicy.bench.runner import (
@@ -549,8 +550,11 @@ def throughput(
         note(f"{length}: memory budget {budget.total / 2**30:.2f} GiB ({budget.source}); batches {how}")
         fits: dict[str, BatchFit] = {}
         for name, (heads, _, block, _) in sized.items():
-            kv_elem = kv_element_bytes(variants[name].storage, shape, elem)
-            fit = fit_batch(shape, elem, heads, gen, block, length, budget.total, prefill_batch, kv_elem)
+            storage = variants[name].storage
+            kv_elem, fixed = kv_element_bytes(storage, shape, elem), kv_residual_bytes(storage, shape, elem)
+            fit = fit_batch(
+                shape, elem, heads, gen, block, length, budget.total, prefill_batch, kv_elem, fixed
+            )
             fits[name] = fit
             note(
                 f"{length} {name}: {fit.kv_per_sequence / 2**20:.1f} MiB KV per sequence (kept + reserve "
@@ -627,6 +631,7 @@ def throughput(
             _summarise(
                 state[key], samples[key], shape, elem, gen, machine,
                 kv_element_bytes(variants[key[0]].storage, shape, elem),
+                kv_residual_bytes(variants[key[0]].storage, shape, elem),
             )
             for key in state
         ]  # fmt: skip
@@ -651,6 +656,7 @@ def _summarise(
     gen: int,
     machine: Machine | None,
     kv_elem: float | None = None,
+    kv_fixed: float = 0,
 ) -> Cell:
     if not runs:  # did not fit, or ran out of memory at every size tried
         cell.batch = None
@@ -668,7 +674,7 @@ def _summarise(
     if cell.fit is not None:
         cell.planned_bytes = BatchFit(**cell.fit).bytes_for(batch)
     if machine is not None:
-        nbytes = decode_bytes_per_token(shape, cell.kv_tokens_per_layer, elem, gen, batch, kv_elem)
+        nbytes = decode_bytes_per_token(shape, cell.kv_tokens_per_layer, elem, gen, batch, kv_elem, kv_fixed)
         cell.bound_tokens_per_s = batch * machine.read_bytes_per_s / nbytes
         cell.bound_share = cell.tokens_per_s["median"] / cell.bound_tokens_per_s
     return cell

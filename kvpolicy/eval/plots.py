@@ -92,7 +92,25 @@ def _bars(series: dict[str, dict[str, float]], path: Path, ylabel: str, title: s
 
 
 #: Marker of each storage width in :func:`score_by_kv_bytes`.
-_WIDTH_MARKERS = {"16-bit": "o", "int8": "s", "fp8": "D", "int4": "^", "int2": "v"}
+_WIDTH_MARKERS = {
+    "16-bit": "o",
+    "int8": "s",
+    "fp8": "D",
+    "int4": "^",
+    "int2": "v",
+    "kivi4": "P",
+    "kivi2": "X",
+}
+
+
+def _width_label(storage: dict[str, Any]) -> str:
+    """:attr:`KVStorage.label <kvpolicy.storage.KVStorage.label>` of a stored policy's storage dict
+    (read here without torch)."""
+    if not storage:
+        return "16-bit"
+    if storage.get("layout") == "kivi":
+        return f"kivi{storage['bits']}"
+    return "fp8" if storage.get("format") == "fp8" else f"int{storage['bits']}"
 
 
 def score_by_kv_bytes(runs: Sequence[Any], path: Path, ylabel: str, title: str) -> Path | None:
@@ -106,11 +124,7 @@ def score_by_kv_bytes(runs: Sequence[Any], path: Path, ylabel: str, title: str) 
             continue
         policy = run.meta.get("policy") or {}
         storage = policy.get("storage") or {}
-        width = (
-            "16-bit"
-            if not storage
-            else ("fp8" if storage.get("format") == "fp8" else f"int{storage['bits']}")
-        )
+        width = _width_label(storage)
         name = policy.get("name") or (policy.get("cache") or {}).get("kind") or run.label
         lines.setdefault((str(name), width), []).append((float(per_token), float(score)))
     if sum(len(v) for v in lines.values()) < 2:

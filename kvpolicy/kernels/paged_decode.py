@@ -660,6 +660,8 @@ def paged_decode_attention(
     if query.shape[1] % h_kv:
         raise ValueError(f"{query.shape[1]} query heads do not split into groups over {h_kv} KV heads")
     storage = layer_storage(layer)
+    if storage is not None and storage.layout == "kivi":  # per-slot key records and a residual: not yet
+        return paged_attention(query, layer, scaling, want_probs, softcap, sinks)
     if storage is not None and storage.quantized:  # codes and scales: dequantized in registers
         dv = layer.head_dims[1]
         groups = (storage.group(query.shape[-1]), storage.group(dv))
