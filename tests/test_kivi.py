@@ -184,15 +184,27 @@ def test_every_preset_composes_with_kivi(model, preset):
     _composes(model, plain.with_storage(storage), plain, _prompts((90, 40, 7)), new_tokens=20)
 
 
-def test_the_kernel_takes_the_torch_path_for_kivi(monkeypatch):
-    """The Triton kernel does not read KIVI's records and residual yet: a KIVI layer's decode attention
-    is the torch path's, exactly."""
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_kernel_reads_records_and_residual_as_fp64_reads_the_dequantized_cache(monkeypatch, bits, dtype):
+    """The Triton kernel (interpreted) in KIVI's layout: keys dequantized with each slot's record, values
+    with their own scales, residual entries read as stored; equal to fp64 attention over the dequantized
+    cache and to the torch path, after prefill, appends that flush, and evictions that move residual
+    entries and leave holes (ragged rows, splits, soft-cap)."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from kvpolicy.kernels.paged_decode import paged_decode_attention
+    from test_paged_kernel import check
 
-    layer = paged_layer(4, KVStorage(bits=4, **TINY_KIVI))
-    layer.store(_parts([[19, 5]]), reserve=2)
-    query = torch.randn(1, 4, 1, 16)
-    got, _ = paged_decode_attention(query, layer, 0.25)
-    assert torch.equal(got, paged_attention(query, layer, 0.25)[0])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from kvpolicy.kernels.paged_decode import paged_decode_attention as kernel
+
+    parts = [(k.to(dtype), v.to(dtype), p, c) for k, v, p, c in _parts([[19, 5], [12, 16]], d=32, dv=16)]
+    layer = paged_layer(4, KVStorage(bits=bits, layout="kivi", group_size=8, residual=8))
+    layer.store(parts, reserve=2)
+    check(kernel, layer, 2)
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        key = torch.randn(2, 2, 1, 32, generator=g).to(dtype)
+        layer.append(key, torch.randn(2, 2, 1, 16, generator=g).to(dtype), torch.tensor([30 + step] * 2))
+    layer.evict(torch.tensor([[[0, 22], [1, -1]], [[3, 3], [17, 2]]]))
+    assert int((layer.k_rec < 0).sum()) > 0  # entries in residuals, some moved by the evictions
+    check(kernel, layer, 3, splits=2, softcap=5.0)

@@ -253,6 +253,8 @@ def split_values(
     holds them."""
     n_rep = shape.heads // shape.kv_heads
     d, dv = shape.head_dim, shape.value_dim
+    kivi = storage is not None and storage.layout == "kivi"
+    residual = storage.residual if kivi else 0  # type: ignore[union-attr]
     if storage is not None and storage.quantized:
         per = 1 if storage.format == "fp8" else 8 // storage.bits
         kc, vc, kg, vg = d // per, dv // per, d // storage.group(d), dv // storage.group(dv)
@@ -265,6 +267,8 @@ def split_values(
             "vz_ptr": torch.float16,
         }
         scales = {"sstride_kp": blk * kg, "sstride_ks": kg, "sstride_vp": blk * vg, "sstride_vs": vg}
+        if kivi:  # key scales are records of a scale per channel, addressed through each slot's index
+            scales = {**scales, "sstride_kp": d, "sstride_ks": 1}
     else:
         kc, vc = d, dv
         pools = {
@@ -279,11 +283,13 @@ def split_values(
     return {
         "q_ptr": dtype, **pools, "table_ptr": torch.int64, "len_ptr": torch.int64,
         "part_ptr": torch.float32, "lse_ptr": torch.float32, "score_ptr": torch.float32,
+        "rec_ptr": torch.int32 if kivi else dtype, "rk_ptr": dtype, "rv_ptr": dtype,
         "scale": d**-0.5, "cap": 1.0,
         "stride_qr": n_rep * d, "stride_qn": d, "stride_qd": 1,
         "stride_kp": blk * kc, "stride_ks": kc, "stride_kd": 1,
         "stride_vp": blk * vc, "stride_vs": vc, "stride_vd": 1,
         **scales,
+        "rstride_kr": residual * d, "rstride_kp": d, "rstride_vr": residual * dv, "rstride_vp": dv,
         "stride_tr": width, "stride_tc": 1,
         "n_rep": n_rep, "d": d, "dv": dv, "tiles_per_split": 2, "slots": width * blk,
     }  # fmt: skip
@@ -357,7 +363,9 @@ def report(
                         c = compile_variant(
                             split_fn,
                             values,
-                            pd.split_constexprs(p, block_size, False, scores, False, quant, dtype),
+                            pd.split_constexprs(
+                                p, block_size, False, scores, False, quant, dtype, storage.layout == "kivi"
+                            ),
                             gpu.arch,
                             p.num_warps,
                             p.num_stages,

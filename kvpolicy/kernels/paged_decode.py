@@ -94,6 +94,11 @@ def _load_entries(
     stride_c,
     sstride_p,
     sstride_s,
+    rec,
+    r_ptr,
+    rstride_r,
+    rstride_p,
+    row64,
     TILE_P: tl.constexpr,
     W_P: tl.constexpr,
     QBITS: tl.constexpr,
@@ -101,13 +106,19 @@ def _load_entries(
     GROUP: tl.constexpr,
     OP: tl.constexpr,
     DT: tl.constexpr,
+    KIVI: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
 ):
     """A tile's keys or values ``(TILE_P, W_P)`` in the operand dtype ``OP``: loaded as stored
     (``QBITS == 0``), or dequantized in registers from ``QBITS``-bit codes (``8 / QBITS`` to a byte, code
     ``j`` of byte ``m`` being column ``m * 8 / QBITS + j``) or fp8 e4m3 bytes (``FP8``), times the float16
     scale of each ``GROUP`` columns (plus its zero point for integers): only the codes and scales cross
     the memory bus (:mod:`kvpolicy.storage`). Dequantized entries are rounded to the model's dtype ``DT``
-    first (a no-op where the operands are in it), so every path reads the same cache."""
+    first (a no-op where the operands are in it), so every path reads the same cache.
+
+    ``KIVI`` (:class:`kvpolicy.quant.KiviLayer`): ``rec`` ``(TILE_P,)`` is each slot's key record (``>= 1``)
+    or ``-(p + 1)`` for position ``p`` of the row's full-precision residual ``r_ptr`` (row ``row64``);
+    with ``PER_CHANNEL`` (keys) the scale and zero point are the record's, one per column."""
     if QBITS == 0:
         offs = tl.arange(0, W_P)
         out = tl.load(
@@ -135,15 +146,35 @@ def _load_entries(
         else:
             c0, c1, c2, c3 = raw & 3, (raw >> 2) & 3, (raw >> 4) & 3, raw >> 6
             vals = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (TILE_P, W_P)).to(tl.float32)
-        G_P: tl.constexpr = W_P // GROUP
-        offs_g = tl.arange(0, G_P)
-        at = page * sstride_p + within[:, None] * sstride_s + offs_g[None, :]
-        g_ok = ok[:, None] & (offs_g[None, :] < width // GROUP)
-        scale = tl.load(s_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
-        vals = tl.reshape(vals, (TILE_P, G_P, GROUP)) * scale[:, :, None]
-        if not FP8:
-            vals += tl.load(z_ptr + at, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-        out = tl.reshape(vals, (TILE_P, W_P)).to(DT).to(OP)
+        if PER_CHANNEL:  # KIVI's keys: the slot's record, a scale and zero point per column
+            offs_c = tl.arange(0, W_P)
+            at = tl.maximum(rec, 0).to(tl.int64)[:, None] * width + offs_c[None, :]
+            c_ok = ok[:, None] & (offs_c[None, :] < width)
+            scale = tl.load(s_ptr + at, mask=c_ok, other=0.0).to(tl.float32)
+            vals = vals * scale + tl.load(z_ptr + at, mask=c_ok, other=0.0).to(tl.float32)
+        else:
+            G_P: tl.constexpr = W_P // GROUP
+            offs_g = tl.arange(0, G_P)
+            at = page * sstride_p + within[:, None] * sstride_s + offs_g[None, :]
+            g_ok = ok[:, None] & (offs_g[None, :] < width // GROUP)
+            scale = tl.load(s_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
+            vals = tl.reshape(vals, (TILE_P, G_P, GROUP)) * scale[:, :, None]
+            if not FP8:
+                vals += tl.load(z_ptr + at, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+            vals = tl.reshape(vals, (TILE_P, W_P))
+        if KIVI:  # entries still in the row's residual: as stored, in the model's dtype
+            offs_c = tl.arange(0, W_P)
+            fresh = rec < 0
+            res = tl.load(
+                r_ptr
+                + row64 * rstride_r
+                + tl.maximum(-rec - 1, 0).to(tl.int64)[:, None] * rstride_p
+                + offs_c[None, :],
+                mask=(ok & fresh)[:, None] & (offs_c[None, :] < width),
+                other=0.0,
+            ).to(tl.float32)
+            vals = tl.where(fresh[:, None], res, vals)
+        out = vals.to(DT).to(OP)
     return out
 
 
@@ -163,6 +194,9 @@ def _attend_tile(
     vz_ptr,
     table_ptr,
     score_ptr,
+    rec_ptr,
+    rk_ptr,
+    rv_ptr,
     scale,
     cap,
     stride_kp,
@@ -175,6 +209,10 @@ def _attend_tile(
     sstride_ks,
     sstride_vp,
     sstride_vs,
+    rstride_kr,
+    rstride_kp,
+    rstride_vr,
+    rstride_vp,
     stride_tr,
     stride_tc,
     n_rep,
@@ -196,6 +234,7 @@ def _attend_tile(
     GROUP_K: tl.constexpr,
     GROUP_V: tl.constexpr,
     DT: tl.constexpr,
+    KIVI: tl.constexpr,
 ):
     """Fold tile ``t`` (slots ``t * TILE ...``, all in one page: ``TILE`` divides ``BLK``) of row ``row64``
     into the online softmax ``(m_i, l_i) (NREP_P,)``, ``acc (NREP_P, DV_P)`` of the queries
@@ -207,9 +246,13 @@ def _attend_tile(
     within = first % BLK + offs_n
     slot = first + offs_n
     ok = (offs_n < TILE) & (slot < length)
+    if KIVI:  # noqa: SIM108 (a static branch: only the taken side is compiled) each slot's key record, or its place in the residual
+        rec = tl.load(rec_ptr + page * BLK + within, mask=ok, other=0)
+    else:
+        rec = within
     k = _load_entries(
         k_ptr, ks_ptr, kz_ptr, page, within, ok, d, stride_kp, stride_ks, stride_kd, sstride_kp, sstride_ks,
-        TILE_P, D_P, QBITS, FP8, GROUP_K, OP, DT,
+        rec, rk_ptr, rstride_kr, rstride_kp, row64, TILE_P, D_P, QBITS, FP8, GROUP_K, OP, DT, KIVI, KIVI,
     )  # fmt: skip
     # (NREP_P, TILE_P) on tensor cores, fp32 accumulation
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
@@ -237,7 +280,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.reduce(p, 1, _add)
     v = _load_entries(
         v_ptr, vs_ptr, vz_ptr, page, within, ok, dv, stride_vp, stride_vs, stride_vd, sstride_vp, sstride_vs,
-        TILE_P, DV_P, QBITS, FP8, GROUP_V, OP, DT,
+        rec, rv_ptr, rstride_vr, rstride_vp, row64, TILE_P, DV_P, QBITS, FP8, GROUP_V, OP, DT, KIVI, False,
     )  # fmt: skip
     acc = tl.dot(p.to(OP), v, acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
@@ -256,6 +299,9 @@ def _split_kernel(
     part_ptr,
     lse_ptr,
     score_ptr,
+    rec_ptr,
+    rk_ptr,
+    rv_ptr,
     scale,
     cap,
     stride_qr,
@@ -271,6 +317,10 @@ def _split_kernel(
     sstride_ks,
     sstride_vp,
     sstride_vs,
+    rstride_kr,
+    rstride_kp,
+    rstride_vr,
+    rstride_vp,
     stride_tr,
     stride_tc,
     n_rep,
@@ -295,6 +345,7 @@ def _split_kernel(
     GROUP_K: tl.constexpr,
     GROUP_V: tl.constexpr,
     DT: tl.constexpr,
+    KIVI: tl.constexpr,
 ):
     """One (row, split): partial output ``part[row, split] (n_rep, dv)`` normalised by its own
     softmax sum, and its log-sum-exp ``lse[row, split] (n_rep,)`` (``-inf`` when it holds no entry)."""
@@ -324,20 +375,22 @@ def _split_kernel(
         while t < hi:
             m_i, l_i, acc = _attend_tile(
                 q, t, row64, length, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr,
-                score_ptr, scale, cap, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-                sstride_kp, sstride_ks, sstride_vp, sstride_vs, stride_tr, stride_tc, n_rep, d, dv, slots,
+                score_ptr, rec_ptr, rk_ptr, rv_ptr, scale, cap, stride_kp, stride_ks, stride_kd, stride_vp,
+                stride_vs, stride_vd, sstride_kp, sstride_ks, sstride_vp, sstride_vs, rstride_kr, rstride_kp,
+                rstride_vr, rstride_vp, stride_tr, stride_tc, n_rep, d, dv, slots,
                 BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC, QBITS, FP8, GROUP_K,
-                GROUP_V, DT,
+                GROUP_V, DT, KIVI,
             )  # fmt: skip
             t += 1
     else:
         for t in tl.range(lo, hi, num_stages=STAGES):
             m_i, l_i, acc = _attend_tile(
                 q, t, row64, length, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr,
-                score_ptr, scale, cap, stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-                sstride_kp, sstride_ks, sstride_vp, sstride_vs, stride_tr, stride_tc, n_rep, d, dv, slots,
+                score_ptr, rec_ptr, rk_ptr, rv_ptr, scale, cap, stride_kp, stride_ks, stride_kd, stride_vp,
+                stride_vs, stride_vd, sstride_kp, sstride_ks, sstride_vp, sstride_vs, rstride_kr, rstride_kp,
+                rstride_vr, rstride_vp, stride_tr, stride_tc, n_rep, d, dv, slots,
                 BLK, TILE, TILE_P, NREP_P, D_P, DV_P, SOFTCAP, WANT_SCORES, OP, PREC, QBITS, FP8, GROUP_K,
-                GROUP_V, DT,
+                GROUP_V, DT, KIVI,
             )  # fmt: skip
     held = l_i > 0.0
     safe = tl.where(held, l_i, 1.0)
@@ -660,9 +713,14 @@ def paged_decode_attention(
     if query.shape[1] % h_kv:
         raise ValueError(f"{query.shape[1]} query heads do not split into groups over {h_kv} KV heads")
     storage = layer_storage(layer)
-    if storage is not None and storage.layout == "kivi":  # per-slot key records and a residual: not yet
-        return paged_attention(query, layer, scaling, want_probs, softcap, sinks)
-    if storage is not None and storage.quantized:  # codes and scales: dequantized in registers
+    kivi: tuple[torch.Tensor | None, ...] = (None, None, None)
+    if storage is not None and storage.layout == "kivi":  # key records per slot, a residual per row
+        dv = layer.head_dims[1]
+        groups = (storage.group_size, storage.group(dv))
+        pools = (layer.k_codes, layer.v_codes, layer.rec_scale, layer.rec_zero, layer.v_scale, layer.v_zero)
+        quant = (storage.bits, False, *groups)
+        kivi = (layer.k_rec, layer.res_k, layer.res_v)
+    elif storage is not None and storage.quantized:  # codes and scales: dequantized in registers
         dv = layer.head_dims[1]
         groups = (storage.group(query.shape[-1]), storage.group(dv))
         zeros = (None, None) if storage.format == "fp8" else (layer.k_zero, layer.v_zero)
@@ -688,6 +746,7 @@ def paged_decode_attention(
         splits,
         dv,
         *quant,
+        *kivi,
     )
     return out, (probs if want_probs else None)
 
@@ -700,6 +759,7 @@ def split_constexprs(
     interpret: bool,
     quant: tuple[int, bool, int, int] = (0, False, 1, 1),
     dtype: torch.dtype | None = None,
+    kivi: bool = False,
 ) -> dict[str, Any]:
     """The split kernel's compile-time arguments for plan ``p`` (shared with ``kvpolicy bench kernel``,
     which compiles exactly what a decode step launches); ``quant``: bits (0: stored as is), fp8, and the
@@ -723,6 +783,7 @@ def split_constexprs(
         "FP8": quant[1],
         "GROUP_K": quant[2],
         "GROUP_V": quant[3],
+        "KIVI": kivi,
         "DT": getattr(triton.language, str(dtype).removeprefix("torch."))
         if dtype
         else getattr(triton.language, p.operand),
@@ -758,11 +819,16 @@ def _paged_decode_op(
     fp8: bool,
     group_k: int,
     group_v: int,
+    k_rec: torch.Tensor | None,
+    res_k: torch.Tensor | None,
+    res_v: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two launches as one opaque torch operator: ``torch.compile`` (``fullgraph``) and the traced
     CPU stand-in for CUDA graphs (:mod:`kvpolicy.graphs`) see one node instead of Triton's launcher.
     Returns ``probs`` empty when not wanted (an operator returns tensors only). With ``qbits`` (8, 4, 2)
-    the pools are codes and ``*_scale``/``*_zero`` their float16 scales (:mod:`kvpolicy.storage`)."""
+    the pools are codes and ``*_scale``/``*_zero`` their float16 scales (:mod:`kvpolicy.storage`); with
+    ``k_rec`` KIVI's layout (:class:`kvpolicy.quant.KiviLayer`): ``k_scale``/``k_zero`` are its key records,
+    ``k_rec`` each slot's record or residual position, ``res_k``/``res_v`` the rows' residuals."""
     interpret = query.device.type != "cuda"
     split_kernel, merge_kernel = _kernels(interpret)
     b, h_q, _, d = query.shape
@@ -775,6 +841,10 @@ def _paged_decode_op(
     kz = k_zero if k_zero is not None else ks
     vz = v_zero if v_zero is not None else vs
     scale_strides = (*ks.stride()[:2], *vs.stride()[:2]) if qbits else (0, 0, 0, 0)
+    kivi = k_rec is not None
+    # KIVI's slot records and residuals; stand-ins (never read) otherwise
+    rec, rk, rv = (k_rec, res_k, res_v) if kivi else (k_pool, k_pool, k_pool)
+    res_strides = (*rk.stride()[:2], *rv.stride()[:2]) if kivi else (0, 0, 0, 0)  # type: ignore[union-attr]
     per_page = blk // p.tile
 
     q = query.reshape(rows, n_rep, d)
@@ -786,7 +856,9 @@ def _paged_decode_op(
     scores = (
         torch.empty((rows, n_rep, slots), dtype=torch.float32, device=query.device) if want_probs else row_lse
     )
-    constexprs = split_constexprs(p, blk, softcap is not None, want_probs, interpret, quant, query.dtype)
+    constexprs = split_constexprs(
+        p, blk, softcap is not None, want_probs, interpret, quant, query.dtype, kivi
+    )
     options = (
         {}
         if interpret
@@ -795,9 +867,10 @@ def _paged_decode_op(
 
     def split_args(part: torch.Tensor, lse: torch.Tensor, tiles_per_split: int) -> tuple[Any, ...]:
         return (
-            q, k_pool, v_pool, ks, kz, vs, vz, table, lengths, part, lse, scores, float(scaling),
-            float(softcap) if softcap is not None else 1.0, *q.stride(), *k_pool.stride(),
-            *v_pool.stride(), *scale_strides, *table.stride(), n_rep, d, dv, tiles_per_split, slots,
+            q, k_pool, v_pool, ks, kz, vs, vz, table, lengths, part, lse, scores, rec, rk, rv,
+            float(scaling), float(softcap) if softcap is not None else 1.0, *q.stride(), *k_pool.stride(),
+            *v_pool.stride(), *scale_strides, *res_strides, *table.stride(), n_rep, d, dv, tiles_per_split,
+            slots,
         )  # fmt: skip
 
     if splits is not None:
@@ -805,7 +878,7 @@ def _paged_decode_op(
     elif interpret:
         n_split = num_splits(rows, width, query.device)
     else:
-        key = (query.device, p, k_pool.dtype, softcap is not None, want_probs, quant)
+        key = (query.device, p, k_pool.dtype, softcap is not None, want_probs, quant, kivi)
         probe = split_args(row_lse, row_lse, 1)
         n_split = num_splits(
             rows, width, query.device, _programs_per_sm(key, split_kernel, probe, {**constexprs, **options})
