@@ -682,7 +682,7 @@ def add_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) 
     )
     p.add_argument(
         "--kv-bits",
-        help="run the FastKV search with entries stored at this width (16, 8, fp8, 4, 2; default 16)",
+        help="run the FastKV search with entries stored at this width (16, 8, fp8, 4, 2, kivi4, kivi2; default 16)",
     )
     p.add_argument(
         "--kv-bytes",

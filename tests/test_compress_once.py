@@ -37,7 +37,7 @@ def test_fullkv_equals_one_prompt(model, ids):
         assert out.stats.new_tokens == N
 
 
-@pytest.mark.parametrize("policy", ["fullkv", "h2o", "streamingllm", "h2o-int4", "snapkv-fp8"])
+@pytest.mark.parametrize("policy", ["fullkv", "h2o", "streamingllm", "h2o-int4", "snapkv-fp8", "h2o-kivi2"])
 def test_answers_do_not_depend_on_order(model, ids, policy):
     """Each question is answered from the restored compressed cache (a quantized one's codes and scales
     restored too): answers are the same in any order and alone."""

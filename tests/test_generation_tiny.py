@@ -158,8 +158,9 @@ def test_restart_reruns_on_selected_tokens_with_fresh_positions():
         kvpolicy.get_policy("snapkv", kv_budget=20),
         kvpolicy.get_policy("fastkv", tsp_layer=1),
         kvpolicy.get_policy("snapkv", kv_budget=20, kv_bits=4),
+        kvpolicy.get_policy("snapkv", kv_budget=20, kv_bits="kivi4"),
     ],
-    ids=["fullkv", "snapkv", "fastkv", "snapkv-int4"],
+    ids=["fullkv", "snapkv", "fastkv", "snapkv-int4", "snapkv-kivi4"],
 )
 def test_model_generate_continues_from_prefill_cache(tiny_model, prompt_ids, policy):
     """``model.generate`` continues from the prefilled cache (a quantized one shows transformers its

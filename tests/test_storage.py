@@ -267,7 +267,8 @@ def test_every_preset_composes_with_quantized_storage(model, preset, kv_bits):
 )
 def test_quantized_storage_on_other_architectures(model_type):
     """Sliding-window layers (Gemma 3), partial RoPE (Phi-3), learned positions (GPT-2) and a hybrid with
-    recurrent layers (Qwen3-Next) store quantized as Llama does (:func:`_composes`). Latent attention
+    recurrent layers (Qwen3-Next) store quantized as Llama does (:func:`_composes`), per token and in
+    KIVI's layout. Latent attention
     (DeepSeek V3) is refused naming the setting."""
     from test_generic_adapter import FAMILIES, SLIDING, tiny_model
 
@@ -286,6 +287,8 @@ def test_quantized_storage_on_other_architectures(model_type):
             )
         return
     _composes(model, plain.with_storage(4), plain, prompts, new_tokens=6)
+    kivi = KVStorage(bits=2, layout="kivi", group_size=8, residual=8)  # residuals flush within the run
+    _composes(model, plain.with_storage(kivi), plain, prompts, new_tokens=12)
 
 
 def test_compiled_decode_reads_the_quantized_cache(model, monkeypatch):

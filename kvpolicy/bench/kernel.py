@@ -468,7 +468,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-bits",
         action="append",
-        help="KV storage: 16, 8, fp8, 4, 2 (prefill and e2e: every policy's; kernel mode: the variants to compile, repeatable; default 16)",
+        help="KV storage: 16, 8, fp8, 4, 2, kivi4, kivi2 (prefill and e2e: every policy's; kernel mode: the variants to compile, repeatable; default 16)",
     )
     p.add_argument("--json", action="store_true", help="kernel mode: print the rows as a JSON list")
 
