@@ -5,7 +5,7 @@
 # and 2K, RULER's niah_single_1 and niah_multikey_1 at 1K) and on Gemma 3 270M (needle at 2K and 4K,
 # completion-style: it is a base model).
 #
-#   bash docs/results/storage.sh [run|compare|all]   (default: all)
+#   bash docs/results/storage.sh [run|kivi|compare|all]   (default: all; kivi: KIVI's layout only)
 #
 # Runs are keyed by their configuration (the storage width included): rerunning resumes. About 70
 # minutes on one CPU thread.
@@ -46,15 +46,44 @@ run() {
   one "$GEMMA" snapkv-0.5-4 snapkv 0.5 4
 }
 
+# KIVI's layout (kivi4, kivi2) on the same prompts, in folders of their own; the group-size and residual
+# variants are not kv_bits names, so they run through the Python API
+KIVI_NEEDLE="needle --lengths 1024 2048 --depths 5 --out $OUT/smollm2-kivi --quiet"
+KIVI_GEMMA="needle --model gemma3-270m --completion --lengths 2000 4000 --depths 5 --out $OUT/gemma3-kivi --quiet"
+kivi() {
+  one "$KIVI_NEEDLE" full-kivi4 fullkv - kivi4
+  one "$KIVI_NEEDLE" full-kivi2 fullkv - kivi2
+  one "$KIVI_NEEDLE" snapkv-0.5-kivi4 snapkv 0.5 kivi4
+  one "$KIVI_NEEDLE" snapkv-0.5-kivi2 snapkv 0.5 kivi2
+  one "$KIVI_NEEDLE" snapkv-0.25-kivi4 snapkv 0.25 kivi4
+  ${PYTHON:-.venv/bin/python} - "$OUT/smollm2-kivi" <<'EOF'
+import sys
+
+import kvpolicy
+from kvpolicy.eval.runner import run_eval
+
+for label, settings in (("full-kivi2-r128", {"residual": 128}), ("full-kivi2-g16", {"group_size": 16})):
+    storage = kvpolicy.KVStorage(bits=2, layout="kivi", **settings)
+    policy = kvpolicy.get_policy("fullkv").with_storage(storage)
+    run_eval("needle", policy=policy, label=label, out=sys.argv[1], lengths=[1024, 2048], depths=5, quiet=True)
+EOF
+  one "$KIVI_GEMMA" full-kivi4 fullkv - kivi4
+  one "$KIVI_GEMMA" full-kivi2 fullkv - kivi2
+  one "$KIVI_GEMMA" snapkv-0.5-kivi4 snapkv 0.5 kivi4
+}
+
 compare() {
   $KV eval compare "$OUT"/smollm2/needle/* --out docs/results/storage/smollm2-needle
   $KV eval compare "$OUT"/smollm2/ruler/* --out docs/results/storage/smollm2-ruler
   $KV eval compare "$OUT"/gemma3/needle/* --out docs/results/storage/gemma3-needle
+  $KV eval compare "$OUT"/smollm2-kivi/needle/* --out docs/results/storage/smollm2-kivi-needle
+  $KV eval compare "$OUT"/gemma3-kivi/needle/* --out docs/results/storage/gemma3-kivi-needle
 }
 
 case ${1:-all} in
-  run) run ;;
+  run) run && kivi ;;
+  kivi) kivi ;;
   compare) compare ;;
-  all) run && compare ;;
-  *) echo "usage: $0 [run|compare|all]" >&2; exit 2 ;;
+  all) run && kivi && compare ;;
+  *) echo "usage: $0 [run|kivi|compare|all]" >&2; exit 2 ;;
 esac
