@@ -36,6 +36,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 if TYPE_CHECKING:
     from kvpolicy.storage import KVStorage
 
+#: Where stored entries sit in their rows: ``(rows, slots)``, or ``None`` for a decode append.
+Placed = tuple[torch.Tensor, torch.Tensor] | None
 #: Slots per page on the torch path. flash-attention's paged kernel needs a multiple of 256.
 BLOCK_SIZE = 64
 FLASH_BLOCK_SIZE = 256
@@ -141,7 +143,7 @@ class PagedLayer(_Layer):
         self.lengths = torch.tensor(counts, device=k0.device, dtype=torch.long).view(
             self.num_seqs, self.num_heads
         )
-        self._put(flat, keys, values, row_of, slot_of)
+        self._put(flat, keys, values, (row_of, slot_of))
         self.pos_pool.view(-1).index_copy_(0, flat, positions.to(self.pos_pool.dtype))
         self.room = min(p * self.block_size - c for p, c in zip(self.pages_per_row, counts, strict=True))
         self.uniform = counts[0] if len(set(counts)) == 1 else None
@@ -179,18 +181,11 @@ class PagedLayer(_Layer):
         if not self.shared_values:
             self.v_pool = v0.new_zeros((pages + 1, blk, v0.shape[-1]))
 
-    def _put(
-        self,
-        flat: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        rows: torch.Tensor | None = None,
-        slots: torch.Tensor | None = None,
-    ) -> None:
+    def _put(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Placed = None) -> None:
         """Write entries ``keys (N, d)``, ``values (N, d_v)`` at flat pool indices ``flat (N,)`` (where
-        a storage that quantizes does so: entries are scored before, stored here); ``rows`` and
-        ``slots`` ``(N,)`` say where they are in their rows (at prefill; ``None`` for a decode append,
-        one entry per row in its next slot)."""
+        a storage that quantizes does so: entries are scored before, stored here); ``at`` is
+        ``(rows, slots)`` ``(N,)`` each, where they are in their rows (at prefill; ``None`` for a decode
+        append, one entry per row in its next slot)."""
         self.k_pool.view(-1, self.k_pool.shape[-1]).index_copy_(0, flat, keys.to(self.k_pool.dtype))
         if not self.shared_values:
             pool = self.v_pool

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from kvpolicy.cache import PagedLayer
+from kvpolicy.cache import PagedLayer, Placed
 from kvpolicy.storage import (
     KIVI_INDEX_BYTES,
     SCALE_DTYPE,
@@ -66,20 +66,17 @@ class QuantizedLayer(PagedLayer):
                 )
         self.head_dims = (k0.shape[-1], v0.shape[-1])
 
-    def _put(
-        self,
-        flat: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        rows: torch.Tensor | None = None,
-        slots: torch.Tensor | None = None,
-    ) -> None:
-        for name, data in (("k", keys), ("v", values)):
-            codes, scale, zero = quantize(data, self.storage)
-            for part, src in (("codes", codes), ("scale", scale), ("zero", zero)):
-                if src is not None:
-                    pool = getattr(self, f"{name}_{part}")
-                    pool.view(-1, pool.shape[-1]).index_copy_(0, flat, src)
+    def _put(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Placed = None) -> None:
+        self._put_per_token("k", flat, keys)
+        self._put_per_token("v", flat, values)
+
+    def _put_per_token(self, name: str, flat: torch.Tensor, data: torch.Tensor) -> None:
+        """Quantize ``data`` ``(N, w)`` per token into the ``name`` (``"k"``/``"v"``) pools at ``flat``."""
+        codes, scale, zero = quantize(data, self.storage)
+        for part, src in (("codes", codes), ("scale", scale), ("zero", zero)):
+            if src is not None:
+                pool = getattr(self, f"{name}_{part}")
+                pool.view(-1, pool.shape[-1]).index_copy_(0, flat, src)
 
     def _dequantized(self, name: str) -> torch.Tensor:
         zero = getattr(self, f"{name}_zero", None) if self.storage.format != "fp8" else None
@@ -200,17 +197,11 @@ class KiviLayer(QuantizedLayer):
             )
 
     # -- writing -----------------------------------------------------------------------------------
-    def _put(
-        self,
-        flat: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        rows: torch.Tensor | None = None,
-        slots: torch.Tensor | None = None,
-    ) -> None:
+    def _put(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Placed = None) -> None:
         """Prefill: each row's first ``(n // W) * W`` entries quantized (keys in groups of ``g``
         consecutive slots, one record each), the rest into its residual (KIVI's prefill)."""
-        assert rows is not None and slots is not None  # decode appends go through write()
+        assert at is not None  # decode appends go through write()
+        rows, slots = at
         w, g, bits = self._w, self.storage.group_size, self.storage.bits
         n = self.lengths.view(-1)[rows]
         cut = n // w * w
@@ -232,19 +223,13 @@ class KiviLayer(QuantizedLayer):
         self.k_codes.view(-1, self.k_codes.shape[-1]).index_copy_(0, flat, codes)
         p = (slots - cut).clamp_min(0)
         self.k_rec.view(-1).index_copy_(0, flat, torch.where(quant, rec, -(p + 1)).to(torch.int32))
-        self._put_values(flat, values)
+        self._put_per_token("v", flat, values)
         live = ~quant
         row_at = torch.where(live, rows, self.res_k.shape[0] - 1)  # the spare row takes the rest
         self.res_k[row_at, p] = keys.to(self.res_k.dtype)
         self.res_v[row_at, p] = values.to(self.res_v.dtype)
         self.res_slot[row_at, torch.where(live, p, w)] = slots
         self.res_slot[-1] = -1
-
-    def _put_values(self, flat: torch.Tensor, values: torch.Tensor) -> None:
-        codes, scale, zero = quantize(values, self.storage)
-        for part, src in (("codes", codes), ("scale", scale), ("zero", zero)):
-            pool = getattr(self, f"v_{part}")
-            pool.view(-1, pool.shape[-1]).index_copy_(0, flat, src)
 
     def write(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
         """A decode append: every row's entry into its residual (full precision) and its next slot;
@@ -289,7 +274,7 @@ class KiviLayer(QuantizedLayer):
         )
         self.k_codes.view(-1, self.k_codes.shape[-1]).index_copy_(0, flat, codes.reshape(r * w, -1))
         self.k_rec.view(-1).index_copy_(0, flat, torch.where(held, entry_rec, 0).reshape(-1).to(torch.int32))
-        self._put_values(flat, self.res_v[:r].reshape(r * w, -1))
+        self._put_per_token("v", flat, self.res_v[:r].reshape(r * w, -1))
         self.res_slot[:r].masked_fill_(full[:, None], -1)
         self.res_n.masked_fill_(full, 0)
         self.rec_next += full.long().sum() * per
