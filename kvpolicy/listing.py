@@ -41,8 +41,9 @@ _ENV = ("KVPOLICY_STRICT_PLUGINS", "KVPOLICY_DISABLE_PLUGINS")
 #: The option every preset takes beside its own settings: how kept entries are stored (``kv_bits``,
 #: :class:`kvpolicy.storage.KVStorage`; named here too so the listing stays free of torch).
 STORAGE_OPTION = "kv_bits"
-#: What ``kv_bits`` reads (lower-cased text): the model's dtype, int8, fp8 e4m3, int4, int2, and KIVI's
-#: layout at 4 and 2 bits (keys per channel, a full-precision residual of recent entries).
+#: What ``kv_bits`` reads (lower-cased text): the model's dtype, int8, fp8 e4m3, and 4 and 2 bits in KIVI's
+#: layout (the default: keys per channel, a full-precision residual of recent entries) or per token (int4,
+#: int2).
 STORAGE_WIDTHS = {
     **{"16": 16, "8": 8, "int8": 8, "fp8": 8, "4": 4, "int4": 4, "2": 2, "int2": 2},
     **{"kivi4": 4, "kivi2": 2},
@@ -56,7 +57,7 @@ def storage_problem(value: object) -> str | None:
         return None
     return (
         f"kv_bits={value!r} is not a storage width; use one of 16 (the model's dtype), 8 or 'int8', "
-        f"'fp8' (e4m3), 4 or 'int4', 2 or 'int2', 'kivi4', 'kivi2'"
+        f"'fp8' (e4m3), 4 or 'kivi4' (KIVI's layout), 'int4' (per token), 2 or 'kivi2', 'int2'"
     )
 
 

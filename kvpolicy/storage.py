@@ -14,7 +14,8 @@ Why this layout (per token, groups of channels, scales stored beside the codes, 
 * **Exact moves.** The paged cache evicts in place by moving a row's last entry into the freed slot
   (:meth:`kvpolicy.cache.PagedLayer.evict`). With every scale stored per slot, a move copies codes and
   scales and changes nothing: a decode-time eviction never re-rounds an entry.
-* **KIVI's layout** (``layout="kivi"``, ``kv_bits="kivi4"``/``"kivi2"``; arXiv 2402.02750, official
+* **KIVI's layout** (the default at 4 and 2 bits: ``kv_bits=4``, ``"kivi4"``; ``"int4"`` is per token;
+  arXiv 2402.02750, official
   ``models/llama_kivi.py``): keys quantized *per channel* over groups of ``group_size`` entries (key
   outliers sit in fixed channels, so a channel's range across tokens is narrow where a token's range
   across channels is not), values per token as above, and the most recent entries of each row kept in
@@ -62,9 +63,11 @@ class KVStorage(BaseModel):
             scale record covers.
         layout: ``"token"`` (every entry's scales its own) or ``"kivi"`` (keys per channel in groups of
             ``group_size`` entries, values per token, a full-precision residual; ``format="int"``).
+            Default: ``"kivi"`` at 4 and 2 bits (measured: it keeps Gemma 3's needles where per-token
+            int4 loses 3 in 10 and int2 all; ``docs/storage.md``), ``"token"`` at 8.
         residual: with ``layout="kivi"``, recent entries per row kept in full precision before they are
             quantized together (KIVI's ``residual_length``: 32 in its ``example.py``, 128 in its
-            long-context runs; a multiple of ``group_size``).
+            long-context runs; a multiple of ``group_size``; default the larger of 32 and it).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -74,6 +77,19 @@ class KVStorage(BaseModel):
     group_size: int = Field(32, ge=1)
     layout: Literal["token", "kivi"] = "token"
     residual: int = Field(32, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_layout(cls, data: Any) -> Any:
+        """KIVI's layout unless told otherwise at 4 and 2 integer bits, with a residual of whole groups."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("layout") is None:
+            kivi = data.get("bits", 16) in (4, 2) and data.get("format", "int") == "int"
+            data = {**data, "layout": "kivi" if kivi else "token"}
+        if data.get("residual") is None:
+            data = {**data, "residual": max(32, int(data.get("group_size", 32)))}
+        return data
 
     @model_validator(mode="after")
     def _fp8_is_eight_bits(self) -> KVStorage:
@@ -88,7 +104,8 @@ class KVStorage(BaseModel):
             raise ValueError(f"group_size must be a power of two (the kernel's tiles), got {self.group_size}")
         if self.layout == "kivi" and (self.format != "int" or not self.quantized):
             raise ValueError(
-                f"layout='kivi' quantizes integers (bits 8, 4 or 2, format='int'), got {self.label}; "
+                f"layout='kivi' quantizes integers (bits 8, 4 or 2, format='int'), got bits={self.bits}, "
+                f"format={self.format!r}; "
                 f"use kv_bits='kivi4' or 'kivi2'"
             )
         if self.layout == "kivi" and self.residual % self.group_size:
@@ -101,7 +118,8 @@ class KVStorage(BaseModel):
     @classmethod
     def parse(cls, value: Any) -> KVStorage:
         """A storage from what a user writes: ``16``, ``8``, ``4``, ``2``, ``"int8"``, ``"int4"``,
-        ``"int2"``, ``"fp8"``, ``"16"``, a dict of the fields, or a :class:`KVStorage`; ``None`` is 16."""
+        ``"int2"``, ``"kivi4"``, ``"kivi2"``, ``"fp8"``, ``"16"``, a dict of the fields, or a
+        :class:`KVStorage`; ``None`` is 16. ``4`` and ``2`` take the default layout (KIVI's)."""
         if value is None or isinstance(value, KVStorage):
             return value or cls()
         if isinstance(value, dict):
@@ -112,7 +130,9 @@ class KVStorage(BaseModel):
         text = str(value).strip().lower()
         if text == "fp8":
             return cls(bits=8, format="fp8")
-        return cls(bits=STORAGE_WIDTHS[text], layout="kivi" if text.startswith("kivi") else "token")
+        # "4", "2": the default layout (KIVI's); "int4", "int2": per token; "kivi4", "kivi2": KIVI's
+        layout = "kivi" if text.startswith("kivi") else "token" if text.startswith("int") else None
+        return cls(bits=STORAGE_WIDTHS[text], layout=layout)
 
     @property
     def quantized(self) -> bool:
@@ -120,7 +140,8 @@ class KVStorage(BaseModel):
 
     @property
     def label(self) -> str:
-        """``"fp16"``-free short name: ``"16-bit"``, ``"int8"``, ``"fp8"``, ``"int4"``, ``"int2"``."""
+        """``"fp16"``-free short name: ``"16-bit"``, ``"int8"``, ``"fp8"``, ``"kivi4"``, ``"kivi2"``, and
+        ``"int4"``, ``"int2"`` for the per-token layout at 4 and 2 bits (what :meth:`parse` reads back)."""
         if not self.quantized:
             return "16-bit"
         if self.layout == "kivi":
@@ -156,8 +177,10 @@ class KVStorage(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
-        if self.layout == "token":  # the per-token layout keeps the form (and result keys) it had
-            del out["layout"], out["residual"]
+        if self.layout == "token":  # no residual; at 8 bits the form (and result keys) it always had
+            del out["residual"]
+            if self.bits not in (4, 2):
+                del out["layout"]
         return out
 
 

@@ -483,7 +483,7 @@ def test_join_decodes_like_one_batch(preset):
 
 
 @pytest.mark.parametrize("preset", ["snapkv", "ada-snapkv"])
-@pytest.mark.parametrize("kv_bits", [16, 4, "fp8"])
+@pytest.mark.parametrize("kv_bits", [16, "int4", "fp8"])
 def test_tile_equals_store(preset, kv_bits):
     """Copies of a prefilled layer made by ``tile`` (whole-tensor operations) are field for field the
     layer ``PagedLayer.store`` builds from the repeated sequences (ragged heads too; a quantized layer's
@@ -751,7 +751,7 @@ def test_quantized_storage_fits_a_larger_decode_batch():
         hidden=4096, intermediate=14336, layers=32, q_heads=32, kv_heads=8, head_dim=128, vocab=128256
     )
     heads = [[4096] * 8] * 32
-    int4 = kv_element_bytes(KVStorage(bits=4), shape, 2)
+    int4 = kv_element_bytes(KVStorage.parse("int4"), shape, 2)
     assert int4 == 0.625 and kv_element_bytes({"bits": 16}, shape, 2) == 2.0
     assert slot_bytes(shape, 2, positions=False, kv_bytes_per_elem=int4) == 2 * 128 * 0.625
     plain = fit_batch(shape, 2, heads, 64, 64, 4096, 80 * 2**30)
@@ -763,7 +763,7 @@ def test_quantized_storage_fits_a_larger_decode_batch():
     assert kv_element_bytes(kivi, shape, 2) == 0.625 + 4 / 256
     assert (
         kv_residual_bytes(kivi, shape, 2) == 32 * 8 * 32 * 256 * 2
-        and kv_residual_bytes(KVStorage(bits=4), shape, 2) == 0
+        and kv_residual_bytes(KVStorage.parse("int4"), shape, 2) == 0
     )
     args = (kv_element_bytes(kivi, shape, 2), kv_residual_bytes(kivi, shape, 2))
     fit = fit_batch(shape, 2, heads, 64, 64, 4096, 80 * 2**30, None, *args)

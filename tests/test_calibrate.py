@@ -279,7 +279,7 @@ def test_kv_bytes_picks_budget_and_width_together():
     )
     full = kv_bytes_per_token(shape, None, 2)
     assert full == 30 * 3 * 2 * 64 * 2
-    assert kv_bytes_per_token(shape, 4, 2) == 30 * 3 * 2 * 64 * (0.5 + 4 / 32)
+    assert kv_bytes_per_token(shape, "int4", 2) == 30 * 3 * 2 * 64 * (0.5 + 4 / 32)
     seen = []
 
     def evaluate(layer, rate, budget, width):

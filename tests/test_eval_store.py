@@ -186,7 +186,7 @@ def test_records_carry_the_kv_bytes_kept_and_compare_plots_score_against_them(ti
     from kvpolicy.eval.report import compare
 
     runs = {}
-    for bits in (16, 4):
+    for bits in (16, "int4"):
         options = {"kv_budget": 0.5, "kv_bits": bits}
         result = run_eval(
             "needle",
@@ -198,7 +198,7 @@ def test_records_carry_the_kv_bytes_kept_and_compare_plots_score_against_them(ti
             **{**NEEDLE, "depths": 1},
         )
         (runs[bits],) = result.records
-    full, quant = runs[16]["kv_bytes_per_token"], runs[4]["kv_bytes_per_token"]
+    full, quant = runs[16]["kv_bytes_per_token"], runs["int4"]["kv_bytes_per_token"]
     assert full > 0 and quant == pytest.approx(full * (0.5 + 4 / 8) / 4, rel=0.01)  # fp32 vs 8-wide groups
     assert len(list(tmp_path.glob("needle/*/run.json"))) == 2
     written = compare([tmp_path], out=tmp_path / "compare")

@@ -157,7 +157,7 @@ def test_restart_reruns_on_selected_tokens_with_fresh_positions():
         "fullkv",
         kvpolicy.get_policy("snapkv", kv_budget=20),
         kvpolicy.get_policy("fastkv", tsp_layer=1),
-        kvpolicy.get_policy("snapkv", kv_budget=20, kv_bits=4),
+        kvpolicy.get_policy("snapkv", kv_budget=20, kv_bits="int4"),
         kvpolicy.get_policy("snapkv", kv_budget=20, kv_bits="kivi4"),
     ],
     ids=["fullkv", "snapkv", "fastkv", "snapkv-int4", "snapkv-kivi4"],

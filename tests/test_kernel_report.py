@@ -168,11 +168,13 @@ def test_quantized_variants_compile_without_spills_and_count_their_bytes():
         ["h100"],
         [64],
         [8192],
-        storages=[KVStorage(), KVStorage(bits=4), KVStorage.parse("fp8")],
+        storages=[KVStorage(), KVStorage.parse("int4"), KVStorage.parse("fp8"), KVStorage(bits=4)],
     )
     split = {r.kv: r for r in rows if r.kernel == "split (plain)"}
-    assert set(split) == {"16-bit", "int4", "fp8"}
+    assert set(split) == {"16-bit", "int4", "fp8", "kivi4"}
     for row in split.values():
         assert row.spills == 0 and row.registers and row.instructions_per_byte
     # same tile of 64 slots: int4 reads (0.5 + 4/32) / 2 of the 16-bit bytes, so per byte it issues more
     assert split["int4"].instructions_per_byte > split["16-bit"].instructions_per_byte
+    # KIVI's layout gathers a scale per channel through each slot's record, and masks in its residual
+    assert split["kivi4"].instructions_per_byte > split["int4"].instructions_per_byte

@@ -136,7 +136,10 @@ def test_parse_and_settings():
     assert kvpolicy.get_policy("snapkv", kv_bits="kivi2").describe().endswith("@ kivi2 KV")
     policy = kvpolicy.get_policy("snapkv", kv_bits="kivi4")
     assert kvpolicy.policy_from_dict(policy.to_dict()) == policy
-    assert "layout" not in kvpolicy.get_policy("snapkv", kv_bits=4).to_dict()["storage"]  # keys as before
+    assert "layout" not in kvpolicy.get_policy("snapkv", kv_bits=8).to_dict()["storage"]  # keys as before
+    assert kvpolicy.get_policy("snapkv", kv_bits=4).storage == KVStorage.parse("kivi4")  # the default at 4
+    per_token = kvpolicy.get_policy("snapkv", kv_bits="int4")
+    assert per_token.storage.layout == "token" and kvpolicy.policy_from_dict(per_token.to_dict()) == per_token
     with pytest.raises(ValueError, match=r"layout='kivi' quantizes integers.*fp8"):
         KVStorage(bits=8, format="fp8", layout="kivi")
     with pytest.raises(ValueError, match="residual=40 must be a multiple of group_size=32"):
@@ -166,7 +169,7 @@ def test_kivi_errs_less_than_per_token_keys_on_outlier_channels():
     plain.store(parts)
     want, _ = paged_attention(query, plain, 32**-0.5)
     errors = {}
-    for name, storage in (("int2", KVStorage(bits=2)), ("kivi2", KVStorage(bits=2, layout="kivi"))):
+    for name, storage in (("int2", KVStorage(bits=2, layout="token")), ("kivi2", KVStorage(bits=2))):
         layer = paged_layer(8, storage)
         layer.store(parts)
         errors[name] = float((paged_attention(query, layer, 32**-0.5)[0] - want).abs().max())

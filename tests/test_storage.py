@@ -21,7 +21,11 @@ STORAGES = ["int8", "fp8", "int4", "int2"]
 
 def test_parse_reads_what_users_write_and_names_a_bad_width():
     assert KVStorage.parse(None) == KVStorage.parse(16) == KVStorage() and not KVStorage().quantized
-    assert KVStorage.parse(4) == KVStorage.parse("int4") == KVStorage(bits=4)
+    assert KVStorage.parse(4) == KVStorage.parse("kivi4") == KVStorage(bits=4)  # KIVI's layout: the default
+    assert (
+        KVStorage.parse("int4") == KVStorage(bits=4, layout="token")
+        and KVStorage.parse("int4").label == "int4"
+    )
     assert KVStorage.parse("fp8") == KVStorage(bits=8, format="fp8")
     assert KVStorage.parse({"bits": 2, "group_size": 16}) == KVStorage(bits=2, group_size=16)
     for bad in (3, "int3", "fp4", True, 32):
@@ -44,7 +48,7 @@ def test_16_bits_is_the_policy_as_it_was():
     quantized = kvpolicy.get_policy("snapkv", kv_budget=20, kv_bits=4)
     assert quantized != plain and quantized.to_dict()["storage"]["bits"] == 4
     assert kvpolicy.policy_from_dict(quantized.to_dict()) == quantized
-    assert quantized.describe().endswith("@ int4 KV")
+    assert quantized.describe().endswith("@ kivi4 KV")
     assert kvpolicy.compose(storage="fp8").storage == KVStorage(bits=8, format="fp8")
 
 
@@ -207,7 +211,7 @@ def test_fewer_bits_err_more():
 
 def test_latent_attention_is_refused_by_name():
     with pytest.raises(ValueError, match=r"int4 KV storage is not built for latent attention.*kv_bits=16"):
-        QuantizedLayer(64, KVStorage(bits=4), shared_values=512)
+        QuantizedLayer(64, KVStorage.parse("int4"), shared_values=512)
 
 
 @pytest.fixture
@@ -228,7 +232,7 @@ def test_kernel_reads_the_codes_as_fp64_reads_the_dequantized_cache(kernel, name
 
     storage = KVStorage.parse(name)
     parts = [(k.to(dtype), v.to(dtype), p, c) for k, v, p, c in _parts([[5, 9], [12, 3]], d=32, dv=16)]
-    layer = paged_layer(4, KVStorage(bits=storage.bits, format=storage.format, group_size=16))
+    layer = paged_layer(4, KVStorage(bits=storage.bits, format=storage.format, group_size=16, layout="token"))
     layer.store(parts, reserve=2)
     check(kernel, layer, 2)
     check(kernel, layer, 3, splits=2, softcap=5.0)
@@ -253,7 +257,7 @@ def _composes(model, policy, plain, prompts, new_tokens: int = 8) -> None:
     assert alone[0].stats.kv_bytes < full.stats.kv_bytes
 
 
-@pytest.mark.parametrize("kv_bits", [8, 4])
+@pytest.mark.parametrize("kv_bits", [8, "int4"])  # (KIVI's layout, the default at 4: test_kivi.py)
 @pytest.mark.parametrize("preset", _presets())
 def test_every_preset_composes_with_quantized_storage(model, preset, kv_bits):
     """Every registered preset at 8 and 4 bits, batched and graph-replayed (:func:`_composes`)."""
@@ -283,10 +287,10 @@ def test_quantized_storage_on_other_architectures(model_type):
     if model_type == "deepseek_v3":
         with pytest.raises(ValueError, match="not built for latent attention"):
             kvpolicy.generate(
-                model, None, input_ids=prompts[0], policy=plain.with_storage(4), max_new_tokens=2
+                model, None, input_ids=prompts[0], policy=plain.with_storage("int4"), max_new_tokens=2
             )
         return
-    _composes(model, plain.with_storage(4), plain, prompts, new_tokens=6)
+    _composes(model, plain.with_storage("int4"), plain, prompts, new_tokens=6)
     kivi = KVStorage(bits=2, layout="kivi", group_size=8, residual=8)  # residuals flush within the run
     _composes(model, plain.with_storage(kivi), plain, prompts, new_tokens=12)
 

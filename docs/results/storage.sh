@@ -20,6 +20,7 @@ GEMMA="needle --model gemma3-270m --completion --lengths 2000 4000 --depths 5 --
 # one run: BENCH LABEL POLICY BUDGET BITS (budget "-": the preset's full KV); labels are the tables' rows
 one() {
   local bench=$1 label=$2 policy=$3 budget=$4 bits=$5
+  case $bits in 4|2) bits=int$bits ;; esac  # the tables' 4 and 2 rows are per token (alone, 4 and 2 mean KIVI's layout)
   local args=(--policy "$policy" --label "$label" --kv-bits "$bits")
   [[ $budget != - ]] && args+=(--kv-budget "$budget")
   $KV eval $bench "${args[@]}"

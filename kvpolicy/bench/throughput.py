@@ -301,7 +301,9 @@ def tile(layer: PagedLayer, copies: int, device: str | torch.device) -> PagedLay
     ``PagedLayer.store`` builds for the repeated sequences (``test_tile_equals_store`` checks every
     field), made with a few whole-tensor operations instead of store's per-sequence and per-row host
     loop, which for a batch of a thousand sequences takes seconds per layer. ``None`` where the layer
-    has fields this does not know (then :func:`join` uses ``store``)."""
+    has fields this does not know (then :func:`join` uses ``store``): KIVI's layout among them, whose
+    key records and residuals ``store`` rebuilds from the dequantized entries (the same layout and
+    bytes, codes rounded again: what a throughput run times is unchanged)."""
     pools = set(layer._pools())
     held = set(vars(layer)) - pools - {"_v_pool"} - QUANT_FIELDS  # (v_pool's own storage is _v_pool)
     if layer.shared_values or held != TILE_FIELDS - {"k_pool", "_v_pool", "pos_pool"}:

@@ -31,7 +31,7 @@ def test_same_count_per_head_cache_policies_are_servable(spec):
         ("kvzip", "ranks every layer together"),
         (
             "snapkv:kv_bits=4",
-            "kv_bits=int4 sets how kvpolicy's own cache stores entries.*kv_cache_dtype='fp8'",
+            "kv_bits=kivi4 sets how kvpolicy's own cache stores entries.*kv_cache_dtype='fp8'",
         ),
         ("snapkv:kv_bits=fp8", "kv_bits=fp8 .*kv_cache_dtype='fp8'"),
     ],
