@@ -129,8 +129,8 @@ class KiviLayer(QuantizedLayer):
     give them back, so when each row flushes is known on the host from its prefill count and the
     appends since (:meth:`prepare_append` grows the record pool ahead, no device read).
 
-    Records of entries evicted after their flush are not reclaimed (the pool grows with appends: at
-    most ``ceil(appends / W) * W / g`` per row); prefill-time policies never evict after it.
+    Records of entries a decode-time policy evicts are dropped when the record pool would otherwise
+    grow (:meth:`_compact_records`), so the pool stays proportional to the entries held.
     """
 
     def __init__(self, block_size: int, storage: KVStorage, shared_values: int | None = None) -> None:
@@ -188,13 +188,35 @@ class KiviLayer(QuantizedLayer):
             setattr(self, name, new)
 
     def prepare_append(self) -> None:
+        """Host side of an append: pages, and records for any flush the step may make. Where the record
+        pool would have to grow, the records no held entry points at (a decode-time policy evicted them)
+        are dropped first; only then does it grow (reallocated: recorded decode graphs are recorded again)."""
         super().prepare_append()
         self.appends += 1
-        need = self._records_needed(self.appends)
-        if need > self.rec_scale.shape[0]:  # (reallocated: recorded decode graphs are recorded again)
-            self._new_records(
-                max(need, 2 * self.rec_scale.shape[0]), self.rec_scale.shape[1], self.res_k.device
-            )
+        if self._records_needed(self.appends) > self.rec_scale.shape[0]:
+            self._compact_records()
+            self.appends = 1  # (the append being prepared)
+            need = self._records_needed(self.appends)
+            if need > self.rec_scale.shape[0]:
+                self._new_records(
+                    max(need, 2 * self.rec_scale.shape[0]), self.rec_scale.shape[1], self.res_k.device
+                )
+
+    def _compact_records(self) -> None:
+        """Keep only the records held entries point at, renumbered ``1..n`` in place (same tensors, so
+        recorded graphs stay valid); a host read, as rare as the pool's doublings."""
+        rec = self.k_rec.long()
+        held = (self.pos_pool >= 0) & (rec > 0)  # (empty slots hold position -1)
+        live = torch.unique(rec[held])
+        n = live.numel()
+        renumber = torch.zeros(self.rec_scale.shape[0], dtype=torch.long, device=rec.device)
+        renumber[live] = torch.arange(1, n + 1, device=rec.device)
+        self.k_rec.copy_(torch.where(rec > 0, torch.where(held, renumber[rec.clamp_min(0)], 0), rec))
+        for name in ("rec_scale", "rec_zero"):
+            pool = getattr(self, name)
+            pool[1 : n + 1] = pool[live]
+        self.records_base = n + 1
+        self.rec_next.fill_(n + 1)
 
     # -- writing -----------------------------------------------------------------------------------
     def _put(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Placed = None) -> None:

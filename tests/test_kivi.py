@@ -130,6 +130,30 @@ def test_the_layer_keeps_what_kivi_keeps(bits):
     append(9, 60)
 
 
+def test_records_of_evicted_entries_are_reclaimed():
+    """A decode-time policy evicting as fast as decoding appends keeps the record pool proportional to the
+    entries held (records no entry points at are dropped before the pool grows), and every slot still
+    holds what KIVI's reference keeps."""
+    storage = KVStorage(bits=4, group_size=4, residual=8)
+    parts = _parts([[16, 16]])
+    layer = paged_layer(4, storage)
+    layer.store(parts)
+    rows = [Row(k[h], v[h], storage) for k, v, _p, _c in parts for h in range(2)]
+    g = torch.Generator().manual_seed(2)
+    for step in range(300):
+        key, value = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+        layer.append(key, value, torch.tensor([16 + step]))
+        slots = torch.tensor([[[step % 16], [(3 * step) % 17]]])
+        layer.evict(slots)
+        for i, row in enumerate(rows):
+            row.append(key.view(2, 16)[i], value.view(2, 16)[i])
+            row.evict(slots[0, i].tolist())
+        if step % 50 == 49:
+            _check(layer, rows)
+    # without reclaiming: 1 + 8 prefill records + 2 rows x 2 records per flush x 38 flushes, and the sink
+    assert layer.rec_scale.shape[0] < 64 < 1 + 8 + 2 * 2 * 38 + 1
+
+
 def test_parse_and_settings():
     assert KVStorage.parse("kivi4") == KVStorage(bits=4, layout="kivi")
     assert KVStorage.parse("KIVI2").label == "kivi2"
