@@ -55,8 +55,11 @@ def main() -> None:
                     continue
                 T = len(prompt["ids"])
                 n = max(1, int(T * (1 - ratio)))
+                width = (
+                    bits if bits == 16 else f"int{bits}"
+                )  # per token, as measured (4 alone is KIVI's layout)
                 policy = kvpolicy.get_policy(
-                    "snapkv", kv_budget=n, window=64, kernel=5, pooling="avg", kv_bits=bits
+                    "snapkv", kv_budget=n, window=64, kernel=5, pooling="avg", kv_bits=width
                 )
                 t0 = time.perf_counter()
                 with torch.no_grad():

@@ -50,6 +50,7 @@ run() {
 # KIVI's layout (kivi4, kivi2) on the same prompts, in folders of their own; the group-size and residual
 # variants are not kv_bits names, so they run through the Python API
 KIVI_NEEDLE="needle --lengths 1024 2048 --depths 5 --out $OUT/smollm2-kivi --quiet"
+KIVI_RULER="ruler --lengths 1024 --tasks niah_single_1 niah_multikey_1 --samples 5 --out $OUT/smollm2-kivi --quiet"
 KIVI_GEMMA="needle --model gemma3-270m --completion --lengths 2000 4000 --depths 5 --out $OUT/gemma3-kivi --quiet"
 kivi() {
   one "$KIVI_NEEDLE" full-kivi4 fullkv - kivi4
@@ -57,6 +58,11 @@ kivi() {
   one "$KIVI_NEEDLE" snapkv-0.5-kivi4 snapkv 0.5 kivi4
   one "$KIVI_NEEDLE" snapkv-0.5-kivi2 snapkv 0.5 kivi2
   one "$KIVI_NEEDLE" snapkv-0.25-kivi4 snapkv 0.25 kivi4
+  one "$KIVI_NEEDLE" ada-0.5-kivi4 ada-snapkv 0.5 kivi4
+  one "$KIVI_NEEDLE" fastkv-0.5-kivi4 fastkv 0.5 kivi4
+  one "$KIVI_RULER" full-kivi4 fullkv - kivi4
+  one "$KIVI_RULER" full-kivi2 fullkv - kivi2
+  one "$KIVI_RULER" snapkv-0.5-kivi4 snapkv 0.5 kivi4
   ${PYTHON:-.venv/bin/python} - "$OUT/smollm2-kivi" <<'EOF'
 import sys
 
@@ -78,6 +84,7 @@ compare() {
   $KV eval compare "$OUT"/smollm2/ruler/* --out docs/results/storage/smollm2-ruler
   $KV eval compare "$OUT"/gemma3/needle/* --out docs/results/storage/gemma3-needle
   $KV eval compare "$OUT"/smollm2-kivi/needle/* --out docs/results/storage/smollm2-kivi-needle
+  $KV eval compare "$OUT"/smollm2-kivi/ruler/* --out docs/results/storage/smollm2-kivi-ruler
   $KV eval compare "$OUT"/gemma3-kivi/needle/* --out docs/results/storage/gemma3-kivi-needle
 }
 
