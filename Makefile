@@ -67,7 +67,7 @@ test-wheel: setup
 		bash bench/gpu-h200.sh || rc=$$?; echo $$rc >"$$tmp/rc") 2>&1 | tee "$$tmp/log"; \
 	[ "$$(cat "$$tmp/rc")" = 0 ] || { echo "test-wheel: bench/gpu-h200.sh exited $$(cat "$$tmp/rc")" >&2; exit 1; }; \
 	if grep -E '^== [a-z0-9-]+: (cut|skipped)' "$$tmp/log"; then echo "test-wheel: a stage did not finish" >&2; exit 1; fi; \
-	for s in check b1 throughput b1-128k hf-static throughput-128k; do \
+	for s in check b1 storage throughput b1-128k hf-static throughput-128k; do \
 		grep -q "^== $$s (limit" "$$tmp/log" || { echo "test-wheel: stage $$s did not run" >&2; exit 1; }; done
 
 # The oldest supported dependencies (pyproject's lower bounds) in their own venv: kvpolicy subclasses

@@ -69,7 +69,8 @@ MEMORY=${MEMORY:-}                     # --memory-gib for throughput; empty: fre
 FAST=${FAST:---graphs}                 # the fast decode path (see above)
 BUDGET=${BUDGET:-520}                  # seconds for the whole script
 SCALE=${SCALE:-1}                      # multiplies every stage's limit (a slower machine, a dry run)
-STAGES=${STAGES:-"check b1 throughput b1-128k hf-static throughput-128k"}  # which stages run
+STAGES=${STAGES:-"check b1 storage throughput b1-128k hf-static throughput-128k"}  # which stages run
+ST_LENGTH=${ST_LENGTH:-${LENGTHS##* }}  # storage: SnapKV at half the prompt per KV width, one length
 POLICIES=${POLICIES:-"snapkv fastkv ada-snapkv h2o tova"}  # which of these the stages run beside full KV
 declare -A SPEC=(
     [fastkv]="fastkv:tsp_layer=15,tsp_rate=0.2,kv_budget=0.1"
@@ -144,6 +145,10 @@ fi
 {
     policies snapkv fastkv ada-snapkv h2o tova
     stage b1 150 e2e "${model[@]}" --warmup "$WARMUP" --lengths $LENGTHS $FAST --also-eager "${chosen[@]}"
+    # decode over quantized pages (per token and KIVI's layout) beside the model's dtype, same entries
+    stage storage 90 e2e "${model[@]}" --warmup "$WARMUP" --lengths $ST_LENGTH $FAST \
+        --policy snapkv:kv_budget=0.5 --policy snapkv:kv_budget=0.5,kv_bits=8 \
+        --policy snapkv:kv_budget=0.5,kv_bits=int4 --policy snapkv:kv_budget=0.5,kv_bits=4
     stage throughput 170 e2e "${model[@]}" --warmup "$TP_WARMUP" --lengths $TP_LENGTHS $FAST --throughput \
         --batch-sizes "$BATCHES" "${memory[@]}" "${chosen[@]}"
     policies snapkv fastkv ada-snapkv tova
