@@ -5,6 +5,8 @@
 #   1. batch 1 at 8K / 32K: fullkv, snapkv, fastkv (TSP layer 15, rate 0.2), ada-snapkv (AdaKV, ragged),
 #      h2o with evict_during_decode, tova; the fast decode path ($FAST) with the eager step timed from the
 #      same prefill beside it (--also-eager); transformers + DynamicCache as the eager baseline.
+#   1b. storage: SnapKV at half the prompt at the last of $LENGTHS, its entries at bf16, int8, per-token
+#      int4 and KIVI's 4 bits (kv_bits=4): decode over quantized pages side by side (docs/storage.md).
 #   2. throughput at batch 1 / 8 / 32 / max at 8K / 32K ($FAST): tokens/s of the whole batch, max = the
 #      largest batch that fits (cost model against free memory, confirmed by running it), and each
 #      policy's tokens/s at its max over full KV's at its max (target: FastKV >= 5x at 32K).
@@ -35,7 +37,7 @@
 # kvpolicy.adapters or kvpolicy.policies (installation maps them from the repository root). The script
 # first imports kvpolicy.adapters and stops with one line if that fails. `make test-wheel` replays this
 # on a CPU: the wheel installed with --target, a Python with the dependencies but no kvpolicy.
-# STAGES picks the stages to run (default: all, "check b1 throughput b1-128k hf-static throughput-128k"),
+# STAGES picks the stages to run (default: all, "check b1 storage throughput b1-128k hf-static throughput-128k"),
 # POLICIES the policies they run beside full KV (default: all five, "snapkv fastkv ada-snapkv h2o tova").
 # The script exits 1 if the check or any stage failed, or a stage that exited 0 left no rows in its JSON
 # (a stage cut at its time limit is not a failure: what it finished is in its JSON).
