@@ -172,7 +172,6 @@ def check_kernel(device: str) -> bool:
     if not available():
         print("kernel: Triton not available here: skipped", flush=True)
         return True
-    from kvpolicy.kernels.paged_decode import paged_decode_attention
 
     ok = True
     g = torch.Generator().manual_seed(0)
@@ -191,16 +190,7 @@ def check_kernel(device: str) -> bool:
         layer = PagedLayer()
         layer.store(parts, reserve=16)
         q = torch.randn(2, 32, 1, 128, generator=g).to(device, torch.bfloat16)
-        exact, exact_p = paged_attention(q.float(), _as_float(layer), 128**-0.5, want_probs=True)
-        out, probs = paged_decode_attention(q, layer, 128**-0.5, want_probs=True)
-        err = ((out.float() - exact).norm() / exact.norm()).item()
-        perr = ((probs - exact_p).abs().max()).item()
-        good = err < 1e-2 and perr < 1e-3
-        ok &= good
-        print(
-            f"kernel n={n}: output rel. error {err:.2e}, probs max abs error {perr:.1e}: {'ok' if good else 'FAILED'}",
-            flush=True,
-        )
+        ok &= _kernel_matches(q, layer, f"kernel n={n}")
     return ok
 
 
@@ -215,7 +205,6 @@ def check_quantized_kernel(
         print("quantized kernel: Triton not available here: skipped", flush=True)
         return True
     from kvpolicy.cache import paged_layer
-    from kvpolicy.kernels.paged_decode import paged_decode_attention
     from kvpolicy.storage import KVStorage
 
     ok = True
@@ -237,35 +226,35 @@ def check_quantized_kernel(
                 layer.append(kv[0], kv[1], torch.tensor([n + t], device=device))
             layer.evict(torch.tensor([[[3]] * 8], device=device))
             q = torch.randn(1, 32, 1, 128, generator=g).to(device, dtype)
-            exact, exact_p = paged_attention(q.float(), _dequantized(layer), 128**-0.5, want_probs=True)
-            out, probs = paged_decode_attention(q, layer, 128**-0.5, want_probs=True)
-            err = ((out.float() - exact).norm() / exact.norm()).item()
-            perr = ((probs - exact_p).abs().max()).item()
-            good = err < 1e-2 and perr < 1e-3
-            ok &= good
-            print(
-                f"kernel {name} n={n}: output rel. error {err:.2e}, probs max abs error {perr:.1e} (vs fp32 "
-                f"over the dequantized cache): {'ok' if good else 'FAILED'}",
-                flush=True,
-            )
+            ok &= _kernel_matches(q, layer, f"kernel {name} n={n}")
     return ok
 
 
-def _dequantized(layer: PagedLayer) -> PagedLayer:
-    """A plain fp32 layer holding what a quantized ``layer`` stores (its pages dequantized)."""
+def _kernel_matches(q: torch.Tensor, layer: PagedLayer, label: str) -> bool:
+    """The kernel's output and probabilities against fp32 attention over what ``layer`` stores (output
+    relative error < 1e-2, probabilities < 1e-3), printed under ``label``."""
+    from kvpolicy.kernels.paged_decode import paged_decode_attention
+
+    exact, exact_p = paged_attention(q.float(), _as_float(layer), 128**-0.5, want_probs=True)
+    out, probs = paged_decode_attention(q, layer, 128**-0.5, want_probs=True)
+    err = ((out.float() - exact).norm() / exact.norm()).item()
+    perr = ((probs - exact_p).abs().max()).item()
+    good = err < 1e-2 and perr < 1e-3
+    print(
+        f"{label}: output rel. error {err:.2e}, probs max abs error {perr:.1e} (vs fp32 over the stored "
+        f"cache): {'ok' if good else 'FAILED'}",
+        flush=True,
+    )
+    return good
+
+
+def _as_float(layer: PagedLayer) -> PagedLayer:
+    """A plain layer holding ``layer``'s entries in fp32 pools (a quantized one's dequantized): the
+    reference the bf16 kernel is measured against."""
     import copy
 
     twin = copy.copy(layer)
     twin.__class__ = PagedLayer
-    twin.k_pool, twin.v_pool = layer.k_pool.float(), layer.v_pool.float()
-    return twin
-
-
-def _as_float(layer: PagedLayer) -> PagedLayer:
-    """The same cache with fp32 pools (the reference the bf16 kernel is measured against)."""
-    import copy
-
-    twin = copy.copy(layer)
     twin.k_pool, twin.v_pool = layer.k_pool.float(), layer.v_pool.float()
     return twin
 
